@@ -1,0 +1,288 @@
+"""The hosts file: parsed and validated once into typed dataclasses.
+
+Nothing downstream touches the raw YAML. Every error names the file, the entry
+and the field (``hosts.yaml: hosts[2].nproc_per_node: must be a positive
+integer, got 'four'``) and exits 2.
+"""
+
+from __future__ import annotations
+
+import difflib
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping
+
+import yaml
+
+from .errors import HostsFileError
+
+LOCALHOST = "localhost"
+
+# Keys valid at the top level (as defaults) and per host.
+_SHARED_KEYS = (
+    "nproc_per_node", "user", "port", "identity_file", "python", "workdir", "setup", "env",
+)
+TOP_KEYS = frozenset(_SHARED_KEYS + ("master_port", "master_addr", "connect_timeout", "hosts"))
+HOST_KEYS = frozenset(_SHARED_KEYS + ("host", "name", "addr"))
+
+# What an ssh target may contain: user@, a DNS name or IPv4/IPv6 literal.
+# Anything else (spaces, quotes, ;, $, backticks) is rejected here, so no host
+# string can ever be mistaken for shell syntax further down.
+_HOST_RE = re.compile(r"^(?:[A-Za-z0-9_][A-Za-z0-9_.+-]*@)?[A-Za-z0-9_:.%-]+$")
+_NAME_RE = re.compile(r"^[A-Za-z0-9_.:@+-]+$")
+_ENV_KEY_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+_RANGE_RE = re.compile(r"^([^\[\]]*)\[([^\[\]]+)\]([^\[\]]*)$")
+
+DEFAULT_CONNECT_TIMEOUT = 10.0
+
+
+@dataclass(frozen=True)
+class Host:
+    """One node of the cluster, with the file's defaults already applied."""
+
+    host: str                       # ssh target as written (alias, name or address)
+    name: str                       # what tags show: `name`, else `host` as written
+    nproc_per_node: int
+    addr: str | None = None         # address other nodes reach this one at
+    user: str | None = None
+    port: int | None = None
+    identity_file: str | None = None
+    python: str | None = None       # None: the controller's own interpreter path
+    workdir: str | None = None
+    setup: tuple[str, ...] = ()
+    env: Mapping[str, str] = field(default_factory=dict)
+
+    @property
+    def is_local(self) -> bool:
+        """Hosts named localhost run without SSH."""
+        return self.host == LOCALHOST
+
+
+@dataclass(frozen=True)
+class HostsFile:
+    """The whole file: hosts in node_rank order plus cluster-wide settings."""
+
+    path: str
+    hosts: tuple[Host, ...]
+    master_port: int | str = 29500   # an int, or "auto"
+    master_addr: str | None = None
+    connect_timeout: float = DEFAULT_CONNECT_TIMEOUT
+
+
+def load_hosts(path: str | Path) -> HostsFile:
+    """Read and validate a hosts file."""
+    p = str(path)
+    try:
+        raw = Path(p).read_bytes()
+    except FileNotFoundError:
+        raise HostsFileError(p, "", "no such file") from None
+    except IsADirectoryError:
+        raise HostsFileError(p, "", "is a directory, expected a YAML hosts file") from None
+    except OSError as e:
+        raise HostsFileError(p, "", f"cannot read: {e.strerror}") from None
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError:
+        raise HostsFileError(p, "", "is not UTF-8 text (is it a binary file?)") from None
+    if "\x00" in text:
+        raise HostsFileError(p, "", "is not a text file (contains NUL bytes)")
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f"line {mark.line + 1}" if mark is not None else ""
+        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise HostsFileError(p, where, f"not valid YAML: {problem}") from None
+    return parse_hosts(data, p)
+
+
+def parse_hosts(data: Any, path: str = "<hosts>") -> HostsFile:
+    """Validate already-loaded YAML data (a mapping, or a bare list of hosts)."""
+    if data is None:
+        raise HostsFileError(path, "", "is empty; it needs a `hosts:` list")
+    if isinstance(data, list):
+        data = {"hosts": data}
+    if not isinstance(data, dict):
+        raise HostsFileError(path, "", f"must be a mapping with a `hosts:` list, got {_kind(data)}")
+    _check_keys(data, TOP_KEYS, path, "")
+    if "hosts" not in data:
+        raise HostsFileError(path, "hosts", "missing: list the machines under `hosts:`")
+    entries = data["hosts"]
+    if not isinstance(entries, list) or not entries:
+        raise HostsFileError(path, "hosts", "must be a non-empty list of hosts")
+
+    defaults = _shared_fields(data, path, "")
+    defaults.setdefault("nproc_per_node", 1)
+    hosts: list[Host] = []
+    for i, entry in enumerate(entries):
+        hosts.extend(_parse_entry(entry, defaults, path, f"hosts[{i}]"))
+
+    master_port = _port(data.get("master_port", 29500), path, "master_port", allow_auto=True)
+    master_addr = data.get("master_addr")
+    if master_addr is not None:
+        master_addr = _str(master_addr, path, "master_addr")
+        if not _HOST_RE.match(master_addr):
+            raise HostsFileError(path, "master_addr", f"not a host name or address: {master_addr!r}")
+    timeout = data.get("connect_timeout", DEFAULT_CONNECT_TIMEOUT)
+    if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not 0 < timeout <= 600:
+        raise HostsFileError(path, "connect_timeout", f"must be seconds in (0, 600], got {timeout!r}")
+    return HostsFile(path, tuple(hosts), master_port, master_addr, float(timeout))
+
+
+def _parse_entry(entry: Any, defaults: dict[str, Any], path: str, where: str) -> list[Host]:
+    if isinstance(entry, (str, int)) and not isinstance(entry, bool):
+        spec, nproc = _split_nproc(str(entry), path, where)
+        fields = dict(defaults)
+        if nproc is not None:
+            fields["nproc_per_node"] = nproc
+        return [_host(h, h, None, fields, path, where) for h in expand_range(spec, path, where)]
+    if not isinstance(entry, dict):
+        raise HostsFileError(path, where, f"must be a host name or a mapping, got {_kind(entry)}")
+    _check_keys(entry, HOST_KEYS, path, where)
+    if "host" not in entry:
+        raise HostsFileError(path, f"{where}.host", "missing: every entry needs `host:`")
+    spec = _str(entry["host"], path, f"{where}.host")
+    fields = dict(defaults)
+    own = _shared_fields(entry, path, where)
+    env = {**fields.get("env", {}), **own.pop("env", {})}
+    fields.update(own)
+    fields["env"] = env
+    names = expand_range(spec, path, f"{where}.host")
+    name = entry.get("name")
+    addr = entry.get("addr")
+    if len(names) > 1 and (name is not None or addr is not None):
+        raise HostsFileError(path, where, "`name` and `addr` cannot be used with a host range")
+    if name is not None:
+        name = _str(name, path, f"{where}.name")
+        if not _NAME_RE.match(name):
+            raise HostsFileError(path, f"{where}.name", f"use letters, digits and ._:@+- only, got {name!r}")
+    if addr is not None:
+        addr = _str(addr, path, f"{where}.addr")
+        if not _HOST_RE.match(addr):
+            raise HostsFileError(path, f"{where}.addr", f"not a host name or address: {addr!r}")
+    return [_host(h, name or h, addr, fields, path, f"{where}.host") for h in names]
+
+
+def _host(host: str, name: str, addr: str | None, fields: dict[str, Any], path: str, where: str) -> Host:
+    if not _HOST_RE.match(host):
+        raise HostsFileError(path, where, f"not a valid ssh host: {host!r}")
+    return Host(host=host, name=name, addr=addr, **fields)
+
+
+def _shared_fields(d: dict[str, Any], path: str, where: str) -> dict[str, Any]:
+    """Validate the keys that may appear both at the top level and per host."""
+    at = (lambda k: f"{where}.{k}") if where else (lambda k: k)
+    out: dict[str, Any] = {}
+    if "nproc_per_node" in d:
+        out["nproc_per_node"] = _positive_int(d["nproc_per_node"], path, at("nproc_per_node"))
+    for key in ("user", "identity_file", "python", "workdir"):
+        if key in d and d[key] is not None:
+            out[key] = _str(d[key], path, at(key))
+    if "port" in d:
+        out["port"] = _port(d["port"], path, at("port"))
+    if "setup" in d and d["setup"] is not None:
+        setup = d["setup"]
+        if isinstance(setup, str):
+            setup = [setup]
+        if not isinstance(setup, list) or not all(isinstance(s, str) for s in setup):
+            raise HostsFileError(path, at("setup"), "must be a string or a list of shell lines")
+        out["setup"] = tuple(setup)
+    if "env" in d and d["env"] is not None:
+        out["env"] = parse_env_mapping(d["env"], path, at("env"))
+    return out
+
+
+def parse_env_mapping(env: Any, path: str, where: str) -> dict[str, str]:
+    """An env mapping with string keys; values become strings (booleans 1/0)."""
+    if not isinstance(env, dict):
+        raise HostsFileError(path, where, f"must be a mapping of NAME: value, got {_kind(env)}")
+    out: dict[str, str] = {}
+    for k, v in env.items():
+        if not isinstance(k, str) or not _ENV_KEY_RE.match(k):
+            raise HostsFileError(path, f"{where}.{k}", "not a valid environment variable name")
+        if isinstance(v, bool):
+            v = "1" if v else "0"
+        elif isinstance(v, (int, float, str)):
+            v = str(v)
+        else:
+            raise HostsFileError(path, f"{where}.{k}", f"must be a string or number, got {_kind(v)}")
+        if "\x00" in v:
+            raise HostsFileError(path, f"{where}.{k}", "must not contain NUL bytes")
+        out[k] = v
+    return out
+
+
+def _split_nproc(s: str, path: str, where: str) -> tuple[str, int | None]:
+    """`gpu-a:4` -> ("gpu-a", 4). IPv6 literals need the mapping form."""
+    host, sep, tail = s.rpartition(":")
+    if sep and tail.isdigit() and host and ":" not in host:
+        return host, _positive_int(int(tail), path, where)
+    if sep and host and ":" not in host:
+        raise HostsFileError(path, where, f"expected host or host:nproc_per_node, got {s!r}")
+    return s, None
+
+
+def expand_range(spec: str, path: str = "<hosts>", where: str = "") -> list[str]:
+    """Expand one bracket range: `gpu[01-03]` -> gpu01 gpu02 gpu03, `n[a-c,x]`."""
+    m = _RANGE_RE.match(spec)
+    if not m:
+        if "[" in spec or "]" in spec:
+            raise HostsFileError(path, where, f"bad host range {spec!r}: use name[01-16] or name[a-c]")
+        return [spec]
+    prefix, body, suffix = m.groups()
+    out: list[str] = []
+    for part in body.split(","):
+        lo, dash, hi = part.strip().partition("-")
+        if not dash:
+            out.append(prefix + lo + suffix)
+        elif lo.isdigit() and hi.isdigit() and int(lo) <= int(hi):
+            if int(hi) - int(lo) >= 100_000:
+                raise HostsFileError(path, where, f"host range {spec!r} is too large")
+            width = len(lo) if lo.startswith("0") else 0
+            out.extend(f"{prefix}{n:0{width}d}{suffix}" for n in range(int(lo), int(hi) + 1))
+        elif len(lo) == len(hi) == 1 and lo.isalpha() and hi.isalpha() and lo <= hi:
+            out.extend(prefix + chr(c) + suffix for c in range(ord(lo), ord(hi) + 1))
+        else:
+            raise HostsFileError(path, where, f"bad range {part!r} in {spec!r}: use 01-16 or a-c")
+    if not all(out):
+        raise HostsFileError(path, where, f"bad host range {spec!r}")
+    return out
+
+
+def _check_keys(d: dict[Any, Any], allowed: frozenset[str], path: str, where: str) -> None:
+    for key in d:
+        if key in allowed:
+            continue
+        at = f"{where}.{key}" if where else str(key)
+        near = difflib.get_close_matches(str(key), sorted(allowed), n=1)
+        hint = f"; did you mean `{near[0]}`?" if near else f"; known keys: {', '.join(sorted(allowed))}"
+        raise HostsFileError(path, at, "unknown key" + hint)
+
+
+def _positive_int(v: Any, path: str, where: str) -> int:
+    if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+        raise HostsFileError(path, where, f"must be a positive integer, got {v!r}")
+    return v
+
+
+def _port(v: Any, path: str, where: str, allow_auto: bool = False) -> int | str:
+    if allow_auto and v == "auto":
+        return "auto"
+    if isinstance(v, bool) or not isinstance(v, int) or not 1 <= v <= 65535:
+        extra = " or `auto`" if allow_auto else ""
+        raise HostsFileError(path, where, f"must be a port number 1-65535{extra}, got {v!r}")
+    return v
+
+
+def _str(v: Any, path: str, where: str) -> str:
+    if isinstance(v, bool) or not isinstance(v, (str, int, float)):
+        raise HostsFileError(path, where, f"must be a string, got {_kind(v)}")
+    s = str(v)
+    if not s or "\x00" in s or "\n" in s:
+        raise HostsFileError(path, where, f"must be a non-empty single-line string, got {s!r}")
+    return s
+
+
+def _kind(v: Any) -> str:
+    return {dict: "a mapping", list: "a list", type(None): "nothing"}.get(type(v), f"{type(v).__name__} {v!r}")

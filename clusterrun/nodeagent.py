@@ -1,0 +1,363 @@
+"""The node side of a run: started over SSH as `<python> -c <this file> <spec-json>`.
+
+Standard library only, Python 3.8+, because it runs under whatever interpreter
+the node has. It never imports clusterrun.
+
+Modes (spec["mode"]):
+  start   create the job directory, start torchrun in its own session under a
+          supervisor that outlives the SSH connection, then stream its output
+  attach  stream an existing job's output from given byte offsets (reconnect)
+  kill    TERM, then KILL after a grace period, every process of the job;
+          return once none is left
+
+Output protocol on stdout (binary, read by clusterrun/remote.py):
+  D <key> <n>\\n<n bytes>   whole lines from one output file; key is "L" for
+                           torchrun's own output, "<attempt>/<local_rank>" for a worker
+  S <json>\\n              an event: started, exit, lost, killed
+After the final event the agent waits for one line on stdin; "rm" removes the
+job directory (the controller has everything by then).
+"""
+
+import errno
+import glob
+import json
+import os
+import re
+import signal
+import socket
+import struct
+import subprocess
+import sys
+import time
+
+POLL_IDLE = 0.02            # seconds between polls when no file grew
+READ_MAX = 1 << 20          # bytes read from one file per pass
+LINE_MAX = 1 << 20          # a "line" longer than this is passed on in pieces
+DISCOVER_EVERY = 0.2        # seconds between looks for new worker log files
+
+
+def main(argv):
+    spec = json.loads(argv[1])
+    mode = spec["mode"]
+    job_dir = os.path.expanduser(spec["job_dir"])
+    if mode == "start":
+        start(spec, job_dir)
+        stream(job_dir, {})
+    elif mode == "attach":
+        if not os.path.isdir(job_dir):
+            event("lost", reason="no job directory on the node")
+            return 0
+        stream(job_dir, spec.get("offsets", {}))
+    elif mode == "kill":
+        kill(job_dir, spec["marker"], float(spec.get("grace", 5)))
+    return 0
+
+
+# --- start -------------------------------------------------------------------
+
+def start(spec, job_dir):
+    os.makedirs(os.path.dirname(job_dir), mode=0o700, exist_ok=True)
+    os.mkdir(job_dir, 0o700)        # fails if a job with this run id and node exists
+    env = dict(os.environ)
+    env.update(spec["env"])
+    ifname = None
+    if spec["pick_ifname"]:
+        ifname = interface_to(spec["master_addr"])
+        if ifname:
+            for var in spec["pick_ifname"]:
+                env[var] = ifname
+    # The plan writes paths under the node's home as ~/...; this is where they are.
+    python = spec["python"]
+    argv = [os.path.expanduser(a) if a == python else a.replace(spec["job_dir"], job_dir)
+            for a in spec["argv"]]
+    pid = os.fork()
+    if pid == 0:                    # child: new session, then the supervisor
+        try:
+            os.setsid()
+            if os.fork() == 0:
+                supervise(job_dir, argv, env)
+        finally:
+            os._exit(0)
+    os.waitpid(pid, 0)
+    # The child was the session leader, so the job's process group id is its pid.
+    write_atomic(os.path.join(job_dir, "pgid"), str(pid))
+    event("started", pgid=pid, ifname=ifname, hostname=socket.gethostname())
+
+
+def supervise(job_dir, argv, env):
+    """Run torchrun, wait, record its exit code. Detached from the SSH session."""
+    devnull = os.open(os.devnull, os.O_RDWR)
+    log = os.open(os.path.join(job_dir, "launcher.log"), os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+    os.dup2(devnull, 0)
+    os.dup2(log, 1)
+    os.dup2(log, 2)
+    os.closerange(3, 65536)
+    # A handler (not SIG_IGN, which exec would pass on to torchrun) keeps the
+    # supervisor alive through a group TERM so it can record torchrun's exit.
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        signal.signal(sig, lambda *_: None)
+    try:
+        proc = subprocess.Popen(argv, env=env, stdin=0, stdout=1, stderr=2)
+    except OSError as e:
+        os.write(2, ("clusterrun: cannot run %s: %s\n" % (argv[0], e.strerror)).encode())
+        code = 127
+    else:
+        code = proc.wait()
+    try:
+        with open(os.path.join(job_dir, "launcher.log"), "rb") as f:
+            failures = parse_failures(f.read()[-(1 << 20):].decode("utf-8", "replace"))
+    except OSError:
+        failures = []
+    write_atomic(os.path.join(job_dir, "exit.json"), json.dumps({"code": code, "failures": failures}))
+    os._exit(0)
+
+
+_FAILURE_RE = re.compile(r"rank\s*:\s*(\d+)\s*\(local_rank:\s*(\d+)\)\s*\n\s*exitcode\s*:\s*(-?\d+)")
+
+
+def parse_failures(text):
+    """Per-rank failures from torchrun's ChildFailedError report, root cause first."""
+    start = text.rfind("Failures:")
+    if start < 0:
+        return []
+    block = text[start:]
+    root_at = block.find("Root Cause")
+    found = [(m.start() < root_at, m) for m in _FAILURE_RE.finditer(block)]
+    ordered = [m for other, m in found if not other] + [m for other, m in found if other]
+    return [{"rank": int(m.group(1)), "local_rank": int(m.group(2)), "exitcode": int(m.group(3))}
+            for m in ordered]
+
+
+def interface_to(addr):
+    """The interface this node uses to reach addr (on the master: the one holding it)."""
+    try:
+        ip = socket.gethostbyname(addr)
+        s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        try:
+            s.connect((ip, 9))      # UDP connect sends nothing; it only picks a route
+            src = s.getsockname()[0]
+        finally:
+            s.close()
+    except OSError:
+        return None
+    try:
+        out = subprocess.run(["ip", "-o", "-4", "addr", "show"], stdout=subprocess.PIPE,
+                             stderr=subprocess.DEVNULL, timeout=5).stdout.decode()
+        for line in out.splitlines():   # "2: eth0    inet 10.0.0.5/24 brd ..."
+            parts = line.split()
+            if len(parts) > 3 and parts[3].split("/")[0] == src:
+                return parts[1].split("@")[0]
+    except (OSError, subprocess.SubprocessError):
+        pass
+    import fcntl                    # no `ip`: ask the kernel per interface (primary address)
+    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    try:
+        for _, name in socket.if_nameindex():
+            try:
+                raw = fcntl.ioctl(s.fileno(), 0x8915, struct.pack("256s", name[:15].encode()))
+            except OSError:
+                continue
+            if socket.inet_ntoa(raw[20:24]) == src:
+                return name
+    finally:
+        s.close()
+    return None
+
+
+# --- stream ------------------------------------------------------------------
+
+class Source(object):
+    __slots__ = ("key", "path", "fd", "pending")
+
+    def __init__(self, key, path, offset):
+        self.key, self.path, self.pending = key, path, b""
+        self.fd = os.open(path, os.O_RDONLY)
+        if offset:
+            os.lseek(self.fd, offset, os.SEEK_SET)
+
+
+def discover(job_dir, sources, offsets):
+    paths = [("L", os.path.join(job_dir, "launcher.log"))]
+    for p in glob.glob(os.path.join(job_dir, "torchrun", "*", "attempt_*", "*", "stdout.log")):
+        parts = p.split(os.sep)
+        paths.append(("%s/%s" % (parts[-3][len("attempt_"):], parts[-2]), p))
+    for key, path in paths:
+        if key not in sources and os.path.exists(path):
+            sources[key] = Source(key, path, int(offsets.get(key, 0)))
+
+
+def read_frames(sources, final=False):
+    """Frames for whatever the sources grew by: only whole lines, unless final."""
+    frames = []
+    for src in sources.values():
+        data = os.read(src.fd, READ_MAX)
+        while final and data:
+            more = os.read(src.fd, READ_MAX)
+            if not more:
+                break
+            data += more
+        if not data and not (final and src.pending):
+            continue
+        buf = src.pending + data if src.pending else data
+        cut = buf.rfind(b"\n") + 1
+        if final:
+            if cut < len(buf):
+                buf += b"\n"
+            cut = len(buf)
+        elif cut == 0 and len(buf) > LINE_MAX:
+            cut = len(buf)          # runaway line with no newline: pass it on as-is
+        if cut:
+            frames.append(b"D %s %d\n" % (src.key.encode(), cut))
+            frames.append(buf[:cut])
+        src.pending = buf[cut:]
+    return frames
+
+
+def stream(job_dir, offsets):
+    sources = {}
+    exit_path = os.path.join(job_dir, "exit.json")
+    pgid = int(read_text(os.path.join(job_dir, "pgid")) or 0)
+    next_discover = 0.0
+    while True:
+        now = time.monotonic()
+        if now >= next_discover:
+            discover(job_dir, sources, offsets)
+            next_discover = now + DISCOVER_EVERY
+        frames = read_frames(sources)
+        if frames:
+            write_out(b"".join(frames))
+            continue
+        done = os.path.exists(exit_path)
+        if not done and not group_alive(pgid):
+            done = os.path.exists(exit_path)
+            if not done:
+                finish(job_dir, sources, offsets, "lost", reason="the job's processes are gone")
+                return
+        if done:
+            finish(job_dir, sources, offsets, "exit", **json.loads(read_text(exit_path)))
+            return
+        time.sleep(POLL_IDLE)
+
+
+def finish(job_dir, sources, offsets, name, **fields):
+    discover(job_dir, sources, offsets)
+    frames = read_frames(sources, final=True)
+    if frames:
+        write_out(b"".join(frames))
+    event(name, **fields)
+    answer = sys.stdin.readline().strip()
+    if answer == "rm":
+        remove_tree(job_dir)
+
+
+def write_out(data):
+    view = memoryview(data)
+    while view:
+        n = os.write(1, view)
+        view = view[n:]
+
+
+def event(name, **fields):
+    fields["event"] = name
+    write_out(b"S " + json.dumps(fields).encode() + b"\n")
+
+
+# --- kill ----------------------------------------------------------------------
+
+def job_pids(marker):
+    """Every process whose environment carries this job's CLUSTERRUN_JOB marker.
+
+    torchrun puts each worker in a session of its own, so the process group
+    alone misses workers; the marker is inherited by every descendant.
+    """
+    needle = b"\0CLUSTERRUN_JOB=" + marker.encode() + b"\0"
+    me = os.getpid()
+    pids = []
+    for name in os.listdir("/proc"):
+        if not name.isdigit() or int(name) == me:
+            continue
+        try:
+            with open("/proc/%s/environ" % name, "rb") as f:
+                env = f.read()
+        except OSError:
+            continue
+        if needle in b"\0" + env + b"\0":
+            pids.append(int(name))
+    return pids
+
+
+def signal_all(pgid, pids, sig):
+    if pgid:
+        try:
+            os.killpg(pgid, sig)
+        except OSError:
+            pass
+    for pid in pids:
+        try:
+            os.kill(pid, sig)
+        except OSError:
+            pass
+
+
+def kill(job_dir, marker, grace):
+    pgid = int(read_text(os.path.join(job_dir, "pgid")) or 0)
+    signal_all(pgid, job_pids(marker), signal.SIGTERM)
+    deadline = time.monotonic() + grace
+    left = job_pids(marker)
+    while (left or group_alive(pgid)) and time.monotonic() < deadline:
+        time.sleep(0.05)
+        left = job_pids(marker)
+    forced = bool(left) or group_alive(pgid)
+    if forced:
+        deadline = time.monotonic() + 10
+        while (left or group_alive(pgid)) and time.monotonic() < deadline:
+            signal_all(pgid, left, signal.SIGKILL)
+            time.sleep(0.05)
+            left = job_pids(marker)
+    # Members of the group without the marker (the supervisor) count too.
+    alive = group_alive(pgid)
+    event("killed", forced=forced, left=len(left) + (1 if alive else 0))
+
+
+def group_alive(pgid):
+    if not pgid:
+        return False
+    try:
+        os.killpg(pgid, 0)
+        return True
+    except OSError as e:
+        return e.errno == errno.EPERM
+
+
+# --- files ---------------------------------------------------------------------
+
+def read_text(path):
+    try:
+        with open(path) as f:
+            return f.read()
+    except OSError:
+        return ""
+
+
+def write_atomic(path, text):
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        f.write(text)
+    os.rename(tmp, path)
+
+
+def remove_tree(path):
+    import shutil
+    shutil.rmtree(path, ignore_errors=True)
+    parent = os.path.dirname(path)
+    try:
+        os.rmdir(parent)            # the run's directory, once its last node is gone
+    except OSError:
+        pass
+
+
+if __name__ == "__main__":
+    try:
+        sys.exit(main(sys.argv))
+    except BrokenPipeError:         # the controller went away; the job carries on
+        sys.exit(0)

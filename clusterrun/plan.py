@@ -1,0 +1,213 @@
+"""The plan: a pure function from the hosts file and options to what every node runs.
+
+`--dry-run` prints exactly this plan and the real run executes the same plan, so
+the two cannot drift. Nothing here connects, reads the clock or touches disk.
+"""
+
+from __future__ import annotations
+
+import shlex
+from dataclasses import dataclass, field
+from typing import Mapping
+
+from .errors import UsageError
+from .hostsfile import Host, HostsFile
+
+# Workers run as `sh -c 'exec "$0" "$@" 2>&1' python -u SCRIPT ARGS`: the shell
+# replaces itself with the worker, so the process is exactly the user's script,
+# but its stderr now shares stdout's file. One file per rank keeps the order of
+# a rank's prints and its traceback exactly as the process wrote them.
+MERGE_STDERR = ("sh", "-c", 'exec "$0" "$@" 2>&1')
+
+# Environment variables clusterrun chooses on the node unless the user set them.
+IFNAME_VARS = ("GLOO_SOCKET_IFNAME", "NCCL_SOCKET_IFNAME")
+JOB_MARKER_VAR = "CLUSTERRUN_JOB"
+
+
+@dataclass(frozen=True)
+class LaunchOptions:
+    """What `clusterrun up` was asked to run, beyond the hosts file."""
+
+    script: str
+    script_args: tuple[str, ...] = ()
+    module: bool = False
+    nproc_per_node: int | None = None        # overrides every host
+    master_port: int | str | None = None     # overrides the hosts file
+    env: Mapping[str, str] = field(default_factory=dict)  # overrides the hosts file
+
+
+@dataclass(frozen=True)
+class NodePlan:
+    """Everything one node does for a run."""
+
+    node_rank: int
+    host: Host
+    nproc: int
+    rank_start: int                 # first global rank on this node (prefix sum)
+    python: str
+    workdir: str | None
+    setup: tuple[str, ...]
+    env: Mapping[str, str]          # set for torchrun and its workers, literally
+    argv: tuple[str, ...]           # the torchrun command
+    job_dir: str                    # node-side directory unique to run and node
+    marker: str                     # CLUSTERRUN_JOB value: finds exactly this job's processes
+    pick_ifname: tuple[str, ...]    # IFNAME_VARS the node must choose itself
+
+    @property
+    def name(self) -> str:
+        return self.host.name
+
+    @property
+    def ranks(self) -> range:
+        return range(self.rank_start, self.rank_start + self.nproc)
+
+
+@dataclass(frozen=True)
+class Plan:
+    run_id: str
+    hosts_path: str
+    master_addr: str
+    master_port: int
+    world_size: int
+    nodes: tuple[NodePlan, ...]
+
+
+def master_addr_for(hosts: HostsFile, connected_addr: str | None) -> str:
+    """MASTER_ADDR: `master_addr`, else node 0's `addr`, else where ssh reached node 0."""
+    first = hosts.hosts[0]
+    if hosts.master_addr:
+        return hosts.master_addr
+    if first.addr:
+        return first.addr
+    if first.is_local:
+        if any(not h.is_local for h in hosts.hosts):
+            raise UsageError(
+                f"{hosts.path}: node 0 is localhost but other nodes are remote: set `master_addr` "
+                "(or node 0's `addr`) to an address the other nodes can reach"
+            )
+        return "127.0.0.1"
+    if connected_addr:
+        return connected_addr
+    return first.host
+
+
+def make_plan(
+    hosts: HostsFile,
+    opts: LaunchOptions,
+    *,
+    run_id: str,
+    master_addr: str,
+    master_port: int,
+    controller_python: str,
+    local_home: str,
+) -> Plan:
+    """Turn the hosts file and options into per-node commands."""
+    nodes: list[NodePlan] = []
+    nnodes = len(hosts.hosts)
+    rank_start = 0
+    for node_rank, host in enumerate(hosts.hosts):
+        nproc = opts.nproc_per_node or host.nproc_per_node
+        env = {**host.env, **opts.env}
+        env.setdefault("PYTHONUNBUFFERED", "1")
+        marker = f"{run_id}.{node_rank}"
+        env[JOB_MARKER_VAR] = marker
+        python = host.python or controller_python
+        # Nodes may share a home directory, so the path holds run id and node rank.
+        home = local_home if host.is_local else "~/.clusterrun"
+        job_dir = f"{home}/jobs/{run_id}/{node_rank}"
+        entry = (python, "-u", "-m", opts.script) if opts.module else (python, "-u", opts.script)
+        argv = (
+            python, "-m", "torch.distributed.run",
+            f"--nnodes={nnodes}",
+            f"--node-rank={node_rank}",
+            f"--nproc-per-node={nproc}",
+            f"--master-addr={master_addr}",
+            f"--master-port={master_port}",
+            "--rdzv-backend=static",
+            f"--rdzv-id={run_id}",
+            "--max-restarts=0",
+            f"--log-dir={job_dir}/torchrun",
+            "--redirects=3",
+            "--no-python",
+            *MERGE_STDERR, *entry, *opts.script_args,
+        )
+        nodes.append(NodePlan(
+            node_rank=node_rank, host=host, nproc=nproc, rank_start=rank_start,
+            python=python, workdir=host.workdir, setup=host.setup, env=env, argv=argv,
+            job_dir=job_dir, marker=marker,
+            pick_ifname=tuple(v for v in IFNAME_VARS if v not in env),
+        ))
+        rank_start += nproc
+    return Plan(run_id, hosts.path, master_addr, master_port, rank_start, tuple(nodes))
+
+
+def quote_path(path: str) -> str:
+    """Quote a path for a POSIX shell, keeping a leading ~/ expandable."""
+    if path == "~":
+        return "~"
+    if path.startswith("~/"):
+        return "~/" + shlex.quote(path[2:])
+    return shlex.quote(path)
+
+
+def quote_arg(arg: str) -> str:
+    """shlex.quote, but our own `--log-dir=~/x` stays relative to the node's home."""
+    head, sep, tail = arg.partition("=~/")
+    if sep and head == "--log-dir":
+        return f'{head}="$HOME"/{shlex.quote(tail)}'
+    return shlex.quote(arg)
+
+
+def shell_prefix(node: NodePlan) -> str:
+    """`cd WORKDIR && SETUP && ` as the node's login shell would run it."""
+    parts = []
+    if node.workdir:
+        parts.append(f"cd {quote_path(node.workdir)}")
+    parts.extend(node.setup)
+    return "".join(p + " && " for p in parts)
+
+
+def shell_command(node: NodePlan) -> str:
+    """The node's command as one copy-pasteable shell line (what --dry-run shows)."""
+    env = " ".join(f"{k}={shlex.quote(v)}" for k, v in node.env.items())
+    env = f"env {env} " if env else ""
+    # argv[0] is the node's python, which may be ~/...; user arguments are quoted as-is.
+    torchrun = " ".join(quote_path(a) if a == node.python else quote_arg(a) for a in node.argv)
+    return shell_prefix(node) + env + torchrun
+
+
+def render_plan(plan: Plan) -> str:
+    """The rank table and every node's exact command."""
+    w = max(4, *(len(n.name) for n in plan.nodes))
+    lines = [
+        f"run {plan.run_id}: {len(plan.nodes)} nodes, world size {plan.world_size}, "
+        f"MASTER_ADDR={plan.master_addr} MASTER_PORT={plan.master_port}",
+        "",
+        f"{'node':<{w}}  node_rank  nproc  global ranks  ssh target",
+    ]
+    for n in plan.nodes:
+        ranks = f"{n.ranks.start}-{n.ranks.stop - 1}" if n.nproc > 1 else str(n.ranks.start)
+        target = "(local, no ssh)" if n.host.is_local else n.host.host
+        lines.append(f"{n.name:<{w}}  {n.node_rank:>9}  {n.nproc:>5}  {ranks:>12}  {target}")
+    for n in plan.nodes:
+        lines += ["", f"# node {n.node_rank} ({n.name})"]
+        if n.pick_ifname:
+            lines.append(
+                f"# {' and '.join(n.pick_ifname)}: set on the node to the interface that reaches "
+                f"{plan.master_addr}"
+            )
+        cmd = shell_command(n)
+        lines.append(cmd if n.host.is_local else f"{ssh_argv_text(n.host)} {shlex.quote(cmd)}")
+    return "\n".join(lines)
+
+
+def ssh_argv_text(host: Host) -> str:
+    """The plain `ssh` invocation equivalent to how clusterrun connects."""
+    argv = ["ssh"]
+    if host.port:
+        argv += ["-p", str(host.port)]
+    if host.identity_file:
+        argv += ["-i", host.identity_file]
+    if host.user:
+        argv += ["-l", host.user]
+    return shlex.join(argv + [host.host])

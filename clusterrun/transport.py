@@ -1,0 +1,321 @@
+"""Transport: one connection per node, over which every command of a run goes.
+
+`localhost` nodes run commands as local subprocesses; every other node is one
+paramiko SSH connection honouring ~/.ssh/config (HostName, User, Port,
+IdentityFile, UserKnownHostsFile, StrictHostKeyChecking, ProxyJump) and
+~/.ssh/known_hosts. Unknown host keys are refused unless asked to accept new
+ones; a changed host key is always refused.
+"""
+
+from __future__ import annotations
+
+import getpass
+import os
+import socket
+import subprocess
+import tempfile
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import IO, Protocol, Sequence
+
+import paramiko
+
+from .errors import UnreachableError
+from .hostsfile import Host
+
+# curve25519 first: as safe as the post-quantum hybrid default, and much cheaper
+# on a controller that opens dozens of connections at once.
+_KEX_FIRST = "curve25519-sha256"
+
+
+class Process(Protocol):
+    """A command running on a node."""
+
+    stdout: IO[bytes]
+
+    def send(self, data: bytes) -> None: ...
+    def wait(self, timeout: float | None = None) -> int | None: ...
+    def stderr_text(self) -> str: ...
+    def close(self) -> None: ...
+
+
+class Transport(Protocol):
+    name: str
+    peer_addr: str          # the address we actually reached the node at
+
+    def exec(self, command: str) -> Process: ...
+    def close(self) -> None: ...
+
+
+# --- localhost ---------------------------------------------------------------
+
+class LocalProcess:
+    def __init__(self, command: str) -> None:
+        self._err = tempfile.TemporaryFile()
+        # A session of its own: a Ctrl-C on the terminal reaches the controller
+        # only, which then tears the job down in order.
+        self._p = subprocess.Popen(
+            ["/bin/sh", "-c", command], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+            stderr=self._err, start_new_session=True,
+        )
+        assert self._p.stdout is not None
+        self.stdout = self._p.stdout
+
+    def send(self, data: bytes) -> None:
+        try:
+            assert self._p.stdin is not None
+            self._p.stdin.write(data)
+            self._p.stdin.flush()
+        except (BrokenPipeError, ValueError):
+            pass
+
+    def wait(self, timeout: float | None = None) -> int | None:
+        try:
+            return self._p.wait(timeout)
+        except subprocess.TimeoutExpired:
+            return None
+
+    def stderr_text(self) -> str:
+        self._err.seek(0)
+        return self._err.read().decode("utf-8", "replace")
+
+    def close(self) -> None:
+        if self._p.poll() is None:
+            self._p.kill()
+            self._p.wait()
+        for f in (self._p.stdin, self._p.stdout, self._err):
+            if f:
+                f.close()
+
+
+class LocalTransport:
+    peer_addr = "127.0.0.1"
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+    def exec(self, command: str) -> Process:
+        return LocalProcess(command)
+
+    def close(self) -> None:
+        pass
+
+
+# --- ssh -------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class SSHTarget:
+    """Where and how to connect, after ~/.ssh/config; the hosts file wins."""
+
+    alias: str
+    hostname: str
+    port: int
+    user: str
+    identity_files: tuple[str, ...]
+    known_hosts: tuple[str, ...]
+    strict: str                     # yes | accept-new | no
+    proxy_jump: str | None
+
+
+def load_ssh_config() -> paramiko.SSHConfig:
+    path = os.path.expanduser("~/.ssh/config")
+    if os.path.exists(path):
+        return paramiko.SSHConfig.from_path(path)
+    return paramiko.SSHConfig()
+
+
+def resolve_target(host: Host, config: paramiko.SSHConfig) -> SSHTarget:
+    alias = host.host
+    user = None
+    if "@" in alias:
+        user, alias = alias.split("@", 1)
+    c = config.lookup(alias)
+    user = host.user or user or c.get("user") or getpass.getuser()
+    port = host.port or int(c.get("port", 22))
+    idents = [host.identity_file] if host.identity_file else list(c.get("identityfile", []))
+    known = c.get("userknownhostsfile", "~/.ssh/known_hosts ~/.ssh/known_hosts2").split()
+    strict = str(c.get("stricthostkeychecking", "ask")).lower()
+    strict = {"ask": "yes", "true": "yes", "false": "no", "off": "no"}.get(strict, strict)
+    proxy = c.get("proxyjump")
+    return SSHTarget(
+        alias=alias, hostname=c.get("hostname", alias), port=port, user=user,
+        identity_files=tuple(os.path.expanduser(i) for i in idents),
+        known_hosts=tuple(os.path.expanduser(k) for k in known) + ("/etc/ssh/ssh_known_hosts",),
+        strict=strict, proxy_jump=None if proxy in (None, "none") else proxy,
+    )
+
+
+_known_hosts_lock = threading.Lock()
+
+
+class _AcceptNew(paramiko.MissingHostKeyPolicy):
+    """Like OpenSSH's accept-new: record an unknown key; changed keys fail anyway."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+
+    def missing_host_key(self, client: paramiko.SSHClient, hostname: str, key: paramiko.PKey) -> None:
+        with _known_hosts_lock:
+            os.makedirs(os.path.dirname(self.path), mode=0o700, exist_ok=True)
+            with open(self.path, "a") as f:
+                f.write(f"{hostname} {key.get_name()} {key.get_base64()}\n")
+
+
+class SSHProcess:
+    def __init__(self, chan: paramiko.Channel) -> None:
+        self._chan = chan
+        self.stdout = chan.makefile("rb")
+        self._stdin = chan.makefile_stdin("wb")
+
+    def send(self, data: bytes) -> None:
+        try:
+            self._stdin.write(data)
+            self._stdin.flush()
+        except (OSError, EOFError, paramiko.SSHException):
+            pass
+
+    def wait(self, timeout: float | None = None) -> int | None:
+        if not self._chan.status_event.wait(timeout):
+            return None
+        return self._chan.recv_exit_status()
+
+    def stderr_text(self) -> str:
+        chunks = []
+        while self._chan.recv_stderr_ready():
+            chunks.append(self._chan.recv_stderr(65536))
+        return b"".join(chunks).decode("utf-8", "replace")
+
+    def close(self) -> None:
+        self._chan.close()
+
+
+class SSHTransport:
+    def __init__(self, name: str, client: paramiko.SSHClient, peer_addr: str) -> None:
+        self.name = name
+        self.client = client
+        self.peer_addr = peer_addr
+
+    def exec(self, command: str) -> Process:
+        transport = self.client.get_transport()
+        if transport is None or not transport.is_active():
+            raise UnreachableError(f"{self.name}: the SSH connection was lost")
+        chan = transport.open_session(timeout=30)
+        chan.exec_command(command)
+        return SSHProcess(chan)
+
+    def close(self) -> None:
+        self.client.close()
+
+
+def connect_ssh(host: Host, config: paramiko.SSHConfig, timeout: float, accept_new: bool) -> SSHTransport:
+    """Open one authenticated SSH connection, or raise UnreachableError saying why."""
+    t = resolve_target(host, config)
+    where = f"{host.name}: {t.user}@{t.hostname}:{t.port}"
+    client = paramiko.SSHClient()
+    for path in t.known_hosts:
+        if os.path.exists(path):
+            try:
+                client.load_system_host_keys(path)
+            except (OSError, paramiko.SSHException) as e:
+                raise UnreachableError(f"{host.name}: cannot read known hosts file {path}: {e}") from None
+    if accept_new or t.strict in ("accept-new", "no"):
+        client.set_missing_host_key_policy(_AcceptNew(t.known_hosts[0]))
+    else:
+        client.set_missing_host_key_policy(paramiko.RejectPolicy())
+    try:
+        sock = _open_socket(t, config, timeout, accept_new)
+        peer = sock.getpeername()[0] if isinstance(sock, socket.socket) else t.hostname
+        client.connect(
+            t.hostname, port=t.port, username=t.user, sock=sock,
+            key_filename=list(t.identity_files) or None, timeout=timeout,
+            banner_timeout=timeout, auth_timeout=timeout, channel_timeout=timeout,
+            allow_agent=True, look_for_keys=True,
+        )
+    except UnreachableError:
+        client.close()
+        raise
+    except paramiko.BadHostKeyException:
+        client.close()
+        raise UnreachableError(
+            f"{where}: the host key has CHANGED since it was recorded in known_hosts; refusing to "
+            "connect (it may be a different machine, or an attack). If the change is expected, "
+            f"remove the old key: ssh-keygen -R {t.hostname}"
+        ) from None
+    except paramiko.SSHException as e:
+        client.close()
+        msg = str(e)
+        if "not found in known_hosts" in msg:
+            raise UnreachableError(
+                f"{where}: unknown host key. Trust it with --accept-new-host-keys, or "
+                f"`ssh {host.host}` once, or `StrictHostKeyChecking accept-new` in ~/.ssh/config"
+            ) from None
+        if isinstance(e, paramiko.AuthenticationException):
+            raise UnreachableError(f"{where}: authentication failed ({msg})") from None
+        raise UnreachableError(f"{where}: SSH failed: {msg or type(e).__name__}") from None
+    except socket.timeout:
+        client.close()
+        raise UnreachableError(f"{where}: timed out after {timeout:g}s") from None
+    except OSError as e:
+        client.close()
+        raise UnreachableError(f"{where}: {e.strerror or e}") from None
+    transport = client.get_transport()
+    assert transport is not None
+    transport.set_keepalive(15)
+    return SSHTransport(host.name, client, peer)
+
+
+def _open_socket(t: SSHTarget, config: paramiko.SSHConfig, timeout: float, accept_new: bool):
+    if t.proxy_jump:
+        jump_host = Host(host=t.proxy_jump.split(",")[0], name=t.proxy_jump, nproc_per_node=1)
+        jump = connect_ssh(jump_host, config, timeout, accept_new)
+        tr = jump.client.get_transport()
+        assert tr is not None
+        return tr.open_channel("direct-tcpip", (t.hostname, t.port), ("127.0.0.1", 0), timeout=timeout)
+    try:
+        return socket.create_connection((t.hostname, t.port), timeout=timeout)
+    except socket.gaierror:
+        raise UnreachableError(f"{t.alias}: cannot resolve host name {t.hostname!r}") from None
+    except ConnectionRefusedError:
+        raise UnreachableError(
+            f"{t.alias}: connection refused by {t.hostname}:{t.port} (is sshd running there?)"
+        ) from None
+
+
+def connect_all(
+    hosts: Sequence[Host], timeout: float, accept_new: bool = False
+) -> list[Transport]:
+    """Connect to every node in parallel; all or nothing.
+
+    Raises UnreachableError naming every node that failed (and closes the rest),
+    so that nothing is started anywhere unless every node is ready.
+    """
+    config = load_ssh_config()
+    _prefer_fast_kex()
+
+    def one(host: Host) -> Transport:
+        if host.is_local:
+            return LocalTransport(host.name)
+        return connect_ssh(host, config, timeout, accept_new)
+
+    results: list[Transport | None] = [None] * len(hosts)
+    errors: list[str] = []
+    with ThreadPoolExecutor(max_workers=min(64, len(hosts))) as pool:
+        futures = [pool.submit(one, h) for h in hosts]
+        for i, fut in enumerate(futures):
+            try:
+                results[i] = fut.result()
+            except UnreachableError as e:
+                errors.append(str(e))
+    if errors:
+        for t in results:
+            if t is not None:
+                t.close()
+        raise UnreachableError("cannot reach every node, nothing was started:\n  " + "\n  ".join(errors))
+    return [t for t in results if t is not None]
+
+
+def _prefer_fast_kex() -> None:
+    kex = paramiko.Transport._preferred_kex
+    if _KEX_FIRST in paramiko.Transport._kex_info and kex[0] != _KEX_FIRST:
+        paramiko.Transport._preferred_kex = (_KEX_FIRST,) + tuple(k for k in kex if k != _KEX_FIRST)

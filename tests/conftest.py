@@ -1,0 +1,285 @@
+"""Shared pytest fixtures for clusterrun.
+
+The ``cluster`` fixture builds a real N-node SSH test cluster on this machine
+with ``scripts/testcluster`` (one network namespace + own hostname + own sshd
+per node, on a private bridge 10.231.19.0/24) and tears it down at the end of
+the session. It needs root; without root the e2e tests are skipped (or fail
+when ``CI=true``).
+
+Environment:
+  CLUSTERRUN_TEST_NODES          number of nodes (default 4, max 64)
+  CLUSTERRUN_TESTCLUSTER_STATE   state dir (default /tmp/clusterrun-testcluster)
+
+Note: OpenSSH ignores $HOME; it reads ~/.ssh/config from the passwd entry's
+home directory (/root). So ``cluster.env()`` also puts ``<home>/bin`` first on
+PATH, where an ``ssh`` wrapper runs ``/usr/bin/ssh -F <home>/.ssh/config``.
+A plain ``ssh crt-n2 ...`` (or pdsh -R ssh) run with that environment then
+behaves as for a user whose ~/.ssh/config is set up for the cluster.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import os
+import shutil
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+TESTCLUSTER = REPO / "scripts" / "testcluster"
+DEFAULT_STATE = Path("/tmp/clusterrun-testcluster")
+DEFAULT_NODES = 4
+NEEDS_ROOT = "needs root to create network namespaces (scripts/testcluster)"
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line(
+        "markers",
+        "e2e: end-to-end test that needs the real SSH test cluster "
+        "(root; fixture `cluster`, scripts/testcluster)",
+    )
+
+
+@dataclasses.dataclass
+class TestCluster:
+    """A running test cluster (see scripts/testcluster).
+
+    state:  the testcluster state dir (ssh_config, known_hosts, id_ed25519,
+            nodes.txt, nodes/crt-n<i>/{sshd_config,sshd.pid,sshd.log})
+    nodes:  [(name, addr), ...] from nodes.txt, e.g. ("crt-n1", "10.231.19.11")
+    home:   temporary HOME for the controller, with .ssh/{config,known_hosts,
+            id_ed25519,id_ed25519.pub} (.ssh mode 0700, key 0600) and
+            bin/ssh (wrapper adding -F home/.ssh/config)
+    """
+
+    __test__ = False  # not a test class, despite the name
+
+    state: Path
+    nodes: list[tuple[str, str]]
+    home: Path
+    tmp: Path  # scratch root for per-call CLUSTERRUN_HOME dirs
+    _counter: itertools.count = dataclasses.field(
+        default_factory=lambda: itertools.count(1), repr=False
+    )
+
+    # ------------------------------------------------------------ lookups
+    @property
+    def names(self) -> list[str]:
+        return [name for name, _ in self.nodes]
+
+    @property
+    def addrs(self) -> list[str]:
+        return [addr for _, addr in self.nodes]
+
+    def addr_of(self, name: str) -> str:
+        for n, addr in self.nodes:
+            if n == name:
+                return addr
+        raise KeyError(f"no node {name!r} in {self.names}")
+
+    @property
+    def ssh_config(self) -> Path:
+        """home/.ssh/config (identity, known_hosts, User root per node)."""
+        return self.home / ".ssh" / "config"
+
+    @property
+    def ssh_args(self) -> list[str]:
+        """Arguments making a plain ssh use the cluster's config."""
+        return ["-F", str(self.ssh_config)]
+
+    # --------------------------------------------------------- environment
+    def env(
+        self,
+        clusterrun_home: Path | str | None = None,
+        *,
+        ssh_wrapper: bool = True,
+        **extra: object,
+    ) -> dict[str, str]:
+        """os.environ copy for running the controller against the cluster.
+
+        HOME=<home>, CLUSTERRUN_HOME=<clusterrun_home or a fresh dir per call>,
+        NO_COLOR=1, PATH with <home>/bin first (unless ssh_wrapper=False),
+        then ``extra`` (values str()'d; a value of None removes the variable).
+        """
+        env = dict(os.environ)
+        env["HOME"] = str(self.home)
+        if clusterrun_home is None:
+            clusterrun_home = self.tmp / f"clusterrun-home-{next(self._counter)}"
+        clusterrun_home = Path(clusterrun_home)
+        clusterrun_home.mkdir(parents=True, exist_ok=True)
+        env["CLUSTERRUN_HOME"] = str(clusterrun_home)
+        env["NO_COLOR"] = "1"
+        if ssh_wrapper:
+            env["PATH"] = f"{self.home / 'bin'}{os.pathsep}{env.get('PATH', os.defpath)}"
+        for key, value in extra.items():
+            if value is None:
+                env.pop(key, None)
+            else:
+                env[key] = str(value)
+        return env
+
+    # ---------------------------------------------------------- node access
+    def ssh(
+        self, name: str, command: str, *, timeout: float = 30, check: bool = False
+    ) -> subprocess.CompletedProcess[str]:
+        """Run ``command`` (a shell string) on node ``name`` via real ssh."""
+        return subprocess.run(
+            ["ssh", *self.ssh_args, "-o", "BatchMode=yes", name, command],
+            stdin=subprocess.DEVNULL,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            check=check,
+        )
+
+    def sshd_pid(self, name: str) -> int | None:
+        """pid of the node's sshd listener (from its pid file), or None."""
+        try:
+            return int((self.state / "nodes" / name / "sshd.pid").read_text().split()[0])
+        except (OSError, ValueError, IndexError):
+            return None
+
+    def ns_pids(self, name: str) -> list[int]:
+        """``ip netns pids <name>``: every process in the node's namespace,
+        including its sshd listener (see leftover_pids)."""
+        self.addr_of(name)  # validates the name
+        out = subprocess.run(
+            ["ip", "netns", "pids", name],
+            capture_output=True, text=True, timeout=10, check=True,
+        ).stdout
+        return sorted(int(p) for p in out.split())
+
+    def leftover_pids(self, name: str) -> list[int]:
+        """ns_pids(name) without the node's sshd listener."""
+        sshd = self.sshd_pid(name)
+        return [p for p in self.ns_pids(name) if p != sshd]
+
+    def wait_no_leftovers(self, timeout: float = 10.0) -> dict[str, list[int]]:
+        """Wait (bounded) until no node runs anything but its sshd listener.
+
+        Returns {} on success, else {name: [pid, ...]} of what is still
+        running (pids with their command lines are easy to print via
+        describe_pids)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            left = {n: pids for n in self.names if (pids := self.leftover_pids(n))}
+            if not left or time.monotonic() >= deadline:
+                return left
+            time.sleep(0.1)
+
+    @staticmethod
+    def describe_pids(pids: list[int]) -> list[str]:
+        """'pid: command line' for each pid (for assertion messages)."""
+        out = []
+        for pid in pids:
+            try:
+                cmd = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ")
+                out.append(f"{pid}: {cmd.decode(errors='replace').strip()}")
+            except OSError:
+                out.append(f"{pid}: (gone)")
+        return out
+
+    def run_on(
+        self, name: str, *argv: str, timeout: float = 30, check: bool = False
+    ) -> subprocess.CompletedProcess[str]:
+        """Run argv directly in the node's network + UTS namespaces (no ssh),
+        via nsenter into its sshd listener: sees the node's hostname and
+        network, like a process started by sshd on that node."""
+        pid = self.sshd_pid(name)
+        if pid is None:
+            raise RuntimeError(f"no sshd pid for node {name}")
+        return subprocess.run(
+            ["nsenter", "-t", str(pid), "-n", "-u", "--", *argv],
+            stdin=subprocess.DEVNULL, capture_output=True, text=True,
+            timeout=timeout, check=check,
+        )
+
+    def hostname_of(self, name: str) -> str:
+        """The hostname a process on that node sees (should be ``name``)."""
+        return self.run_on(name, "hostname", check=True).stdout.strip()
+
+
+def _run_testcluster(*args: str, timeout: float) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [str(TESTCLUSTER), *args],
+        stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=timeout,
+    )
+
+
+def _make_home(home: Path, state: Path) -> None:
+    ssh_dir = home / ".ssh"
+    ssh_dir.mkdir(parents=True, exist_ok=True)
+    ssh_dir.chmod(0o700)
+    for name in ("id_ed25519", "id_ed25519.pub", "known_hosts"):
+        shutil.copyfile(state / name, ssh_dir / name)
+    (ssh_dir / "id_ed25519").chmod(0o600)
+    # same Host blocks as STATE/ssh_config, but using the copies in home
+    config = (state / "ssh_config").read_text()
+    config = config.replace(f"{state}/id_ed25519", f"{ssh_dir}/id_ed25519")
+    config = config.replace(f"{state}/known_hosts", f"{ssh_dir}/known_hosts")
+    (ssh_dir / "config").write_text(config)
+    (ssh_dir / "config").chmod(0o600)
+    # ssh reads ~/.ssh/config from the passwd home dir, not $HOME: wrapper
+    bindir = home / "bin"
+    bindir.mkdir(exist_ok=True)
+    ssh_path = shutil.which("ssh", path="/usr/bin:/bin:/usr/local/bin") or "/usr/bin/ssh"
+    wrapper = bindir / "ssh"
+    wrapper.write_text(
+        "#!/bin/sh\n"
+        "# OpenSSH ignores $HOME for ~/.ssh/config; use the test HOME's config.\n"
+        f'exec {ssh_path} -F "{ssh_dir}/config" "$@"\n'
+    )
+    wrapper.chmod(0o755)
+
+
+@pytest.fixture(scope="session")
+def cluster(tmp_path_factory: pytest.TempPathFactory):
+    """Session-wide real SSH test cluster; yields a TestCluster."""
+    if os.geteuid() != 0:
+        if os.environ.get("CI") == "true":
+            pytest.fail(f"{NEEDS_ROOT}; CI=true, so this is an error, not a skip")
+        pytest.skip(NEEDS_ROOT)
+    missing = [t for t in ("ip", "unshare", "ssh", "ssh-keygen", "nsenter") if shutil.which(t) is None]
+    if missing or not os.path.exists("/usr/sbin/sshd"):
+        reason = f"test cluster needs iproute2, util-linux and openssh; missing: {missing or ['/usr/sbin/sshd']}"
+        if os.environ.get("CI") == "true":
+            pytest.fail(reason)
+        pytest.skip(reason)
+
+    n = int(os.environ.get("CLUSTERRUN_TEST_NODES", str(DEFAULT_NODES)))
+    state = Path(os.environ.get("CLUSTERRUN_TESTCLUSTER_STATE") or DEFAULT_STATE)
+    session_done = False
+    try:
+        up = _run_testcluster("up", str(n), "--state", str(state), timeout=60 + 2 * n)
+        if up.returncode != 0:
+            pytest.fail(
+                f"scripts/testcluster up {n} failed (exit {up.returncode}):\n"
+                f"{up.stdout}{up.stderr}",
+                pytrace=False,
+            )
+        nodes = []
+        for line in (state / "nodes.txt").read_text().splitlines():
+            if line.strip():
+                name, addr = line.split()
+                nodes.append((name, addr))
+        home = tmp_path_factory.mktemp("controller-home")
+        _make_home(home, state)
+        yield TestCluster(
+            state=state,
+            nodes=nodes,
+            home=home,
+            tmp=tmp_path_factory.mktemp("clusterrun-homes"),
+        )
+        session_done = True
+    finally:
+        down = _run_testcluster("down", "--state", str(state), timeout=60)
+        if down.returncode != 0:
+            msg = (f"scripts/testcluster down failed (exit {down.returncode}):\n"
+                   f"{down.stdout}{down.stderr}")
+            if session_done:
+                pytest.fail(msg, pytrace=False)  # reported as a teardown error
+            print(msg)  # don't mask the setup error that got us here

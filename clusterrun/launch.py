@@ -97,6 +97,7 @@ def _execute(plan: Plan, run: RunDir, transports: list[Transport], term: Termina
     term.message(f"clusterrun: run {plan.run_id}: {len(plan.nodes)} nodes, {plan.world_size} ranks "
                  f"(logs: {run.path})")
     results: list[NodeResult] = []
+    stoppers: list[threading.Thread] = []
     interrupted = False
     stopping = False
     while len(results) < len(jobs):
@@ -110,7 +111,7 @@ def _execute(plan: Plan, run: RunDir, transports: list[Transport], term: Termina
                 break
             interrupted = True
             term.message("clusterrun: interrupted: stopping every node (Ctrl-C again to stop waiting)")
-            _stop_all(jobs, {r.node.node_rank for r in results}, up_opts.kill_grace)
+            stoppers += _stop_all(jobs, {r.node.node_rank for r in results}, up_opts.kill_grace)
             stopping = True
             continue
         results.append(r)
@@ -119,7 +120,9 @@ def _execute(plan: Plan, run: RunDir, transports: list[Transport], term: Termina
             ended = {x.node.node_rank for x in results}
             if len(ended) < len(jobs):
                 term.message(f"clusterrun: node {r.node.name} failed: stopping the other nodes")
-                _stop_all(jobs, ended, up_opts.kill_grace)
+                stoppers += _stop_all(jobs, ended, up_opts.kill_grace)
+    for t in stoppers:      # return only once every stopped node has confirmed it
+        t.join(up_opts.kill_grace + 15)
     term.clear_progress()
     run.write_json("result.json", [dataclasses.asdict(r) | {"node": r.node.name} for r in results])
     for line in summary(results, run):
@@ -127,11 +130,13 @@ def _execute(plan: Plan, run: RunDir, transports: list[Transport], term: Termina
     return exit_code(results, interrupted)
 
 
-def _stop_all(jobs: list[RemoteJob], ended: set[int], grace: float) -> None:
-    """Stop every job still running, in parallel, without waiting for them."""
-    for job in jobs:
-        if job.node.node_rank not in ended:
-            threading.Thread(target=_stop_quietly, args=(job, grace), daemon=True).start()
+def _stop_all(jobs: list[RemoteJob], ended: set[int], grace: float) -> list[threading.Thread]:
+    """Stop every job still running, in parallel; the threads end when each is confirmed."""
+    threads = [threading.Thread(target=_stop_quietly, args=(job, grace), daemon=True)
+               for job in jobs if job.node.node_rank not in ended]
+    for t in threads:
+        t.start()
+    return threads
 
 
 def _stop_quietly(job: RemoteJob, grace: float) -> None:

@@ -9,7 +9,8 @@ import click
 from . import __version__
 from .errors import EXIT_USAGE, ClusterrunError
 from .hostsfile import HostsFileError, parse_env_mapping
-from . import launch
+from . import killing, launch, logs, status
+from .controller import ControlOptions
 from .plan import LaunchOptions
 from .stream import use_color
 
@@ -40,7 +41,7 @@ def _parse_env(values: tuple[str, ...]) -> dict[str, str]:
 def _master_port(value: str | None) -> int | str | None:
     if value is None or value == "auto":
         return value
-    if not value.isdigit() or not 1 <= int(value) <= 65535:
+    if not (value.isascii() and value.isdigit() and len(value) <= 5 and 1 <= int(value) <= 65535):
         raise click.BadParameter(f"expected a port 1-65535 or auto, got {value!r}", param_hint="--master-port")
     return int(value)
 
@@ -56,6 +57,7 @@ def main() -> None:
 @click.option("--nproc-per-node", type=click.IntRange(min=1), help="Processes per node, for every node.")
 @click.option("--master-port", metavar="PORT|auto", help="Port of the rendezvous on node 0.")
 @click.option("--env", "env", multiple=True, metavar="KEY=VALUE", help="Set on every node; repeatable.")
+@click.option("-d", "--detach", is_flag=True, help="Return once every node has started; print the run id.")
 @click.option("--dry-run", is_flag=True, help="Print the rank table and each node's command; connect to nothing.")
 @click.option("--no-fail-fast", is_flag=True, help="Keep the other nodes running when one fails.")
 @click.option("--accept-new-host-keys", is_flag=True, help="Trust hosts not yet in known_hosts.")
@@ -63,7 +65,7 @@ def main() -> None:
 @click.argument("hosts", type=click.Path(dir_okay=False))
 @click.argument("script")
 @click.argument("script_args", nargs=-1, type=click.UNPROCESSED)
-def up_cmd(module, nproc_per_node, master_port, env, dry_run, no_fail_fast, accept_new_host_keys,
+def up_cmd(module, nproc_per_node, master_port, env, detach, dry_run, no_fail_fast, accept_new_host_keys,
            no_color, hosts, script, script_args) -> None:
     """Start SCRIPT with torchrun on every node of HOSTS and stream every rank's lines.
 
@@ -76,11 +78,62 @@ def up_cmd(module, nproc_per_node, master_port, env, dry_run, no_fail_fast, acce
     if dry_run:
         _run(lambda: click.echo(launch.dry_run(hosts, opts)))
     up_opts = launch.UpOptions(fail_fast=not no_fail_fast, accept_new_host_keys=accept_new_host_keys,
-                        color=use_color(no_color=no_color))
+                               color=use_color(no_color=no_color), detach=detach)
     _run(launch.up, hosts, opts, up_opts)
 
 
 up_cmd.name = "up"
+
+
+def _control(no_color: bool = True, accept_new: bool = False) -> ControlOptions:
+    return ControlOptions(color=use_color(no_color=no_color), accept_new_host_keys=accept_new)
+
+
+@main.command("logs")
+@click.argument("run", required=False)
+@click.option("--rank", "ranks", type=click.IntRange(min=0), multiple=True, help="Only this global rank; repeatable.")
+@click.option("--node", help="Only this node (name, host or node_rank), with torchrun's own lines.")
+@click.option("-f", "--follow", is_flag=True, help="Follow a live run until it ends.")
+@click.option("--tail", type=click.IntRange(min=0), help="Only the last N lines of each rank.")
+@click.option("--no-color", is_flag=True, help="No colours (also: NO_COLOR=1).")
+def logs_cmd(run, ranks, node, follow, tail, no_color) -> None:
+    """Print a run's tagged lines (RUN defaults to the latest run)."""
+    _run(logs.logs, run, tuple(ranks), node, follow, tail, _control(no_color))
+
+
+@main.command("status")
+@click.argument("run", required=False)
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+def status_cmd(run, as_json) -> None:
+    """Each node's state: starting, running, exited with code, killed, lost."""
+    _run(status.status, run, as_json, _control())
+
+
+@main.command("ps")
+def ps_cmd() -> None:
+    """List runs, newest first."""
+    _run(status.ps)
+
+
+@main.command("kill")
+@click.argument("run", required=False)
+@click.option("--all", "all_runs", is_flag=True, help="Every run that has not ended.")
+@click.option("--grace", type=click.FloatRange(min=0), default=5.0, show_default=True,
+              help="Seconds between TERM and KILL.")
+def kill_cmd(run, all_runs, grace) -> None:
+    """Stop a run (default the latest) on every node; returns once nothing of it is left."""
+    _run(killing.kill, run, all_runs, grace, _control())
+
+
+@main.command("_collect", hidden=True)
+@click.argument("run")
+def collect_cmd(run) -> None:
+    """Stream a detached run into its logs (started by `up --detach`)."""
+    from .controller import collect
+    from .runs import RunDir
+    from .stream import Terminal
+
+    _run(collect, RunDir.find(run), Terminal(), ControlOptions(print_lines=False))
 
 if __name__ == "__main__":  # pragma: no cover
     main()

@@ -29,10 +29,13 @@ HOST_KEYS = frozenset(_SHARED_KEYS + ("host", "name", "addr"))
 # What an ssh target may contain: user@, a DNS name or IPv4/IPv6 literal.
 # Anything else (spaces, quotes, ;, $, backticks) is rejected here, so no host
 # string can ever be mistaken for shell syntax further down.
-_HOST_RE = re.compile(r"^(?:[A-Za-z0-9_][A-Za-z0-9_.+-]*@)?[A-Za-z0-9_:.%-]+$")
-_NAME_RE = re.compile(r"^[A-Za-z0-9_.:@+-]+$")
-_ENV_KEY_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
-_RANGE_RE = re.compile(r"^([^\[\]]*)\[([^\[\]]+)\]([^\[\]]*)$")
+# (All of these are used with fullmatch: `$` alone would accept a trailing newline.)
+# A leading "-" is refused so that no host can read as an ssh option.
+_HOST_RE = re.compile(r"(?:[A-Za-z0-9_][A-Za-z0-9_.+-]*@)?[A-Za-z0-9_:][A-Za-z0-9_:.%-]*", re.ASCII)
+_NAME_RE = re.compile(r"[A-Za-z0-9_.:@+-]+", re.ASCII)
+_ENV_KEY_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*", re.ASCII)
+_RANGE_RE = re.compile(r"([^\[\]]*)\[([^\[\]]+)\]([^\[\]]*)")
+_SMALL_INT_RE = re.compile(r"[0-9]{1,6}", re.ASCII)
 
 DEFAULT_CONNECT_TIMEOUT = 10.0
 
@@ -88,13 +91,30 @@ def load_hosts(path: str | Path) -> HostsFile:
     if "\x00" in text:
         raise HostsFileError(p, "", "is not a text file (contains NUL bytes)")
     try:
-        data = yaml.safe_load(text)
+        data = yaml.load(text, Loader=_StrictLoader)  # noqa: S506 - a SafeLoader subclass
+    except (ValueError, RecursionError, OverflowError) as e:
+        # PyYAML's safe constructors raise these for things like `2001-02-30` or deep nesting.
+        raise HostsFileError(p, "", f"not valid YAML: {str(e)[:200] or type(e).__name__}") from None
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f"line {mark.line + 1}" if mark is not None else ""
         problem = getattr(e, "problem", None) or str(e).splitlines()[0]
         raise HostsFileError(p, where, f"not valid YAML: {problem}") from None
     return parse_hosts(data, p)
+
+
+class _StrictLoader(yaml.SafeLoader):
+    """SafeLoader that refuses a key given twice (the second would silently win)."""
+
+    def construct_mapping(self, node, deep=False):  # type: ignore[override]
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if isinstance(key, str) and key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"key `{key}` is given twice", key_node.start_mark)
+            seen.add(key) if isinstance(key, str) else None
+        return super().construct_mapping(node, deep=deep)
 
 
 def parse_hosts(data: Any, path: str = "<hosts>") -> HostsFile:
@@ -122,7 +142,7 @@ def parse_hosts(data: Any, path: str = "<hosts>") -> HostsFile:
     master_addr = data.get("master_addr")
     if master_addr is not None:
         master_addr = _str(master_addr, path, "master_addr")
-        if not _HOST_RE.match(master_addr):
+        if not _HOST_RE.fullmatch(master_addr):
             raise HostsFileError(path, "master_addr", f"not a host name or address: {master_addr!r}")
     timeout = data.get("connect_timeout", DEFAULT_CONNECT_TIMEOUT)
     if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not 0 < timeout <= 600:
@@ -155,17 +175,17 @@ def _parse_entry(entry: Any, defaults: dict[str, Any], path: str, where: str) ->
         raise HostsFileError(path, where, "`name` and `addr` cannot be used with a host range")
     if name is not None:
         name = _str(name, path, f"{where}.name")
-        if not _NAME_RE.match(name):
+        if not _NAME_RE.fullmatch(name):
             raise HostsFileError(path, f"{where}.name", f"use letters, digits and ._:@+- only, got {name!r}")
     if addr is not None:
         addr = _str(addr, path, f"{where}.addr")
-        if not _HOST_RE.match(addr):
+        if not _HOST_RE.fullmatch(addr):
             raise HostsFileError(path, f"{where}.addr", f"not a host name or address: {addr!r}")
     return [_host(h, name or h, addr, fields, path, f"{where}.host") for h in names]
 
 
 def _host(host: str, name: str, addr: str | None, fields: dict[str, Any], path: str, where: str) -> Host:
-    if not _HOST_RE.match(host):
+    if not _HOST_RE.fullmatch(host):
         raise HostsFileError(path, where, f"not a valid ssh host: {host!r}")
     return Host(host=host, name=name, addr=addr, **fields)
 
@@ -199,16 +219,17 @@ def parse_env_mapping(env: Any, path: str, where: str) -> dict[str, str]:
         raise HostsFileError(path, where, f"must be a mapping of NAME: value, got {_kind(env)}")
     out: dict[str, str] = {}
     for k, v in env.items():
-        if not isinstance(k, str) or not _ENV_KEY_RE.match(k):
-            raise HostsFileError(path, f"{where}.{k}", "not a valid environment variable name")
+        at = f"{where}.{k}" if where else str(k)
+        if not isinstance(k, str) or not _ENV_KEY_RE.fullmatch(k):
+            raise HostsFileError(path, at, "not a valid environment variable name")
         if isinstance(v, bool):
             v = "1" if v else "0"
         elif isinstance(v, (int, float, str)):
             v = str(v)
         else:
-            raise HostsFileError(path, f"{where}.{k}", f"must be a string or number, got {_kind(v)}")
+            raise HostsFileError(path, at, f"must be a string or number, got {_kind(v)}")
         if "\x00" in v:
-            raise HostsFileError(path, f"{where}.{k}", "must not contain NUL bytes")
+            raise HostsFileError(path, at, "must not contain NUL bytes")
         out[k] = v
     return out
 
@@ -216,7 +237,7 @@ def parse_env_mapping(env: Any, path: str, where: str) -> dict[str, str]:
 def _split_nproc(s: str, path: str, where: str) -> tuple[str, int | None]:
     """`gpu-a:4` -> ("gpu-a", 4). IPv6 literals need the mapping form."""
     host, sep, tail = s.rpartition(":")
-    if sep and tail.isdigit() and host and ":" not in host:
+    if sep and _SMALL_INT_RE.fullmatch(tail) and host and ":" not in host:
         return host, _positive_int(int(tail), path, where)
     if sep and host and ":" not in host:
         raise HostsFileError(path, where, f"expected host or host:nproc_per_node, got {s!r}")
@@ -225,7 +246,7 @@ def _split_nproc(s: str, path: str, where: str) -> tuple[str, int | None]:
 
 def expand_range(spec: str, path: str = "<hosts>", where: str = "") -> list[str]:
     """Expand one bracket range: `gpu[01-03]` -> gpu01 gpu02 gpu03, `n[a-c,x]`."""
-    m = _RANGE_RE.match(spec)
+    m = _RANGE_RE.fullmatch(spec)
     if not m:
         if "[" in spec or "]" in spec:
             raise HostsFileError(path, where, f"bad host range {spec!r}: use name[01-16] or name[a-c]")
@@ -234,14 +255,17 @@ def expand_range(spec: str, path: str = "<hosts>", where: str = "") -> list[str]
     out: list[str] = []
     for part in body.split(","):
         lo, dash, hi = part.strip().partition("-")
+        if not lo or (dash and not hi):
+            raise HostsFileError(path, where, f"bad range {part!r} in {spec!r}: use 01-16 or a-c")
         if not dash:
             out.append(prefix + lo + suffix)
-        elif lo.isdigit() and hi.isdigit() and int(lo) <= int(hi):
+        elif _SMALL_INT_RE.fullmatch(lo) and _SMALL_INT_RE.fullmatch(hi) and int(lo) <= int(hi):
             if int(hi) - int(lo) >= 100_000:
                 raise HostsFileError(path, where, f"host range {spec!r} is too large")
             width = len(lo) if lo.startswith("0") else 0
             out.extend(f"{prefix}{n:0{width}d}{suffix}" for n in range(int(lo), int(hi) + 1))
-        elif len(lo) == len(hi) == 1 and lo.isalpha() and hi.isalpha() and lo <= hi:
+        elif len(lo) == len(hi) == 1 and lo.isascii() and lo.isalpha() and hi.isascii() and hi.isalpha() \
+                and lo.islower() == hi.islower() and lo <= hi:
             out.extend(prefix + chr(c) + suffix for c in range(ord(lo), ord(hi) + 1))
         else:
             raise HostsFileError(path, where, f"bad range {part!r} in {spec!r}: use 01-16 or a-c")

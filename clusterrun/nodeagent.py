@@ -6,13 +6,14 @@ the node has. It never imports clusterrun.
 Modes (spec["mode"]):
   start   create the job directory, start torchrun in its own session under a
           supervisor that outlives the SSH connection, then stream its output
-  attach  stream an existing job's output from given byte offsets (reconnect)
+  attach  stream an existing job's output from given byte offsets (reconnect);
+          with "follow": false, stop once caught up (event "running")
   kill    TERM, then KILL after a grace period, every process of the job;
           return once none is left
 
 Output protocol on stdout (binary, read by clusterrun/remote.py):
   D <key> <n>\\n<n bytes>   whole lines from one output file; key is "L" for
-                           torchrun's own output, "<attempt>/<local_rank>" for a worker
+                           torchrun's own output, the local rank for a worker
   S <json>\\n              an event: started, exit, lost, killed
 After the final event the agent waits for one line on stdin; "rm" removes the
 job directory (the controller has everything by then).
@@ -47,7 +48,7 @@ def main(argv):
         if not os.path.isdir(job_dir):
             event("lost", reason="no job directory on the node")
             return 0
-        stream(job_dir, spec.get("offsets", {}))
+        stream(job_dir, spec.get("offsets", {}), spec.get("follow", True))
     elif mode == "kill":
         kill(job_dir, spec["marker"], float(spec.get("grace", 5)))
     return 0
@@ -67,9 +68,9 @@ def start(spec, job_dir):
             for var in spec["pick_ifname"]:
                 env[var] = ifname
     # The plan writes paths under the node's home as ~/...; this is where they are.
-    python = spec["python"]
-    argv = [os.path.expanduser(a) if a == python else a.replace(spec["job_dir"], job_dir)
-            for a in spec["argv"]]
+    python, log_dir = spec["python"], "--log-dir=%s/torchrun" % spec["job_dir"]
+    argv = [os.path.expanduser(a) if a == python
+            else "--log-dir=%s/torchrun" % job_dir if a == log_dir else a for a in spec["argv"]]
     pid = os.fork()
     if pid == 0:                    # child: new session, then the supervisor
         try:
@@ -178,9 +179,9 @@ class Source(object):
 
 def discover(job_dir, sources, offsets):
     paths = [("L", os.path.join(job_dir, "launcher.log"))]
-    for p in glob.glob(os.path.join(job_dir, "torchrun", "*", "attempt_*", "*", "stdout.log")):
-        parts = p.split(os.sep)
-        paths.append(("%s/%s" % (parts[-3][len("attempt_"):], parts[-2]), p))
+    # torchrun runs with --max-restarts=0, so there is one attempt: attempt_0.
+    for p in glob.glob(os.path.join(job_dir, "torchrun", "*", "attempt_0", "*", "stdout.log")):
+        paths.append((p.split(os.sep)[-2], p))
     for key, path in paths:
         if key not in sources and os.path.exists(path):
             sources[key] = Source(key, path, int(offsets.get(key, 0)))
@@ -213,7 +214,7 @@ def read_frames(sources, final=False):
     return frames
 
 
-def stream(job_dir, offsets):
+def stream(job_dir, offsets, follow=True):
     sources = {}
     exit_path = os.path.join(job_dir, "exit.json")
     pgid = int(read_text(os.path.join(job_dir, "pgid")) or 0)
@@ -235,6 +236,9 @@ def stream(job_dir, offsets):
                 return
         if done:
             finish(job_dir, sources, offsets, "exit", **json.loads(read_text(exit_path)))
+            return
+        if not follow:
+            event("running")
             return
         time.sleep(POLL_IDLE)
 

@@ -72,6 +72,18 @@ class Plan:
     nodes: tuple[NodePlan, ...]
 
 
+def plan_from_dict(d: dict) -> Plan:
+    """Rebuild a Plan from its JSON form (plan.json in the run's directory)."""
+    nodes = []
+    for n in d["nodes"]:
+        h = dict(n["host"])
+        h["setup"] = tuple(h.get("setup", ()))
+        host = Host(**h)
+        nodes.append(NodePlan(**{**n, "host": host, "setup": tuple(n["setup"]), "argv": tuple(n["argv"]),
+                                 "pick_ifname": tuple(n["pick_ifname"])}))
+    return Plan(**{**d, "nodes": tuple(nodes)})
+
+
 def master_addr_for(hosts: HostsFile, connected_addr: str | None) -> str:
     """MASTER_ADDR: `master_addr`, else node 0's `addr`, else where ssh reached node 0."""
     first = hosts.hosts[0]
@@ -126,7 +138,7 @@ def make_plan(
             "--rdzv-backend=static",
             f"--rdzv-id={run_id}",
             "--max-restarts=0",
-            f"--log-dir={job_dir}/torchrun",
+            log_dir_arg(job_dir),
             "--redirects=3",
             "--no-python",
             *MERGE_STDERR, *entry, *opts.script_args,
@@ -150,12 +162,15 @@ def quote_path(path: str) -> str:
     return shlex.quote(path)
 
 
-def quote_arg(arg: str) -> str:
-    """shlex.quote, but our own `--log-dir=~/x` stays relative to the node's home."""
-    head, sep, tail = arg.partition("=~/")
-    if sep and head == "--log-dir":
-        return f'{head}="$HOME"/{shlex.quote(tail)}'
+def quote_arg(arg: str, node: NodePlan) -> str:
+    """shlex.quote, but our own `--log-dir=~/...` stays relative to the node's home."""
+    if arg == log_dir_arg(node.job_dir) and arg.startswith("--log-dir=~/"):
+        return '--log-dir="$HOME"/' + shlex.quote(arg[len("--log-dir=~/"):])
     return shlex.quote(arg)
+
+
+def log_dir_arg(job_dir: str) -> str:
+    return f"--log-dir={job_dir}/torchrun"
 
 
 def shell_prefix(node: NodePlan) -> str:
@@ -172,7 +187,7 @@ def shell_command(node: NodePlan) -> str:
     env = " ".join(f"{k}={shlex.quote(v)}" for k, v in node.env.items())
     env = f"env {env} " if env else ""
     # argv[0] is the node's python, which may be ~/...; user arguments are quoted as-is.
-    torchrun = " ".join(quote_path(a) if a == node.python else quote_arg(a) for a in node.argv)
+    torchrun = " ".join(quote_path(a) if a == node.python else quote_arg(a, node) for a in node.argv)
     return shell_prefix(node) + env + torchrun
 
 
@@ -180,7 +195,8 @@ def render_plan(plan: Plan) -> str:
     """The rank table and every node's exact command."""
     w = max(4, *(len(n.name) for n in plan.nodes))
     lines = [
-        f"run {plan.run_id}: {len(plan.nodes)} nodes, world size {plan.world_size}, "
+        f"run {plan.run_id}: {len(plan.nodes)} node{'s' if len(plan.nodes) != 1 else ''}, "
+        f"world size {plan.world_size}, "
         f"MASTER_ADDR={plan.master_addr} MASTER_PORT={plan.master_port}",
         "",
         f"{'node':<{w}}  node_rank  nproc  global ranks  ssh target",

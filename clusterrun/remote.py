@@ -10,15 +10,22 @@ from __future__ import annotations
 import base64
 import json
 import shlex
-import threading
+import time
 import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
+import paramiko
+
+from .errors import UnreachableError
 from .plan import NodePlan, quote_path, shell_prefix
+from .runs import EXITED, FAILED_TO_START, LOST, RUNNING
 from .stream import NodeOutput
 from .transport import Process, Transport
+
+# How long a node may stay unreachable before it counts as lost.
+RECONNECT_WINDOW = 60.0
 
 _AGENT = zlib.compress((Path(__file__).parent / "nodeagent.py").read_bytes(), 9)
 _BOOT = "import base64,zlib;exec(zlib.decompress(base64.b64decode(%r)))" % base64.b64encode(_AGENT).decode()
@@ -45,7 +52,7 @@ class NodeResult:
     """How one node's job ended."""
 
     node: NodePlan
-    state: str                  # exited | lost | failed-to-start
+    state: str                  # a runs.py node state: exited, lost, killed, ...
     code: int | None = None     # torchrun's exit code
     failures: list[RankFailure] = field(default_factory=list)
     message: str = ""
@@ -53,75 +60,146 @@ class NodeResult:
 
     @property
     def ok(self) -> bool:
-        return self.state == "exited" and self.code == 0
+        return self.state == EXITED and self.code == 0
+
+
+class Detached(Exception):
+    """The controller let go of this node on purpose (`up --detach` handing over)."""
 
 
 class RemoteJob:
-    """Start one node's job and stream it until it ends."""
+    """One node's job: start it or attach to it, and stream it until it ends.
 
-    def __init__(self, node: NodePlan, transport: Transport, output: NodeOutput,
-                 master_addr: str, on_started: Callable[[NodePlan, dict], None]) -> None:
+    A dropped connection is not the end: the job runs on in its own session on
+    the node, so we reconnect with backoff and resume each file at the byte
+    offset we have, losing and repeating no line.
+    """
+
+    def __init__(self, node: NodePlan, transport: Transport, output: NodeOutput, master_addr: str,
+                 on_started: Callable[[NodePlan, dict], None] = lambda n, ev: None,
+                 reconnect: Callable[[], Transport] | None = None,
+                 reconnect_window: float = RECONNECT_WINDOW) -> None:
         self.node = node
         self.transport = transport
         self.output = output
         self.master_addr = master_addr
         self.on_started = on_started
+        self.reconnect = reconnect
+        self.reconnect_window = reconnect_window
         self.stopped = False
-        self._stop_lock = threading.Lock()
+        self.detached = False
+        self.reconnects = 0
 
     def start_spec(self) -> dict[str, Any]:
         n = self.node
         return {"mode": "start", "argv": list(n.argv), "env": dict(n.env), "python": n.python,
                 "pick_ifname": list(n.pick_ifname), "master_addr": self.master_addr}
 
-    def run(self) -> NodeResult:
-        proc = self.transport.exec(agent_command(self.node, self.start_spec()))
-        try:
-            result = self._read(proc)
-        finally:
-            proc.close()
-        result.stopped = self.stopped
-        return result
+    def attach_spec(self, follow: bool) -> dict[str, Any]:
+        return {"mode": "attach", "offsets": dict(self.output.received), "follow": follow}
 
-    def _read(self, proc: Process) -> NodeResult:
+    def run(self, start: bool = True, follow: bool = True) -> NodeResult:
+        """Stream until the job ends (or, follow=False, until caught up: state running)."""
+        spec = self.start_spec() if start else self.attach_spec(follow)
+        lost_since: float | None = None
+        delay = 0.25
+        while True:
+            try:
+                proc = self.transport.exec(agent_command(self.node, spec))
+                try:
+                    result = self._read(proc)
+                finally:
+                    proc.close()
+                if result is not None:
+                    result.stopped = self.stopped
+                    return result
+            except Detached:
+                raise
+            except (OSError, EOFError, paramiko.SSHException, UnreachableError):
+                if self.detached:
+                    raise Detached() from None
+            # The connection dropped mid-stream: the job goes on; reconnect and resume.
+            if self.reconnect is None:
+                return NodeResult(self.node, LOST, message="the connection to the node was lost")
+            now = time.monotonic()
+            lost_since = lost_since or now
+            if now - lost_since > self.reconnect_window:
+                return NodeResult(self.node, LOST, stopped=self.stopped,
+                                  message=f"unreachable for {self.reconnect_window:g}s")
+            time.sleep(delay)
+            delay = min(delay * 2, 5.0)
+            try:
+                self.transport.close()
+                self.transport = self.reconnect()
+            except UnreachableError:
+                continue
+            self.reconnects += 1
+            lost_since, delay = None, 0.25
+            spec = self.attach_spec(follow)
+
+    def _read(self, proc: Process) -> NodeResult | None:
+        """Frames until the agent's final event; None if the connection broke."""
         out, data = proc.stdout, self.output.data
         readline, read = out.readline, out.read
         while True:
             header = readline()
             if header[:2] == b"D ":
                 _, key, n = header.split(b" ")
-                data(key.decode(), read(int(n)))
+                size = int(n)
+                chunk = read(size)
+                if len(chunk) < size:
+                    return self._broken(proc)
+                data(key.decode(), chunk)
             elif header[:2] == b"S ":
                 ev = json.loads(header[2:])
                 name = ev.pop("event")
                 if name == "started":
                     self.on_started(self.node, ev)
                     continue
+                if name == "running":        # attach without follow: caught up
+                    return NodeResult(self.node, RUNNING)
                 proc.send(b"rm\n")          # every byte is in our logs: the node may clean up
                 proc.wait(timeout=10)
                 if name == "exit":
-                    return NodeResult(self.node, "exited", ev["code"],
+                    return NodeResult(self.node, EXITED, ev["code"],
                                       [RankFailure(**f) for f in ev.get("failures", [])])
-                return NodeResult(self.node, name, None, message=ev.get("reason", ""))
+                return NodeResult(self.node, LOST, message=ev.get("reason", ""))
             elif header:                    # e.g. a login script printing: show it, untagged by rank
                 data("L", header if header.endswith(b"\n") else header + b"\n")
             else:
-                code = proc.wait()
-                err = proc.stderr_text().strip()
-                return NodeResult(self.node, "failed-to-start", code,
-                                  message=err or f"the node agent exited with code {code}")
+                return self._broken(proc)
+
+    def _broken(self, proc: Process) -> NodeResult | None:
+        """EOF before the final event: the agent failed, or the connection did."""
+        if self.detached:
+            raise Detached()
+        code = proc.wait(timeout=2)
+        if code is None or not self.transport.alive():
+            return None
+        err = proc.stderr_text().strip()
+        return NodeResult(self.node, FAILED_TO_START, code,
+                          message=err or f"the node agent exited with code {code}")
+
+    def detach(self) -> None:
+        """Let go of the node; the job keeps running there."""
+        self.detached = True
+        self.transport.close()
 
     def stop(self, grace: float = 5.0) -> dict[str, Any]:
-        """TERM, then KILL after grace, every process of this node's job."""
-        with self._stop_lock:
-            self.stopped = True
-        spec = {"mode": "kill", "marker": self.node.marker, "grace": grace}
-        proc = self.transport.exec(agent_command(self.node, spec))
-        try:
-            line = proc.stdout.readline()
-            proc.wait()
-        finally:
-            proc.close()
-        if line.startswith(b"S "):
-            return json.loads(line[2:])
-        return {"event": "error", "message": line.decode("utf-8", "replace")}
+        """TERM, then KILL after grace, every process of this node's job; confirmed."""
+        self.stopped = True
+        return kill_job(self.node, self.transport, grace)
+
+
+def kill_job(node: NodePlan, transport: Transport, grace: float) -> dict[str, Any]:
+    """Run the node agent's kill: returns its report once nothing of the job is left."""
+    spec = {"mode": "kill", "marker": node.marker, "grace": grace}
+    proc = transport.exec(agent_command(node, spec))
+    try:
+        line = proc.stdout.readline()
+        proc.wait(timeout=5)
+    finally:
+        proc.close()
+    if line.startswith(b"S "):
+        return json.loads(line[2:])
+    return {"event": "error", "message": line.decode("utf-8", "replace") or proc.stderr_text()}

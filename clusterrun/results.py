@@ -7,7 +7,7 @@ from typing import Sequence
 
 from .errors import EXIT_INTERRUPTED, EXIT_JOB_FAILED, EXIT_OK
 from .remote import NodeResult
-from .runs import RunDir, tail_lines
+from .runs import KILLED, RunDir, tail_lines
 
 TAIL = 10   # last lines shown per failing rank
 
@@ -58,9 +58,12 @@ def summary(results: Sequence[NodeResult], run: RunDir, tail: int = TAIL) -> lis
         first = first or f"node {node.name}"
     for r in results:
         if r.stopped and not r.ok:
-            why = f" after {first} failed" if first else ""
+            if r.state == KILLED:
+                why = " by `clusterrun kill`"
+            else:
+                why = f" after {first} failed" if first else ""
             lines.append(f"clusterrun: node {r.node.name} (ranks {r.node.ranks.start}-"
-                         f"{r.node.ranks.stop - 1}) was stopped{why}")
+                         f"{r.node.ranks.stop - 1}) was {'killed' if r.state == KILLED else 'stopped'}{why}")
     return lines
 
 

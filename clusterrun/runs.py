@@ -1,14 +1,22 @@
 """The runs registry: one private directory per run under $CLUSTERRUN_HOME.
 
-    $CLUSTERRUN_HOME/runs/<run id>/plan.json      what was launched
-    $CLUSTERRUN_HOME/runs/<run id>/logs/rank<G>.log   every line of global rank G
-    $CLUSTERRUN_HOME/runs/<run id>/logs/node<K>.log   torchrun's own lines on node K
-    $CLUSTERRUN_HOME/runs/<run id>/result.json    per-node outcome, once the run ended
+    runs/<run id>/plan.json        what was launched (the exact plan)
+    runs/<run id>/state.json       each node's state, kept by the run's collector
+    runs/<run id>/logs/rank<G>.log every line of global rank G, as printed
+    runs/<run id>/logs/node<K>.log torchrun's own lines on node K
+    runs/<run id>/result.json      every node's outcome, once the run has ended
+    runs/<run id>/collector.lock   held (flock) by the one process streaming the run
+
+Exactly one process at a time, the collector, streams a run from its nodes into
+these files: the attached `up`, the background collector of `up --detach`, or a
+`logs -f`/`status` that finds nobody collecting (after `up` was killed). The
+byte size of each log is where a new collector resumes on the node.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import fcntl
 import json
 import os
 import secrets
@@ -16,11 +24,21 @@ import time
 from pathlib import Path
 from typing import Any
 
-from .plan import Plan
+from .errors import UsageError
+from .plan import Plan, plan_from_dict
+
+# Node states, as `status` shows them.
+STARTING, RUNNING, EXITED, KILLED, LOST, FAILED_TO_START = (
+    "starting", "running", "exited", "killed", "lost", "failed-to-start")
+FINAL_STATES = frozenset({EXITED, KILLED, LOST, FAILED_TO_START})
 
 
 def clusterrun_home() -> Path:
     return Path(os.environ.get("CLUSTERRUN_HOME") or os.path.expanduser("~/.clusterrun"))
+
+
+def runs_root() -> Path:
+    return clusterrun_home() / "runs"
 
 
 def new_run_id() -> str:
@@ -34,13 +52,31 @@ class RunDir:
 
     @classmethod
     def create(cls, run_id: str) -> "RunDir":
-        root = clusterrun_home() / "runs"
+        root = runs_root()
         root.mkdir(parents=True, exist_ok=True, mode=0o700)
         os.chmod(root.parent, 0o700)
         path = root / run_id
         path.mkdir(mode=0o700)
         (path / "logs").mkdir(mode=0o700)
         return cls(path)
+
+    @classmethod
+    def find(cls, run_id: str | None) -> "RunDir":
+        """The named run, a unique prefix of one, or (None) the latest run."""
+        ids = list_run_ids()
+        if not ids:
+            raise UsageError(f"no runs yet under {runs_root()}")
+        if run_id is None:
+            return cls(runs_root() / ids[0])
+        matches = [i for i in ids if i == run_id] or [i for i in ids if i.startswith(run_id)]
+        if len(matches) != 1:
+            what = "no run" if not matches else "more than one run"
+            raise UsageError(f"{what} matches {run_id!r} (see `clusterrun ps`)")
+        return cls(runs_root() / matches[0])
+
+    @property
+    def run_id(self) -> str:
+        return self.path.name
 
     @property
     def logs(self) -> Path:
@@ -59,8 +95,70 @@ class RunDir:
             json.dump(data, f, indent=1, default=_jsonable)
         os.replace(tmp, self.path / name)
 
+    def read_json(self, name: str) -> Any:
+        try:
+            return json.loads((self.path / name).read_text())
+        except (OSError, ValueError):
+            return None
+
     def write_plan(self, plan: Plan) -> None:
         self.write_json("plan.json", dataclasses.asdict(plan))
+
+    def plan(self) -> Plan:
+        data = self.read_json("plan.json")
+        if data is None:
+            raise UsageError(f"run {self.run_id}: no readable plan.json in {self.path}")
+        return plan_from_dict(data)
+
+    def node_states(self) -> dict[int, dict[str, Any]]:
+        return {int(k): v for k, v in (self.read_json("state.json") or {}).items()}
+
+    def ended(self) -> bool:
+        return (self.path / "result.json").exists()
+
+    def lock(self) -> "CollectorLock | None":
+        """Become this run's collector, or None if another process is it."""
+        fd = os.open(self.path / "collector.lock", os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            return None
+        return CollectorLock(fd)
+
+    def wait_lock(self, timeout: float) -> "CollectorLock | None":
+        deadline = time.monotonic() + timeout
+        while True:
+            lock = self.lock()
+            if lock is not None or time.monotonic() >= deadline:
+                return lock
+            time.sleep(0.05)
+
+
+class CollectorLock:
+    """An flock the kernel drops if the holder dies, even by SIGKILL."""
+
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+
+    def release(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+    def __enter__(self) -> "CollectorLock":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
+
+
+def list_run_ids() -> list[str]:
+    """Run ids, newest first."""
+    root = runs_root()
+    if not root.is_dir():
+        return []
+    return sorted((p.name for p in root.iterdir() if (p / "plan.json").exists()), reverse=True)
 
 
 def _jsonable(o: Any) -> Any:

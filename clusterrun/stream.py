@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 import sys
 import threading
-from typing import BinaryIO
+from typing import BinaryIO, Callable
 
 from .plan import NodePlan
 from .runs import RunDir
@@ -81,49 +81,68 @@ class Terminal:
 
 
 class NodeOutput:
-    """One node's output: tags its lines and keeps every rank's log.
+    """One node's output: keeps every rank's log, and shows the lines asked for.
 
-    `received` counts the bytes taken from each node-side file, which is exactly
-    where a reconnect resumes.
+    `received` counts the bytes taken from each node-side file; it starts at the
+    size of the local logs, so a new collector resumes exactly where the last
+    one stopped.
     """
 
-    def __init__(self, node: NodePlan, run: RunDir, term: Terminal, color: bool) -> None:
+    def __init__(self, node: NodePlan, run: RunDir, term: Terminal | None, color: bool = False,
+                 show: Callable[[str], bool] | None = None) -> None:
         self.node = node
         self.run = run
         self.term = term
-        self.received: dict[str, int] = {}
-        self._routes: dict[str, tuple[bytes, BinaryIO]] = {}
-        self._logs: dict[int, BinaryIO] = {}
+        self.show = show
+        self._routes: dict[str, tuple[bytes | None, BinaryIO]] = {}
         self._color = _COLORS[node.node_rank % len(_COLORS)] if color else 0
+        self.received: dict[str, int] = {}
+        for key, path in self._paths():
+            try:
+                self.received[key] = path.stat().st_size
+            except FileNotFoundError:
+                pass
+
+    def _paths(self):
+        yield "L", self.run.node_log(self.node.node_rank)
+        for local in range(self.node.nproc):
+            yield str(local), self.run.rank_log(self.node.rank_start + local)
 
     def data(self, key: str, chunk: bytes) -> None:
-        """A chunk of whole lines (ending in \\n) from the node-side file `key`."""
+        """A chunk of whole lines (ending in \n) from the node-side file `key`."""
         route = self._routes.get(key)
         if route is None:
             route = self._routes[key] = self._route(key)
         tag, log = route
         log.write(chunk)
-        self.term.write(tag + chunk[:-1].replace(b"\n", b"\n" + tag) + b"\n")
         self.received[key] = self.received.get(key, 0) + len(chunk)
+        if tag is not None:
+            self.term.write(tag + chunk[:-1].replace(b"\n", b"\n" + tag) + b"\n")
 
-    def _route(self, key: str) -> tuple[bytes, BinaryIO]:
-        """key "L" is torchrun's own output; "<attempt>/<local rank>" a worker's."""
+    def _route(self, key: str) -> tuple[bytes | None, BinaryIO]:
+        """key "L" is torchrun's own output; a number is a worker's local rank."""
         if key == "L":
-            label, log_id, path = self.node.name, -1, self.run.node_log(self.node.node_rank)
+            label, path = self.node.name, self.run.node_log(self.node.node_rank)
         else:
-            local = int(key.rpartition("/")[2])
+            local = int(key)
             rank = self.node.rank_start + local
-            label, log_id, path = f"{self.node.name} g{rank} l{local}", rank, self.run.rank_log(rank)
-        log = self._logs.get(log_id)
-        if log is None:
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
-            log = self._logs[log_id] = os.fdopen(fd, "ab", buffering=0)
-        tag = f"\x1b[{self._color}m[{label}]\x1b[0m " if self._color else f"[{label}] "
-        return tag.encode(), log
+            label, path = f"{self.node.name} g{rank} l{local}", self.run.rank_log(rank)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+        log = os.fdopen(fd, "ab", buffering=0)
+        if self.term is None or (self.show is not None and not self.show(key)):
+            return None, log
+        return tag_for(label, self._color), log
 
     def close(self) -> None:
-        for log in self._logs.values():
+        for _, log in self._routes.values():
             log.close()
+        self._routes.clear()
+
+
+def tag_for(label: str, color: int = 0) -> bytes:
+    """`[label] `, coloured when color is an ANSI colour number."""
+    tag = f"\x1b[{color}m[{label}]\x1b[0m " if color else f"[{label}] "
+    return tag.encode()
 
 
 def _isatty(stream) -> bool:

@@ -45,6 +45,7 @@ class Transport(Protocol):
     peer_addr: str          # the address we actually reached the node at
 
     def exec(self, command: str) -> Process: ...
+    def alive(self) -> bool: ...
     def close(self) -> None: ...
 
 
@@ -97,6 +98,9 @@ class LocalTransport:
 
     def exec(self, command: str) -> Process:
         return LocalProcess(command)
+
+    def alive(self) -> bool:
+        return True
 
     def close(self) -> None:
         pass
@@ -204,6 +208,10 @@ class SSHTransport:
         chan.exec_command(command)
         return SSHProcess(chan)
 
+    def alive(self) -> bool:
+        t = self.client.get_transport()
+        return t is not None and t.is_active()
+
     def close(self) -> None:
         self.client.close()
 
@@ -291,12 +299,9 @@ def connect_all(
     so that nothing is started anywhere unless every node is ready.
     """
     config = load_ssh_config()
-    _prefer_fast_kex()
 
     def one(host: Host) -> Transport:
-        if host.is_local:
-            return LocalTransport(host.name)
-        return connect_ssh(host, config, timeout, accept_new)
+        return connect_node(host, timeout, accept_new, config)
 
     results: list[Transport | None] = [None] * len(hosts)
     errors: list[str] = []
@@ -313,6 +318,15 @@ def connect_all(
                 t.close()
         raise UnreachableError("cannot reach every node, nothing was started:\n  " + "\n  ".join(errors))
     return [t for t in results if t is not None]
+
+
+def connect_node(host: Host, timeout: float, accept_new: bool = False,
+                 config: paramiko.SSHConfig | None = None) -> Transport:
+    """One node's transport: local for localhost, else an SSH connection."""
+    if host.is_local:
+        return LocalTransport(host.name)
+    _prefer_fast_kex()
+    return connect_ssh(host, config or load_ssh_config(), timeout, accept_new)
 
 
 def _prefer_fast_kex() -> None:

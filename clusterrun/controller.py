@@ -1,0 +1,248 @@
+"""The controller of one run: drives every node's RemoteJob, fails fast, records, reports.
+
+The attached `up`, the background collector of `up --detach`, and a `logs -f` or
+`status` that finds no collector all run a run through this one class, holding
+the run's collector lock while they do.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import queue
+import threading
+import time
+from dataclasses import dataclass
+from typing import Callable, Sequence
+
+from .errors import UnreachableError
+from .plan import NodePlan, Plan
+from .remote import Detached, NodeResult, RemoteJob, kill_job
+from .results import exit_code, summary
+from .runs import FINAL_STATES, KILLED, RUNNING, STARTING, RunDir
+from .stream import NodeOutput, Terminal
+from .transport import Transport, connect_all, connect_node
+
+
+@dataclass(frozen=True)
+class ControlOptions:
+    fail_fast: bool = True
+    kill_grace: float = 5.0
+    color: bool = False
+    print_lines: bool = True                     # show lines on the terminal (False: logs only)
+    show: Callable[[NodePlan, str], bool] | None = None   # which node files to show
+    connect_timeout: float = 10.0
+    accept_new_host_keys: bool = False
+
+
+class RunController:
+    def __init__(self, plan: Plan, run: RunDir, transports: Sequence[Transport], term: Terminal,
+                 opts: ControlOptions) -> None:
+        self.plan, self.run, self.term, self.opts = plan, run, term, opts
+        self.states: dict[int, dict] = run.node_states()
+        self._state_lock = threading.Lock()
+        self._started = threading.Condition()
+        self.jobs = [self._job(node, t) for node, t in zip(plan.nodes, transports)]
+        self.done: queue.Queue[NodeResult] = queue.Queue()
+
+    def _job(self, node: NodePlan, transport: Transport) -> RemoteJob:
+        show = None
+        if self.opts.show is not None:
+            show = (lambda key, node=node: self.opts.show(node, key))
+        out = NodeOutput(node, self.run, self.term if self.opts.print_lines else None,
+                         self.opts.color, show)
+        reconnect = (lambda: connect_node(node.host, self.opts.connect_timeout,
+                                          self.opts.accept_new_host_keys))
+        return RemoteJob(node, transport, out, self.plan.master_addr, self._on_started, reconnect)
+
+    # --- state -------------------------------------------------------------------
+
+    def set_state(self, node: NodePlan, state: str, **fields) -> None:
+        with self._state_lock:
+            self.states[node.node_rank] = {"node": node.name, "state": state, **fields,
+                                           "time": time.time()}
+            self.run.write_json("state.json", self.states)
+
+    def _on_started(self, node: NodePlan, ev: dict) -> None:
+        self.set_state(node, RUNNING, pgid=ev.get("pgid"), ifname=ev.get("ifname"))
+        with self._started:
+            self._started.notify_all()
+        n = sum(1 for s in self.states.values() if s["state"] != STARTING)
+        self.term.progress(f"started {n}/{len(self.plan.nodes)} nodes")
+
+    def running_or_done(self) -> int:
+        return sum(1 for s in self.states.values() if s["state"] != STARTING)
+
+    # --- running -----------------------------------------------------------------
+
+    def launch(self, start: bool, follow: bool = True) -> None:
+        """Start (or attach to) every node's job, each in a thread of its own."""
+        if start:
+            for node in self.plan.nodes:
+                self.set_state(node, STARTING)
+        for job in self.jobs:
+            if not start and self.states.get(job.node.node_rank, {}).get("state") in FINAL_STATES:
+                job.output.close()
+                self.done.put(self._recorded_result(job.node))
+                continue
+            threading.Thread(target=self._runner, args=(job, start, follow),
+                             name=f"node-{job.node.name}", daemon=True).start()
+
+    def _recorded_result(self, node: NodePlan) -> NodeResult:
+        s = self.states[node.node_rank]
+        return NodeResult(node, s["state"], s.get("code"), message=s.get("message", ""),
+                          stopped=s.get("stopped", False))
+
+    def _runner(self, job: RemoteJob, start: bool, follow: bool) -> None:
+        try:
+            result = job.run(start=start, follow=follow)
+        except Detached:
+            return
+        except Exception as e:  # noqa: BLE001 - one node's failure must not stop the controller
+            result = NodeResult(job.node, "lost", message=f"{type(e).__name__}: {e}")
+        finally:
+            job.output.close()
+        if self.run.path.joinpath("killed").exists() and not result.ok:
+            result.state, result.stopped = KILLED, True
+        if result.state != RUNNING:
+            self.set_state(job.node, result.state, code=result.code, message=result.message,
+                           stopped=result.stopped,
+                           failures=[dataclasses.asdict(f) for f in result.failures])
+        self.done.put(result)
+        with self._started:
+            self._started.notify_all()
+
+    def wait_started(self) -> None:
+        """Block until every node has started (or already ended)."""
+        with self._started:
+            self._started.wait_for(lambda: self.running_or_done() >= len(self.jobs))
+
+    def detach(self) -> None:
+        for job in self.jobs:
+            job.detach()
+
+    def wait(self, handle_interrupt: bool = True) -> list[NodeResult]:
+        """Collect every node's result; fail fast; Ctrl-C stops every node."""
+        results: list[NodeResult] = []
+        stoppers: list[threading.Thread] = []
+        self.interrupted = False
+        stopping = False
+        while len(results) < len(self.jobs):
+            try:
+                r = self.done.get(timeout=0.5)
+            except queue.Empty:
+                continue
+            except KeyboardInterrupt:
+                if not handle_interrupt or self.interrupted:
+                    self.term.message("clusterrun: stopped waiting; the nodes are being torn down")
+                    self.interrupted = True
+                    break
+                self.interrupted = True
+                self.term.message("clusterrun: interrupted: stopping every node (Ctrl-C again to stop waiting)")
+                stoppers += self.stop_all({x.node.node_rank for x in results})
+                stopping = True
+                continue
+            results.append(r)
+            if r.state == RUNNING:
+                continue
+            if not r.ok and self.opts.fail_fast and not stopping and not r.stopped:
+                stopping = True
+                ended = {x.node.node_rank for x in results}
+                if len(ended) < len(self.jobs):
+                    self.term.message(f"clusterrun: node {r.node.name} failed: stopping the other nodes")
+                    stoppers += self.stop_all(ended)
+        for t in stoppers:      # return only once every stopped node has confirmed it
+            t.join(self.opts.kill_grace + 15)
+        self.term.clear_progress()
+        return results
+
+    def stop_all(self, ended: set[int]) -> list[threading.Thread]:
+        """Stop every job still running, in parallel; the threads end when each is confirmed."""
+        threads = [threading.Thread(target=_stop_quietly, args=(job, self.opts.kill_grace), daemon=True)
+                   for job in self.jobs if job.node.node_rank not in ended]
+        for t in threads:
+            t.start()
+        return threads
+
+    def finish(self, results: list[NodeResult]) -> int:
+        """Record the outcome, print the summary, and return the exit code."""
+        if all(r.state != RUNNING for r in results) and len(results) == len(self.jobs):
+            self.run.write_json("result.json", [dataclasses.asdict(r) | {"node": r.node.name}
+                                                for r in results])
+        for line in summary(results, self.run):
+            self.term.message(line)
+        return exit_code(results, getattr(self, "interrupted", False))
+
+    def close(self) -> None:
+        for job in self.jobs:
+            job.transport.close()
+
+
+def _stop_quietly(job: RemoteJob, grace: float) -> None:
+    try:
+        job.stop(grace)
+    except Exception:  # noqa: BLE001 - its stream reports the node as lost
+        pass
+
+
+def connect_plan(plan: Plan, opts: ControlOptions) -> list[Transport]:
+    return connect_all([n.host for n in plan.nodes], opts.connect_timeout, opts.accept_new_host_keys)
+
+
+def collect(run: RunDir, term: Terminal, opts: ControlOptions, follow: bool = True,
+            before: Callable[[], None] | None = None) -> int | None:
+    """Become the run's collector if nobody is: attach to every node and stream.
+
+    Returns the exit code once the run ended (follow), or None when another
+    process is already collecting it.
+    """
+    lock = run.lock()
+    if lock is None:
+        return None
+    with lock:
+        if before is not None:
+            before()
+        if run.ended():
+            return exit_code([], False)
+        plan = run.plan()
+        ctl = RunController(plan, run, connect_plan(plan, opts), term, opts)
+        try:
+            ctl.launch(start=False, follow=follow)
+            results = ctl.wait()
+            if not follow and any(r.state == RUNNING for r in results):
+                return 0
+            return ctl.finish(results)
+        finally:
+            ctl.close()
+
+
+def kill_run(run: RunDir, grace: float, opts: ControlOptions) -> list[str]:
+    """TERM then KILL every process of the run on every node; verified. Returns problems."""
+    plan = run.plan()
+    (run.path / "killed").touch()
+    states = run.node_states()
+    nodes = [n for n in plan.nodes if states.get(n.node_rank, {}).get("state") not in FINAL_STATES]
+    if not nodes:
+        return []
+    try:
+        transports = connect_all([n.host for n in nodes], opts.connect_timeout, opts.accept_new_host_keys)
+    except UnreachableError as e:
+        return [str(e)]
+    problems: list[str] = []
+
+    def one(node: NodePlan, t: Transport) -> None:
+        try:
+            rep = kill_job(node, t, grace)
+        except Exception as e:  # noqa: BLE001
+            problems.append(f"{node.name}: {type(e).__name__}: {e}")
+            return
+        if rep.get("event") != "killed" or rep.get("left"):
+            problems.append(f"{node.name}: {rep}")
+
+    threads = [threading.Thread(target=one, args=(n, t)) for n, t in zip(nodes, transports)]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join()
+    for t in transports:
+        t.close()
+    return problems

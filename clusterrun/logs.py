@@ -1,0 +1,103 @@
+"""`clusterrun logs`: a run's lines, tagged, from its per-rank logs; -f follows it live."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from .controller import ControlOptions, collect
+from .errors import UsageError
+from .plan import NodePlan, Plan
+from .runs import RunDir
+from .stream import Terminal, tag_for
+
+POLL = 0.2
+
+
+@dataclass(frozen=True)
+class LogFile:
+    node: NodePlan
+    key: str            # "L" (torchrun's lines) or a local rank
+    path: Path
+    tag: bytes
+
+
+def select(run: RunDir, plan: Plan, ranks: tuple[int, ...], node: str | None) -> list[LogFile]:
+    """The files to show: the given ranks, or one node, or everything."""
+    for r in ranks:
+        if not 0 <= r < plan.world_size:
+            raise UsageError(f"run {plan.run_id} has ranks 0-{plan.world_size - 1}, not {r}")
+    nodes = plan.nodes
+    if node is not None:
+        nodes = tuple(n for n in plan.nodes if node in (n.name, n.host.host, str(n.node_rank)))
+        if not nodes:
+            names = ", ".join(n.name for n in plan.nodes)
+            raise UsageError(f"run {plan.run_id} has no node {node!r} (nodes: {names})")
+    files = []
+    for n in nodes:
+        if not ranks:
+            files.append(LogFile(n, "L", run.node_log(n.node_rank), tag_for(n.name)))
+        for g in n.ranks:
+            if not ranks or g in ranks:
+                local = g - n.rank_start
+                files.append(LogFile(n, str(local), run.rank_log(g), tag_for(f"{n.name} g{g} l{local}")))
+    return files
+
+
+def logs(run_id: str | None, ranks: tuple[int, ...], node: str | None, follow: bool,
+         tail: int | None, opts: ControlOptions) -> int:
+    run = RunDir.find(run_id)
+    plan = run.plan()
+    files = select(run, plan, ranks, node)
+    term = Terminal()
+    if not follow:
+        if not run.ended():         # bring the logs up to date if nobody else is
+            collect(run, Terminal(), _quiet(opts), follow=False)
+        for f in files:
+            _print_file(term, f, 0, tail)
+        return 0
+    wanted = {(f.node.node_rank, f.key) for f in files}
+    shown = [0] * len(files)     # bytes of each file printed so far
+
+    def show_existing() -> None:
+        for i, f in enumerate(files):
+            shown[i] = _print_file(term, f, 0, tail)
+
+    follow_opts = ControlOptions(**{**opts.__dict__, "print_lines": True,
+                                    "show": lambda n, key: (n.node_rank, key) in wanted})
+    code = collect(run, term, follow_opts, follow=True, before=show_existing)
+    if code is not None:
+        return code
+    # Another process is collecting this run: follow its files until the run ends.
+    show_existing()
+    while True:
+        ended = run.ended()
+        for i, f in enumerate(files):
+            shown[i] = _print_file(term, f, shown[i], None)
+        if ended:
+            return 0
+        time.sleep(POLL)
+
+
+def _print_file(term: Terminal, f: LogFile, start: int, tail: int | None) -> int:
+    """Print the whole lines of f from byte `start`; returns where they end."""
+    try:
+        with open(f.path, "rb") as fh:
+            fh.seek(start)
+            data = fh.read()
+    except FileNotFoundError:
+        return start
+    end = data.rfind(b"\n") + 1
+    if not end:
+        return start
+    data = data[:end]
+    if tail is not None:
+        data = b"".join(data.splitlines(keepends=True)[-tail:]) if tail else b""
+    if data:
+        term.write(f.tag + data[:-1].replace(b"\n", b"\n" + f.tag) + b"\n")
+    return start + end
+
+
+def _quiet(opts: ControlOptions) -> ControlOptions:
+    return ControlOptions(**{**opts.__dict__, "print_lines": False, "fail_fast": False})

@@ -1,0 +1,91 @@
+"""`clusterrun status` and `clusterrun ps`: what each run and each of its nodes is doing."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from .controller import ControlOptions, collect
+from .runs import EXITED, FINAL_STATES, KILLED, RUNNING, STARTING, RunDir, list_run_ids, runs_root
+from .stream import Terminal
+
+
+def run_state(plan_nodes: int, states: dict[int, dict[str, Any]]) -> str:
+    """One word for the run, from its nodes' states."""
+    if len(states) < plan_nodes or any(s["state"] == STARTING for s in states.values()):
+        return STARTING
+    if any(s["state"] not in FINAL_STATES for s in states.values()):
+        return RUNNING
+    if any(s["state"] == KILLED for s in states.values()):
+        return KILLED
+    if all(s["state"] == EXITED and s.get("code") == 0 for s in states.values()):
+        return "succeeded"
+    return "failed"
+
+
+def status_data(run: RunDir, opts: ControlOptions) -> dict[str, Any]:
+    if not run.ended():
+        # Nobody may be watching the run (its `up` was killed): look at the nodes.
+        collect(run, Terminal(), ControlOptions(**{**opts.__dict__, "print_lines": False,
+                                                   "fail_fast": False}), follow=False)
+    plan, states = run.plan(), run.node_states()
+    nodes = []
+    for n in plan.nodes:
+        s = states.get(n.node_rank, {"state": STARTING})
+        nodes.append({
+            "node": n.name, "host": n.host.host, "node_rank": n.node_rank,
+            "ranks": [n.ranks.start, n.ranks.stop - 1], "state": s["state"],
+            "code": s.get("code"), "message": s.get("message", ""),
+            "failures": s.get("failures", []),
+        })
+    return {"run": plan.run_id, "state": run_state(len(plan.nodes), states),
+            "hosts": plan.hosts_path, "world_size": plan.world_size, "nodes": nodes}
+
+
+def describe_node(n: dict[str, Any]) -> str:
+    state = n["state"]
+    if state == EXITED:
+        return f"exited with code {n['code']}"
+    if n.get("message"):
+        return f"{state}: {n['message']}"
+    return state
+
+
+def status(run_id: str | None, as_json: bool, opts: ControlOptions) -> int:
+    data = status_data(RunDir.find(run_id), opts)
+    if as_json:
+        print(json.dumps(data, indent=1))
+        return 0
+    print(f"run {data['run']}: {data['state']} ({len(data['nodes'])} nodes, {data['world_size']} ranks, "
+          f"{data['hosts']})")
+    w = max(4, *(len(n["node"]) for n in data["nodes"]))
+    print(f"{'node':<{w}}  node_rank  ranks      state")
+    for n in data["nodes"]:
+        ranks = f"{n['ranks'][0]}-{n['ranks'][1]}"
+        print(f"{n['node']:<{w}}  {n['node_rank']:>9}  {ranks:<9}  {describe_node(n)}")
+    return 0
+
+
+def ps() -> int:
+    ids = list_run_ids()
+    if not ids:
+        print(f"no runs yet under {runs_root()}")
+        return 0
+    print(f"{'run':<22}  {'state':<10}  nodes  ranks  script")
+    for run_id in ids:
+        run = RunDir(runs_root() / run_id)
+        try:
+            plan = run.plan()
+        except Exception:  # noqa: BLE001 - a damaged run must not hide the others
+            print(f"{run_id:<22}  {'unreadable':<10}")
+            continue
+        state = run_state(len(plan.nodes), run.node_states())
+        if state in (STARTING, RUNNING):
+            lock = run.lock()
+            if lock is not None:    # nobody is watching it; `clusterrun status` looks
+                lock.release()
+                state += "?"
+        argv = plan.nodes[0].argv
+        script = argv[argv.index("-u") + 1:]      # the entry: python -u SCRIPT ARGS
+        print(f"{run_id:<22}  {state:<10}  {len(plan.nodes):>5}  {plan.world_size:>5}  {' '.join(script)}")
+    return 0

@@ -1,0 +1,318 @@
+"""The node agent's pieces, run here on the controller (it is plain stdlib Python).
+
+- parse_failures: which ranks failed and how, from torchrun's ChildFailedError report
+- read_frames: the output protocol (`D <key> <n>\\n<n bytes>`), whole lines only
+- job_pids / kill: exactly this job's processes, TERM then KILL
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import uuid
+from pathlib import Path
+
+import pytest
+
+from clusterrun import nodeagent
+
+AGENT = Path(nodeagent.__file__)
+
+
+# --- parse_failures ------------------------------------------------------------------
+
+# Laid out exactly as torch/distributed/elastic/multiprocessing/errors/__init__.py
+# (_MSG_FORMAT_TEMPLATE, _FAILURE_FORMAT_TEMPLATE) prints it, after torchrun's own log lines.
+TORCHRUN_FAILURE = """\
+W1126 19:01:02.123000 4242 torch/distributed/elastic/multiprocessing/api.py:897] Sending process 4250 closing signal SIGTERM
+E1126 19:01:02.456000 4242 torch/distributed/elastic/multiprocessing/api.py:869] failed (exitcode: 7) local_rank: 1 (pid: 4251) of binary: /usr/bin/python3
+Traceback (most recent call last):
+  File "/usr/lib/python3.11/runpy.py", line 198, in _run_module_as_main
+    return _run_code(code, main_globals, None,
+  File "/opt/venv/lib/python3.11/site-packages/torch/distributed/run.py", line 923, in <module>
+    main()
+  File "/opt/venv/lib/python3.11/site-packages/torch/distributed/run.py", line 138, in __call__
+    return launch_agent(self._config, self._entrypoint, list(args))
+  File "/opt/venv/lib/python3.11/site-packages/torch/distributed/launcher/api.py", line 269, in launch_agent
+    raise ChildFailedError(
+torch.distributed.elastic.multiprocessing.errors.ChildFailedError: 
+============================================================
+sh FAILED
+------------------------------------------------------------
+Failures:
+[1]:
+  time      : 2026-11-26_19:01:02
+  host      : gpu-b.example.com
+  rank      : 2 (local_rank: 0)
+  exitcode  : -15 (pid: 4250) (SIGTERM)
+  error_file: <N/A>
+  traceback : Signal 15 (SIGTERM) received by PID 4250
+[2]:
+  time      : 2026-11-26_19:01:02
+  host      : gpu-b.example.com
+  rank      : 12 (local_rank: 10)
+  exitcode  : 1 (pid: 4260)
+  error_file: <N/A>
+  traceback : To enable traceback see: https://pytorch.org/docs/stable/elastic/errors.html
+------------------------------------------------------------
+Root Cause (first observed failure):
+[0]:
+  time      : 2026-11-26_19:01:01
+  host      : gpu-b.example.com
+  rank      : 3 (local_rank: 1)
+  exitcode  : 7 (pid: 4251)
+  error_file: <N/A>
+  traceback : To enable traceback see: https://pytorch.org/docs/stable/elastic/errors.html
+============================================================
+"""
+
+
+def test_parse_failures_root_cause_first_then_the_others_in_order():
+    assert nodeagent.parse_failures(TORCHRUN_FAILURE) == [
+        {"rank": 3, "local_rank": 1, "exitcode": 7},
+        {"rank": 2, "local_rank": 0, "exitcode": -15},
+        {"rank": 12, "local_rank": 10, "exitcode": 1},
+    ]
+
+
+def test_parse_failures_with_no_other_failures():
+    only_root = """\
+============================================================
+train.py FAILED
+------------------------------------------------------------
+Failures:
+  <NO_OTHER_FAILURES>
+------------------------------------------------------------
+Root Cause (first observed failure):
+[0]:
+  time      : 2026-11-26_19:01:01
+  host      : node0
+  rank      : 0 (local_rank: 0)
+  exitcode  : -9 (pid: 77) (SIGKILL)
+  error_file: <N/A>
+  traceback : Signal 9 (SIGKILL) received by PID 77
+============================================================
+"""
+    assert nodeagent.parse_failures(only_root) == [{"rank": 0, "local_rank": 0, "exitcode": -9}]
+
+
+def test_parse_failures_uses_the_last_report_in_the_log():
+    older = TORCHRUN_FAILURE.replace("rank      : 3 (local_rank: 1)", "rank      : 5 (local_rank: 1)")
+    assert nodeagent.parse_failures(older + "\n...restart...\n" + TORCHRUN_FAILURE)[0]["rank"] == 3
+
+
+@pytest.mark.parametrize("text", [
+    "",
+    "[node0] loss 0.1\n[node0] loss 0.05\n",
+    "rank      : 3 (local_rank: 1)\n  exitcode  : 7 (pid: 1)\n",   # no report around it
+])
+def test_parse_failures_without_a_report_is_empty(text):
+    assert nodeagent.parse_failures(text) == []
+
+
+# --- read_frames -----------------------------------------------------------------------
+
+
+class Files:
+    """Node-side output files that grow, as a worker writes them, plus their sources."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.sources: dict[str, nodeagent.Source] = {}
+
+    def add(self, key: str, offset: int = 0, initial: bytes = b"") -> Path:
+        p = self.root / key.replace("/", "_")
+        p.write_bytes(initial)
+        self.sources[key] = nodeagent.Source(key, str(p), offset)
+        return p
+
+    def append(self, key: str, data: bytes) -> None:
+        with open(self.sources[key].path, "ab") as f:
+            f.write(data)
+
+    def frames(self, final: bool = False) -> bytes:
+        return b"".join(nodeagent.read_frames(self.sources, final=final))
+
+    def close(self) -> None:
+        for s in self.sources.values():
+            os.close(s.fd)
+
+
+@pytest.fixture()
+def files(tmp_path):
+    f = Files(tmp_path)
+    yield f
+    f.close()
+
+
+def test_discover_keys_launcher_output_L_and_each_worker_by_local_rank(tmp_path):
+    """torchrun --log-dir=<job>/torchrun --redirects=3 writes <rdzv>_<rand>/attempt_0/<local>/stdout.log."""
+    (tmp_path / "launcher.log").write_bytes(b"")
+    for local in (0, 1, 10):
+        d = tmp_path / "torchrun" / "run1_ab12cd" / "attempt_0" / str(local)
+        d.mkdir(parents=True)
+        (d / "stdout.log").write_bytes(b"")
+    sources: dict = {}
+    nodeagent.discover(str(tmp_path), sources, {"1": 0})
+    try:
+        assert sorted(sources) == ["0", "1", "10", "L"]
+        assert sources["10"].path.endswith("/attempt_0/10/stdout.log")
+    finally:
+        for s in sources.values():
+            os.close(s.fd)
+
+
+def test_only_whole_lines_are_framed_and_a_partial_line_waits_for_its_newline(files):
+    files.add("1")
+    files.append("1", b"hello\nwor")
+    assert files.frames() == b"D 1 6\nhello\n"
+    assert files.frames() == b"", "nothing new: the partial line stays pending"
+    files.append("1", b"ld")
+    assert files.frames() == b""
+    files.append("1", b"!\nnext\n")
+    assert files.frames() == b"D 1 12\nworld!\nnext\n"
+
+
+def test_final_flushes_the_remainder_with_a_newline_added(files):
+    files.add("L")
+    files.append("L", b"done\nno newline at the end")
+    assert files.frames() == b"D L 5\ndone\n"
+    assert files.frames(final=True) == b"D L 22\nno newline at the end\n"
+    assert files.frames(final=True) == b"", "nothing is sent twice"
+
+
+def test_final_on_whole_lines_adds_nothing(files):
+    files.add("0")
+    files.append("0", b"a\nb\n")
+    assert files.frames(final=True) == b"D 0 4\na\nb\n"
+
+
+def test_frames_per_file_with_their_keys(files):
+    files.add("L")
+    files.add("0")
+    files.add("1")
+    files.append("1", b"from rank l1\n")
+    files.append("L", b"torchrun says\n")
+    out = files.frames()
+    assert out.count(b"D ") == 2
+    assert b"D L 14\ntorchrun says\n" in out and b"D 1 13\nfrom rank l1\n" in out
+
+
+def test_resume_from_an_offset_after_a_reconnect(files):
+    files.add("0", offset=6, initial=b"first\nsecond\n")
+    assert files.frames() == b"D 0 7\nsecond\n"
+
+
+def test_a_runaway_line_without_newline_is_passed_on_in_pieces(files, monkeypatch):
+    monkeypatch.setattr(nodeagent, "LINE_MAX", 10)
+    files.add("0")
+    files.append("0", b"x" * 25)
+    assert files.frames() == b"D 0 25\n" + b"x" * 25
+
+
+def test_binary_and_crlf_bytes_pass_through_unchanged(files):
+    files.add("0")
+    payload = b"\xff\xfe\x00 progress\r 50%\r100%\r\n"
+    files.append("0", payload)
+    assert files.frames() == b"D 0 %d\n" % len(payload) + payload
+
+
+# --- job_pids and kill -----------------------------------------------------------------
+
+
+def spawn(marker: str, script: str = "exec sleep 30") -> subprocess.Popen:
+    """A job process: its own session, the job marker in its environment."""
+    return subprocess.Popen(["sh", "-c", script], env={**os.environ, "CLUSTERRUN_JOB": marker},
+                            start_new_session=True)
+
+
+@pytest.fixture()
+def procs():
+    started: list[subprocess.Popen] = []
+    yield started
+    for p in started:
+        if p.poll() is None:
+            p.kill()
+        p.wait(timeout=10)
+
+
+def test_job_pids_finds_exactly_the_processes_with_this_marker(procs):
+    run = uuid.uuid4().hex
+    mine = spawn(f"{run}.1")
+    other_node = spawn(f"{run}.10")         # a marker that merely starts with ours
+    other_run = spawn(f"{uuid.uuid4().hex}.1")
+    procs += [mine, other_node, other_run]
+    pids = nodeagent.job_pids(f"{run}.1")
+    assert pids == [mine.pid]
+
+
+def test_job_pids_for_an_unknown_marker_is_empty():
+    assert nodeagent.job_pids(uuid.uuid4().hex) == []
+
+
+def run_kill(job_dir: Path, marker: str, grace: float) -> dict:
+    """`kill` mode as the controller runs it: the agent as a script, one event on stdout."""
+    spec = {"mode": "kill", "job_dir": str(job_dir), "marker": marker, "grace": grace}
+    out = subprocess.run([sys.executable, str(AGENT), json.dumps(spec)], stdout=subprocess.PIPE,
+                         stdin=subprocess.DEVNULL, timeout=30, check=True).stdout
+    assert out.startswith(b"S ") and out.endswith(b"\n") and out.count(b"\n") == 1, out
+    return json.loads(out[2:])
+
+
+def reaped(p: subprocess.Popen) -> threading.Thread:
+    """Reap p as soon as it dies (on a node, init does that for the session leader)."""
+    t = threading.Thread(target=p.wait, daemon=True)
+    t.start()
+    return t
+
+
+def test_kill_terms_the_job(tmp_path, procs):
+    marker = f"{uuid.uuid4().hex}.0"
+    p = spawn(marker)
+    procs.append(p)
+    (tmp_path / "pgid").write_text(str(p.pid))
+    waiter = reaped(p)
+    ev = run_kill(tmp_path, marker, grace=5)
+    waiter.join(5)
+    assert ev == {"event": "killed", "forced": False, "left": 0}
+    assert p.returncode == -signal.SIGTERM
+
+
+def test_kill_forces_a_job_that_ignores_term(tmp_path, procs):
+    marker = f"{uuid.uuid4().hex}.0"
+    p = spawn(marker, "trap '' TERM; exec sleep 30")    # SIG_IGN survives exec
+    procs.append(p)
+    (tmp_path / "pgid").write_text(str(p.pid))
+    waiter = reaped(p)
+    ev = run_kill(tmp_path, marker, grace=0.3)
+    waiter.join(5)
+    assert ev == {"event": "killed", "forced": True, "left": 0}
+    assert p.returncode == -signal.SIGKILL
+    assert nodeagent.job_pids(marker) == []
+
+
+def test_kill_finds_marked_processes_outside_the_process_group(tmp_path, procs):
+    """torchrun puts workers in sessions of their own: the marker still finds them."""
+    marker = f"{uuid.uuid4().hex}.0"
+    worker = spawn(marker)                  # own session, not in any recorded group
+    procs.append(worker)
+    waiter = reaped(worker)
+    ev = run_kill(tmp_path, marker, grace=5)   # no pgid file at all
+    waiter.join(5)
+    assert ev["event"] == "killed" and ev["left"] == 0
+    assert worker.returncode == -signal.SIGTERM
+
+
+def test_kill_leaves_other_jobs_alone(tmp_path, procs):
+    run = uuid.uuid4().hex
+    target, bystander = spawn(f"{run}.0"), spawn(f"{run}.01")
+    procs += [target, bystander]
+    waiter = reaped(target)
+    run_kill(tmp_path, f"{run}.0", grace=5)
+    waiter.join(5)
+    assert target.returncode is not None
+    assert bystander.poll() is None, "a job with another marker must survive"

@@ -1,0 +1,336 @@
+"""What reaches the user: tagged lines on the terminal, raw per-rank logs, the failure summary.
+
+`[node2 g5 l1] loss 0.123` for a worker line, `[node2] ...` for torchrun's own;
+logs under $CLUSTERRUN_HOME/runs/<id>/logs, private to the user.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import re
+import stat
+import tempfile
+import threading
+from pathlib import Path
+
+import pytest
+
+from clusterrun import nodeagent
+from clusterrun.errors import EXIT_INTERRUPTED, EXIT_JOB_FAILED, EXIT_OK
+from clusterrun.hostsfile import parse_hosts
+from clusterrun.plan import LaunchOptions, Plan, make_plan
+from clusterrun.remote import NodeResult, RankFailure
+from clusterrun.results import exit_code, summary
+from clusterrun.runs import RunDir
+from clusterrun.stream import NodeOutput, Terminal, use_color
+
+RUN_ID = "20260101-000000-abc123"
+ANSI = re.compile(rb"\x1b\[[0-9;]*m")
+
+
+@pytest.fixture()
+def home(tmp_path, monkeypatch):
+    h = tmp_path / "crh"
+    monkeypatch.setenv("CLUSTERRUN_HOME", str(h))
+    return h
+
+
+@pytest.fixture()
+def plan() -> Plan:
+    """nodeW has ranks 0-2, nodeX ranks 3-4 (so nodeX's local rank 1 is global rank 4)."""
+    hosts = parse_hosts({"hosts": [{"host": "gpu-w", "name": "nodeW", "nproc_per_node": 3},
+                                   {"host": "gpu-x", "name": "nodeX", "nproc_per_node": 2}]})
+    return make_plan(hosts, LaunchOptions("train.py"), run_id=RUN_ID, master_addr="10.0.0.1",
+                     master_port=29500, controller_python="/usr/bin/python3", local_home="/tmp/crh")
+
+
+@pytest.fixture()
+def run(home) -> RunDir:
+    return RunDir.create(RUN_ID)
+
+
+class Screen:
+    """A Terminal writing to memory: stdout bytes and stderr text, neither a tty."""
+
+    def __init__(self) -> None:
+        self.out = io.BytesIO()
+        self.err = io.StringIO()
+        self.term = Terminal(self.out, self.err)
+
+    @property
+    def text(self) -> bytes:
+        return self.out.getvalue()
+
+
+@pytest.fixture()
+def screen() -> Screen:
+    return Screen()
+
+
+def output(plan, run, screen, node_rank=1, color=False) -> NodeOutput:
+    return NodeOutput(plan.nodes[node_rank], run, screen.term, color)
+
+
+_KEYS: dict[int, str] = {}
+
+
+def key(local_rank: int) -> str:
+    """The key the node agent gives local rank N's output file: asked of the agent itself,
+    from torchrun's log layout (<log-dir>/<rdzv>_<rand>/attempt_0/<local rank>/stdout.log),
+    so these tests break if the agent and NodeOutput ever disagree."""
+    if local_rank not in _KEYS:
+        with tempfile.TemporaryDirectory() as job_dir:
+            d = Path(job_dir, "torchrun", f"{RUN_ID}_x1y2", "attempt_0", str(local_rank))
+            d.mkdir(parents=True)
+            (d / "stdout.log").write_bytes(b"")
+            sources: dict = {}
+            nodeagent.discover(job_dir, sources, {})
+            for src in sources.values():
+                os.close(src.fd)
+            (_KEYS[local_rank],) = sources
+    return _KEYS[local_rank]
+
+
+# --- tagged lines ----------------------------------------------------------------------------
+
+
+def test_worker_lines_are_tagged_with_node_global_and_local_rank(plan, run, screen):
+    out = output(plan, run, screen)
+    out.data(key(1), b"a\nb\n")
+    out.close()
+    assert screen.text == b"[nodeX g4 l1] a\n[nodeX g4 l1] b\n"
+    assert run.rank_log(4).read_bytes() == b"a\nb\n", "the rank's log gets the raw lines"
+
+
+def test_global_rank_is_rank_start_plus_local_rank(plan, run, screen):
+    w, x = output(plan, run, screen, 0), output(plan, run, screen, 1)
+    w.data(key(2), b"w2\n")
+    x.data(key(0), b"x0\n")
+    w.close(), x.close()
+    assert screen.text == b"[nodeW g2 l2] w2\n[nodeX g3 l0] x0\n"
+    assert run.rank_log(2).read_bytes() == b"w2\n" and run.rank_log(3).read_bytes() == b"x0\n"
+
+
+def test_launcher_lines_are_tagged_with_the_node_only_and_go_to_the_node_log(plan, run, screen):
+    out = output(plan, run, screen)
+    out.data("L", b"W1126 torchrun warning\n")
+    out.close()
+    assert screen.text == b"[nodeX] W1126 torchrun warning\n"
+    assert run.node_log(1).read_bytes() == b"W1126 torchrun warning\n"
+    assert not run.rank_log(3).exists() and not run.rank_log(4).exists()
+
+
+def test_chunks_append_in_order_and_received_counts_bytes_per_file(plan, run, screen):
+    out = output(plan, run, screen)
+    out.data(key(1), b"one\n")
+    out.data("L", b"launcher\n")
+    out.data(key(1), b"two\nthree\n")
+    out.close()
+    assert out.received == {key(1): 14, "L": 9}
+    assert run.rank_log(4).read_bytes() == b"one\ntwo\nthree\n"
+    assert screen.text.splitlines() == [b"[nodeX g4 l1] one", b"[nodeX] launcher",
+                                        b"[nodeX g4 l1] two", b"[nodeX g4 l1] three"]
+
+
+def test_a_new_collector_resumes_where_the_local_logs_end(plan, run, screen):
+    """After a reconnect (or a new `logs -f`), nothing is fetched twice and nothing is skipped."""
+    first = output(plan, run, screen)
+    first.data(key(1), b"one\ntwo\n")
+    first.data("L", b"launcher\n")
+    first.close()
+    again = output(plan, run, screen)
+    assert again.received == {key(1): 8, "L": 9}
+    again.data(key(1), b"three\n")
+    again.close()
+    assert run.rank_log(4).read_bytes() == b"one\ntwo\nthree\n"
+
+
+def test_bytes_are_passed_through_untouched(plan, run, screen):
+    out = output(plan, run, screen)
+    payload = b"\xff\xfe not utf-8\r progress 50%\r100%\n  indented\t\n\n"
+    out.data(key(0), payload)
+    out.close()
+    assert run.rank_log(3).read_bytes() == payload
+    assert screen.text == b"".join(b"[nodeX g3 l0] " + line + b"\n" for line in payload.split(b"\n")[:-1])
+
+
+def test_colour_wraps_the_tag_only_and_differs_per_node(plan, run, screen):
+    w, x = output(plan, run, screen, 0, color=True), output(plan, run, screen, 1, color=True)
+    w.data(key(0), b"hi\n")
+    x.data(key(1), b"there\n")
+    w.close(), x.close()
+    lines = screen.text.splitlines()
+    m = [re.fullmatch(rb"(\x1b\[\d+m)\[(.*?)\]\x1b\[0m (.*)", line) for line in lines]
+    assert all(m), lines
+    assert [(g.group(2), g.group(3)) for g in m] == [(b"nodeW g0 l0", b"hi"), (b"nodeX g4 l1", b"there")]
+    assert m[0].group(1) != m[1].group(1), "each node's tag has its own colour"
+    assert ANSI.sub(b"", screen.text) == b"[nodeW g0 l0] hi\n[nodeX g4 l1] there\n"
+    assert run.rank_log(4).read_bytes() == b"there\n", "logs never get colour codes"
+
+
+def test_no_colour_means_no_escape_codes(plan, run, screen):
+    out = output(plan, run, screen, color=False)
+    out.data(key(0), b"x\n")
+    out.close()
+    assert b"\x1b" not in screen.text
+
+
+def test_colour_is_off_when_stdout_is_not_a_terminal_or_no_color_is_set(monkeypatch):
+    class Tty(io.BytesIO):
+        def isatty(self) -> bool:
+            return True
+
+    monkeypatch.delenv("NO_COLOR", raising=False)
+    assert use_color(Tty()) is True
+    assert use_color(io.BytesIO()) is False
+    assert use_color(Tty(), no_color=True) is False
+    monkeypatch.setenv("NO_COLOR", "1")
+    assert use_color(Tty()) is False
+
+
+def test_lines_from_many_nodes_never_splice_and_keep_their_order(home):
+    hosts = parse_hosts([f"n{i}:2" for i in range(4)])
+    plan = make_plan(hosts, LaunchOptions("t.py"), run_id=RUN_ID, master_addr="10.0.0.1", master_port=1,
+                     controller_python="python3", local_home="/tmp/crh")
+    run, screen = RunDir.create(RUN_ID), Screen()
+    outputs = [NodeOutput(n, run, screen.term, False) for n in plan.nodes]
+
+    def node(o: NodeOutput) -> None:
+        for i in range(200):
+            o.data(key(i % 2), b"".join(b"line %d.%d\n" % (i, j) for j in range(3)))
+
+    threads = [threading.Thread(target=node, args=(o,)) for o in outputs]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for o in outputs:
+        o.close()
+    per_rank: dict[bytes, list[bytes]] = {}
+    for line in screen.text.splitlines():
+        m = re.fullmatch(rb"\[(n\d g\d l\d)\] (line \d+\.\d)", line)
+        assert m, line
+        per_rank.setdefault(m.group(1), []).append(m.group(2))
+    assert len(per_rank) == 8
+    for tag, lines in per_rank.items():
+        local = int(tag[-1:])
+        expected = [b"line %d.%d" % (i, j) for i in range(local, 200, 2) for j in range(3)]
+        assert lines == expected, tag
+
+
+def test_messages_are_untagged_on_stderr(screen):
+    screen.term.message("clusterrun: run x: 2 nodes")
+    screen.term.progress("started 1/2 nodes")     # stderr is not a terminal: no progress line
+    assert screen.err.getvalue() == "clusterrun: run x: 2 nodes\n"
+    assert screen.text == b""
+
+
+# --- the run directory -------------------------------------------------------------------------
+
+
+def test_run_directory_and_logs_are_private(plan, run, screen, home):
+    out = output(plan, run, screen)
+    out.data(key(0), b"x\n")
+    out.data("L", b"y\n")
+    out.close()
+    assert run.path == home / "runs" / RUN_ID
+    for d in (home, home / "runs", run.path, run.logs):
+        assert stat.S_IMODE(d.stat().st_mode) == 0o700, d
+    for f in (run.rank_log(3), run.node_log(1)):
+        assert stat.S_IMODE(f.stat().st_mode) == 0o600, f
+    run.write_plan(plan)
+    assert stat.S_IMODE((run.path / "plan.json").stat().st_mode) == 0o600
+
+
+def test_run_directory_is_private_even_with_a_permissive_umask(plan, home):
+    old = os.umask(0)
+    try:
+        run = RunDir.create(RUN_ID)
+        out = NodeOutput(plan.nodes[0], run, Screen().term, False)
+        out.data(key(0), b"x\n")
+        out.close()
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE(run.path.stat().st_mode) == 0o700
+    assert stat.S_IMODE(run.rank_log(0).stat().st_mode) == 0o600
+
+
+# --- the failure summary and exit code -------------------------------------------------------------
+
+
+def write_log(path, n: int, prefix: str) -> None:
+    path.write_text("".join(f"{prefix} {i}\n" for i in range(n)))
+
+
+def test_summary_names_the_failing_rank_then_its_last_lines_then_the_ranks_it_took_down(plan, run):
+    w, x = plan.nodes
+    write_log(run.rank_log(4), 20, "x1 line")
+    write_log(run.rank_log(3), 2, "x0 line")
+    results = [
+        NodeResult(x, "exited", 1, [RankFailure(rank=4, local_rank=1, exitcode=7),
+                                    RankFailure(rank=3, local_rank=0, exitcode=-15)]),
+        NodeResult(w, "exited", -15, stopped=True),
+    ]
+    assert summary(results, run, tail=3) == [
+        "clusterrun: rank 4 (nodeX, local rank 1) exited with code 7",
+        "  | x1 line 17",
+        "  | x1 line 18",
+        "  | x1 line 19",
+        "clusterrun: rank 3 (nodeX, local rank 0) was stopped (SIGTERM) after rank 4 failed",
+        "  | x0 line 0",
+        "  | x0 line 1",
+        "clusterrun: node nodeW (ranks 0-2) was stopped after rank 4 failed",
+    ]
+    assert exit_code(results, interrupted=False) == EXIT_JOB_FAILED == 1
+
+
+def test_summary_the_guides_example(run):
+    """GUIDE.md: rank 3 on node2 (local rank 1) fails, rank 2 on node2 is stopped."""
+    hosts = parse_hosts({"hosts": ["node0:1", "node1:1", "node2:2"]})
+    plan = make_plan(hosts, LaunchOptions("t.py"), run_id=RUN_ID, master_addr="10.0.0.1", master_port=1,
+                     controller_python="python3", local_home="/tmp/crh")
+    node2 = plan.nodes[2]
+    run.rank_log(3).write_text("Traceback (most recent call last):\nValueError: bad batch\n")
+    lines = summary([NodeResult(node2, "exited", 1, [RankFailure(3, 1, 7), RankFailure(2, 0, -15)])], run)
+    assert lines == [
+        "clusterrun: rank 3 (node2, local rank 1) exited with code 7",
+        "  | Traceback (most recent call last):",
+        "  | ValueError: bad batch",
+        "clusterrun: rank 2 (node2, local rank 0) was stopped (SIGTERM) after rank 3 failed",
+    ]
+
+
+def test_summary_in_words_for_signals(plan, run):
+    w, x = plan.nodes
+    lines = summary([NodeResult(x, "exited", 1, [RankFailure(4, 1, -9)]),
+                     NodeResult(w, "exited", 1, [RankFailure(0, 0, 139)])], run)
+    assert lines == ["clusterrun: rank 4 (nodeX, local rank 1) was killed by SIGKILL",
+                     "clusterrun: rank 0 (nodeW, local rank 0) exited with code 139 (SIGSEGV)"]
+
+
+def test_summary_for_a_lost_node_and_one_that_could_not_start(plan, run):
+    w, x = plan.nodes
+    run.node_log(1).write_text("connection reset\n")
+    lines = summary([NodeResult(x, "lost", message="the job's processes are gone"),
+                     NodeResult(w, "failed-to-start", 127, message="python3: not found")], run)
+    assert lines == ["clusterrun: node nodeX (node_rank 1) was lost: the job's processes are gone",
+                     "  | connection reset",
+                     "clusterrun: node nodeW (node_rank 0) could not start: python3: not found"]
+
+
+def test_success_has_no_summary_and_exit_0(plan, run):
+    results = [NodeResult(n, "exited", 0) for n in plan.nodes]
+    assert summary(results, run) == []
+    assert exit_code(results, interrupted=False) == EXIT_OK == 0
+
+
+def test_exit_codes(plan):
+    ok = [NodeResult(n, "exited", 0) for n in plan.nodes]
+    failed = [NodeResult(plan.nodes[0], "exited", 1), NodeResult(plan.nodes[1], "exited", 0)]
+    lost = [NodeResult(plan.nodes[0], "lost"), NodeResult(plan.nodes[1], "exited", 0)]
+    assert exit_code(ok, interrupted=False) == 0
+    assert exit_code(failed, interrupted=False) == 1
+    assert exit_code(lost, interrupted=False) == 1
+    assert exit_code(ok, interrupted=True) == EXIT_INTERRUPTED == 130
+    assert exit_code(failed, interrupted=True) == 130

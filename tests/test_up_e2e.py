@@ -29,11 +29,11 @@ def write(path: Path, text: str) -> Path:
     return path
 
 
-def hosts_file(tmp_path: Path, entries: list, **top) -> Path:
+def hosts_file(tmp_path: Path, entries: list, filename: str = "hosts.yaml", **top) -> Path:
     import yaml
 
     data = {"master_port": next(_ports), **top, "hosts": entries}
-    p = tmp_path / "hosts.yaml"
+    p = tmp_path / filename
     p.write_text(yaml.safe_dump(data))
     return p
 

@@ -1,0 +1,256 @@
+"""End-to-end: a run as something to manage, on the sshd test cluster.
+
+detach, ps, status, logs (--rank, -f from another shell), kill (only that run,
+nothing left), fail fast, Ctrl-C, a dropped SSH connection, and `up` killed
+outright. The workers are plain Python scripts under real torchrun.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from test_up_e2e import assert_nothing_left, hosts_file, write
+
+pytestmark = pytest.mark.e2e
+
+TICKER = """\
+    import os, sys, time
+    rank = os.environ["RANK"]
+    n, dt = int(sys.argv[1]), float(sys.argv[2])
+    for i in range(n):
+        print(f"tick {rank} {i}", flush=True)
+        time.sleep(dt)
+    print(f"done {rank}", flush=True)
+"""
+
+
+class Controller:
+    """Runs clusterrun commands the way a user in a shell would, all sharing one CLUSTERRUN_HOME."""
+
+    def __init__(self, cluster, tmp_path: Path) -> None:
+        self.tmp = tmp_path
+        self.env = cluster.env(clusterrun_home=tmp_path / "crhome")
+
+    def argv(self, *args: str) -> list[str]:
+        return [sys.executable, "-m", "clusterrun", *args]
+
+    def run(self, *args: str, timeout: float = 180) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(self.argv(*args), env=self.env, cwd=self.tmp, capture_output=True,
+                              text=True, timeout=timeout)
+
+    def popen(self, *args: str) -> subprocess.Popen[str]:
+        return subprocess.Popen(self.argv(*args), env=self.env, cwd=self.tmp, text=True,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+
+    def status(self, run: str | None = None) -> dict:
+        r = self.run("status", *([run] if run else []), "--json")
+        assert r.returncode == 0, r.stderr
+        return json.loads(r.stdout)
+
+    def wait_for(self, pred, what: str, timeout: float = 120) -> None:
+        """Poll (bounded) until pred() is true."""
+        deadline = time.monotonic() + timeout
+        while not pred():
+            assert time.monotonic() < deadline, f"timed out waiting for {what}"
+            time.sleep(0.3)
+
+    def rank_log(self, run: str, rank: int) -> list[str]:
+        path = self.tmp / "crhome" / "runs" / run / "logs" / f"rank{rank}.log"
+        return path.read_text().splitlines() if path.exists() else []
+
+
+@pytest.fixture
+def ctl(cluster, tmp_path) -> Controller:
+    return Controller(cluster, tmp_path)
+
+
+def ticks(lines: list[str], rank: int) -> list[int]:
+    return [int(l.split()[2]) for l in lines if l.startswith(f"tick {rank} ")]
+
+
+def tagged_ticks(stdout: str, rank: int) -> list[int]:
+    pat = re.compile(rf"^\[crt-n\d g{rank} l\d\] tick {rank} (\d+)$", re.M)
+    return [int(m) for m in pat.findall(stdout)]
+
+
+def test_detach_status_logs_follow_and_logs_after_the_end(cluster, ctl, tmp_path):
+    script = write(tmp_path / "ticker.py", TICKER)
+    hosts = hosts_file(tmp_path, cluster.names[:2], nproc_per_node=2)
+    r = ctl.run("up", "--detach", str(hosts), str(script), "40", "0.1")
+    assert r.returncode == 0, r.stderr
+    run_id = r.stdout.strip().splitlines()[-1]          # the run id is the last line on stdout
+    st = ctl.status(run_id)
+    assert st["run"] == run_id and st["state"] in ("running", "succeeded")
+    assert [n["node"] for n in st["nodes"]] == cluster.names[:2]
+    ps = ctl.run("ps")
+    assert run_id in ps.stdout
+
+    # Another shell follows rank 3 live; it ends by itself when the run ends.
+    f = ctl.run("logs", "-f", "--rank", "3", run_id)
+    assert f.returncode == 0, f.stderr
+    assert tagged_ticks(f.stdout, 3) == list(range(40))
+    assert f"[{cluster.names[1]} g3 l1] done 3" in f.stdout.splitlines()
+    assert not tagged_ticks(f.stdout, 2)
+
+    # After the end: status says so, and the logs are still there, per rank and per node.
+    ctl.wait_for(lambda: ctl.status(run_id)["state"] == "succeeded", "the run to be recorded as ended")
+    st = ctl.status(run_id)
+    assert all(n["state"] == "exited" and n["code"] == 0 for n in st["nodes"])
+    for rank in range(4):
+        assert ticks(ctl.rank_log(run_id, rank), rank) == list(range(40))
+    two = ctl.run("logs", "--rank", "0", "--rank", "2", "--tail", "1", run_id)
+    assert two.stdout.splitlines() == [f"[{cluster.names[0]} g0 l0] done 0", f"[{cluster.names[1]} g2 l0] done 2"]
+    node = ctl.run("logs", "--node", cluster.names[1], run_id)
+    assert tagged_ticks(node.stdout, 2) == list(range(40)) and tagged_ticks(node.stdout, 3) == list(range(40))
+    assert not tagged_ticks(node.stdout, 0)
+    assert_nothing_left(cluster)
+
+
+def test_kill_ends_only_that_run_and_leaves_nothing(cluster, ctl, tmp_path):
+    script = write(tmp_path / "ticker.py", TICKER)
+    hosts = hosts_file(tmp_path, cluster.names[:2], nproc_per_node=2)
+    hosts_b = hosts_file(tmp_path, cluster.names[:2], "hosts_b.yaml", nproc_per_node=2)  # another port
+    a = ctl.run("up", "-d", str(hosts), str(script), "100000", "0.05").stdout.split()[-1]
+    b = ctl.run("up", "-d", str(hosts_b), str(script), "100000", "0.05").stdout.split()[-1]
+    ctl.wait_for(lambda: len(ctl.rank_log(b, 3)) > 5, "run b to print")
+
+    k = ctl.run("kill", "--grace", "3", a)
+    assert k.returncode == 0, k.stderr
+    st_a = ctl.status(a)
+    assert st_a["state"] == "killed" and all(n["state"] == "killed" for n in st_a["nodes"])
+    # Run b is untouched and still printing.
+    st_b = ctl.status(b)
+    assert st_b["state"] == "running", st_b
+    before = len(ctl.rank_log(b, 3))
+    ctl.wait_for(lambda: len(ctl.rank_log(b, 3)) > before, "run b to keep printing")
+
+    k = ctl.run("kill", b)          # the latest run would do too; name it anyway
+    assert k.returncode == 0, k.stderr
+    assert ctl.status(b)["state"] == "killed"
+    # Zero processes of either run in any node's namespace, and no job directories.
+    assert_nothing_left(cluster)
+    assert not list(Path("~/.clusterrun/jobs").expanduser().glob(f"{a}*"))
+    again = ctl.run("kill", a)
+    assert again.returncode == 0 and "already ended" in again.stderr
+
+
+def test_a_rank_that_exits_while_the_others_sleep_ends_the_run(cluster, ctl, tmp_path):
+    script = write(tmp_path / "sleepers.py", """\
+        import os, sys, time
+        rank = int(os.environ["RANK"])
+        print(f"rank {rank} up", flush=True)
+        if rank == 1:
+            time.sleep(1)
+            print("out of memory, giving up", flush=True)
+            sys.exit(3)
+        time.sleep(600)
+    """)
+    hosts = hosts_file(tmp_path, cluster.names[:2], nproc_per_node=2)
+    r = ctl.run("up", str(hosts), str(script), timeout=120)    # the others would sleep 600 s
+    assert r.returncode == 1, r.stdout + r.stderr
+    err = r.stderr.splitlines()
+    first = next(l for l in err if l.startswith("clusterrun: rank "))
+    assert first == f"clusterrun: rank 1 ({cluster.names[0]}, local rank 1) exited with code 3"
+    assert "  | out of memory, giving up" in err
+    assert any(l.startswith(f"clusterrun: node {cluster.names[1]} ") and "stopped after rank 1 failed" in l
+               for l in err), r.stderr
+    assert_nothing_left(cluster)
+
+
+def test_no_fail_fast_keeps_the_other_nodes_running(cluster, ctl, tmp_path):
+    script = write(tmp_path / "one_fails.py", """\
+        import os, sys, time
+        rank = int(os.environ["RANK"])
+        if rank == 0:
+            sys.exit(5)
+        time.sleep(4)
+        print(f"finished {rank}", flush=True)
+    """)
+    hosts = hosts_file(tmp_path, cluster.names[:2], nproc_per_node=1)
+    r = ctl.run("up", "--no-fail-fast", str(hosts), str(script))
+    assert r.returncode == 1
+    assert f"[{cluster.names[1]} g1 l0] finished 1" in r.stdout.splitlines()
+    assert f"clusterrun: rank 0 ({cluster.names[0]}, local rank 0) exited with code 5" in r.stderr
+
+
+def test_ctrl_c_tears_every_node_down_and_exits_130(cluster, ctl, tmp_path):
+    script = write(tmp_path / "ticker.py", TICKER)
+    hosts = hosts_file(tmp_path, cluster.names[:2], nproc_per_node=2)
+    p = ctl.popen("up", str(hosts), str(script), "100000", "0.05")
+    try:
+        for line in p.stdout:
+            if " tick 3 3" in line:
+                break
+        p.send_signal(signal.SIGINT)
+        out, err = p.communicate(timeout=60)
+    finally:
+        p.kill()
+    assert p.returncode == 130, err
+    assert "interrupted" in err
+    assert_nothing_left(cluster)
+
+
+def test_ssh_session_killed_on_the_node_mid_run_loses_no_line(cluster, ctl, tmp_path):
+    script = write(tmp_path / "ticker.py", TICKER)
+    node = cluster.names[1]
+    hosts = hosts_file(tmp_path, cluster.names[:2], nproc_per_node=1)
+    p = ctl.popen("up", str(hosts), str(script), "300", "0.02")
+    try:
+        seen = []
+        for line in p.stdout:
+            seen.append(line)
+            if " tick 1 50" in line:
+                break
+        # Kill the sshd process serving our connection on that node (not its listener).
+        sessions = [pid for pid in cluster.leftover_pids(node)
+                    if Path(f"/proc/{pid}/cmdline").read_bytes().startswith(b"sshd")]
+        assert sessions, cluster.describe_pids(cluster.leftover_pids(node))
+        for pid in sessions:
+            os.kill(pid, signal.SIGKILL)
+        out, err = p.communicate(timeout=120)
+    finally:
+        p.kill()
+    assert p.returncode == 0, err
+    stdout = "".join(seen) + out
+    for rank in (0, 1):
+        assert tagged_ticks(stdout, rank) == list(range(300)), f"rank {rank}"
+    assert_nothing_left(cluster)
+
+
+def test_up_killed_outright_the_job_runs_on_and_can_be_followed_and_killed(cluster, ctl, tmp_path):
+    script = write(tmp_path / "ticker.py", TICKER)
+    hosts = hosts_file(tmp_path, cluster.names[:2], nproc_per_node=1)
+    p = ctl.popen("up", str(hosts), str(script), "150", "0.05")
+    for line in p.stdout:
+        if " tick 1 5" in line:
+            break
+    p.kill()                    # SIGKILL: no chance to clean up
+    p.wait()
+    run_id = ctl.run("ps").stdout.splitlines()[1].split()[0]
+    assert ctl.status(run_id)["state"] == "running"
+    # From a new shell: follow it to its end, every line once and in order.
+    f = ctl.run("logs", "-f", run_id)
+    assert f.returncode == 0, f.stderr
+    for rank in (0, 1):
+        assert tagged_ticks(f.stdout, rank) == list(range(150))
+    assert ctl.status(run_id)["state"] == "succeeded"
+
+    # And a second run whose `up` is killed is ended by `clusterrun kill` from a new shell.
+    p = ctl.popen("up", str(hosts), str(script), "100000", "0.05")
+    for line in p.stdout:
+        if " tick 1 2" in line:
+            break
+    p.kill()
+    p.wait()
+    k = ctl.run("kill")
+    assert k.returncode == 0, k.stderr
+    assert_nothing_left(cluster)

@@ -9,7 +9,7 @@ import click
 from . import __version__
 from .errors import EXIT_USAGE, ClusterrunError
 from .hostsfile import HostsFileError, parse_env_mapping
-from . import killing, launch, logs, status
+from . import fanout, killing, launch, logs, preflight, status
 from .controller import ControlOptions
 from .plan import LaunchOptions
 from .stream import use_color
@@ -59,13 +59,15 @@ def main() -> None:
 @click.option("--env", "env", multiple=True, metavar="KEY=VALUE", help="Set on every node; repeatable.")
 @click.option("-d", "--detach", is_flag=True, help="Return once every node has started; print the run id.")
 @click.option("--dry-run", is_flag=True, help="Print the rank table and each node's command; connect to nothing.")
+@click.option("--sync", is_flag=True, help="Copy the current directory to each node's workdir first.")
+@click.option("--skip-check", is_flag=True, help="Start without the preflight of every node.")
 @click.option("--no-fail-fast", is_flag=True, help="Keep the other nodes running when one fails.")
 @click.option("--accept-new-host-keys", is_flag=True, help="Trust hosts not yet in known_hosts.")
 @click.option("--no-color", is_flag=True, help="No colours (also: NO_COLOR=1).")
 @click.argument("hosts", type=click.Path(dir_okay=False))
 @click.argument("script")
 @click.argument("script_args", nargs=-1, type=click.UNPROCESSED)
-def up_cmd(module, nproc_per_node, master_port, env, detach, dry_run, no_fail_fast, accept_new_host_keys,
+def up_cmd(module, nproc_per_node, master_port, env, detach, dry_run, sync, skip_check, no_fail_fast, accept_new_host_keys,
            no_color, hosts, script, script_args) -> None:
     """Start SCRIPT with torchrun on every node of HOSTS and stream every rank's lines.
 
@@ -78,7 +80,8 @@ def up_cmd(module, nproc_per_node, master_port, env, detach, dry_run, no_fail_fa
     if dry_run:
         _run(lambda: click.echo(launch.dry_run(hosts, opts)))
     up_opts = launch.UpOptions(fail_fast=not no_fail_fast, accept_new_host_keys=accept_new_host_keys,
-                               color=use_color(no_color=no_color), detach=detach)
+                               color=use_color(no_color=no_color), detach=detach,
+                               skip_check=skip_check, sync=sync)
     _run(launch.up, hosts, opts, up_opts)
 
 
@@ -123,6 +126,35 @@ def ps_cmd() -> None:
 def kill_cmd(run, all_runs, grace) -> None:
     """Stop a run (default the latest) on every node; returns once nothing of it is left."""
     _run(killing.kill, run, all_runs, grace, _control())
+
+
+@main.command("check")
+@click.argument("hosts", type=click.Path(dir_okay=False))
+@click.option("--accept-new-host-keys", is_flag=True, help="Trust hosts not yet in known_hosts.")
+def check_cmd(hosts, accept_new_host_keys) -> None:
+    """Preflight every node of HOSTS, one row each."""
+    _run(preflight.check, hosts, accept_new_host_keys)
+
+
+@main.command("exec", context_settings={"ignore_unknown_options": True, "allow_interspersed_args": False})
+@click.option("--accept-new-host-keys", is_flag=True, help="Trust hosts not yet in known_hosts.")
+@click.option("--no-color", is_flag=True, help="No colours (also: NO_COLOR=1).")
+@click.argument("hosts", type=click.Path(dir_okay=False))
+@click.argument("argv", nargs=-1, type=click.UNPROCESSED)
+def exec_cmd(hosts, argv, accept_new_host_keys, no_color) -> None:
+    """Run a command on every node of HOSTS: clusterrun exec HOSTS -- CMD [ARGS...]."""
+    argv = list(argv)
+    if argv and argv[0] == "--":
+        argv = argv[1:]
+    _run(fanout.run_exec, hosts, argv, use_color(no_color=no_color), accept_new_host_keys)
+
+
+@main.command("lint")
+@click.argument("scripts", nargs=-1, required=True)
+def lint_cmd(scripts) -> None:
+    """Find rank/local-rank mistakes in training scripts."""
+    from . import lint
+    _run(lint.lint_command, list(scripts))
 
 
 @main.command("_collect", hidden=True)

@@ -9,13 +9,16 @@ import os
 import subprocess
 import sys
 from dataclasses import dataclass
+from pathlib import Path
 
+from .controller import ControlOptions, RunController
 from .errors import UsageError
 from .hostsfile import HostsFile, load_hosts
 from .plan import LaunchOptions, Plan, make_plan, master_addr_for, render_plan
-from .controller import ControlOptions, RunController
+from .preflight import auto_port, preflight
 from .runs import RunDir, clusterrun_home, new_run_id
 from .stream import Terminal
+from .sync import sync_all
 from .transport import connect_all, load_ssh_config, resolve_target
 
 
@@ -28,15 +31,26 @@ class UpOptions:
     color: bool = False
     kill_grace: float = 5.0
     detach: bool = False
+    skip_check: bool = False
+    sync: bool = False
 
 
-def build_plan(hosts: HostsFile, opts: LaunchOptions, run_id: str, connected_addr: str | None) -> Plan:
-    port = opts.master_port if opts.master_port is not None else hosts.master_port
-    if port == "auto":
-        raise UsageError("master_port: auto is not supported yet; give a port number")
+def master_port(hosts: HostsFile, opts: LaunchOptions) -> int | str:
+    """The port asked for: --master-port, else the hosts file; an int or "auto"."""
+    return opts.master_port if opts.master_port is not None else hosts.master_port
+
+
+def build_plan(hosts: HostsFile, opts: LaunchOptions, run_id: str, connected_addr: str | None,
+               port: int | None = None) -> Plan:
+    """The plan for these hosts; `port` stands in for an "auto" master port."""
+    if port is None:
+        asked = master_port(hosts, opts)
+        if asked == "auto":
+            raise UsageError("master_port is auto: it is picked on node 0 when the run starts")
+        port = int(asked)
     return make_plan(
         hosts, opts, run_id=run_id,
-        master_addr=master_addr_for(hosts, connected_addr), master_port=int(port),
+        master_addr=master_addr_for(hosts, connected_addr), master_port=port,
         controller_python=sys.executable, local_home=str(clusterrun_home()),
     )
 
@@ -47,7 +61,12 @@ def dry_run(hosts_path: str, opts: LaunchOptions) -> str:
     first = hosts.hosts[0]
     # Without connecting, "where ssh reaches node 0" is its HostName from ~/.ssh/config.
     addr = None if first.is_local else resolve_target(first, load_ssh_config()).hostname
-    return render_plan(build_plan(hosts, opts, new_run_id(), addr))
+    auto = master_port(hosts, opts) == "auto"
+    text = render_plan(build_plan(hosts, opts, new_run_id(), addr, port=0 if auto else None))
+    if auto:
+        text = text.replace("MASTER_PORT=0", "MASTER_PORT=auto (a free port on node 0, picked at start)")
+        text = text.replace("--master-port=0 ", "--master-port=<auto> ")
+    return text
 
 
 def up(hosts_path: str, opts: LaunchOptions, up_opts: UpOptions) -> int:
@@ -57,7 +76,19 @@ def up(hosts_path: str, opts: LaunchOptions, up_opts: UpOptions) -> int:
     transports = connect_all(hosts.hosts, hosts.connect_timeout, up_opts.accept_new_host_keys)
     run_id = new_run_id()
     try:
-        plan = build_plan(hosts, opts, run_id, transports[0].peer_addr)
+        asked = master_port(hosts, opts)
+        plan = build_plan(hosts, opts, run_id, transports[0].peer_addr, port=0 if asked == "auto" else None)
+        if up_opts.sync:
+            term.progress(f"syncing {Path.cwd()} to {len(hosts.hosts)} nodes")
+            sent = sync_all(plan, transports, Path.cwd())
+            if sent:
+                term.message("clusterrun: synced " + ", ".join(f"{n} ({k} files)" for n, k in sent.items()))
+        if not up_opts.skip_check or asked == "auto":
+            term.progress(f"checking {len(hosts.hosts)} nodes")
+            free = preflight(plan, transports, opts, asked) if not up_opts.skip_check else \
+                auto_port(plan, transports)
+            if asked == "auto":
+                plan = build_plan(hosts, opts, run_id, transports[0].peer_addr, port=free)
     except BaseException:
         for t in transports:
             t.close()

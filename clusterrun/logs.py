@@ -10,7 +10,7 @@ from .controller import ControlOptions, collect
 from .errors import UsageError
 from .plan import NodePlan, Plan
 from .runs import RunDir
-from .stream import Terminal, tag_for
+from .stream import Terminal, tag_for, tag_lines
 
 POLL = 0.2
 
@@ -95,7 +95,7 @@ def _print_file(term: Terminal, f: LogFile, start: int, tail: int | None) -> int
     if tail is not None:
         data = b"".join(data.splitlines(keepends=True)[-tail:]) if tail else b""
     if data:
-        term.write(f.tag + data[:-1].replace(b"\n", b"\n" + f.tag) + b"\n")
+        term.write(tag_lines(f.tag, data))
     return start + end
 
 

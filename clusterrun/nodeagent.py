@@ -51,7 +51,95 @@ def main(argv):
         stream(job_dir, spec.get("offsets", {}), spec.get("follow", True))
     elif mode == "kill":
         kill(job_dir, spec["marker"], float(spec.get("grace", 5)))
+    elif mode == "probe":
+        event("probe", **probe(spec))
+    elif mode == "sync":
+        sync(spec)
     return 0
+
+
+# --- probe -------------------------------------------------------------------
+
+def probe(spec):
+    """What `check` and the preflight of `up` need to know about this node."""
+    import platform
+    info = {"python": platform.python_version(), "executable": sys.executable,
+            "hostname": socket.gethostname(), "cwd": os.getcwd()}
+    script = spec.get("script")
+    if script:
+        if spec.get("module"):
+            import importlib.util
+            try:
+                info["script_found"] = importlib.util.find_spec(script.split(".")[0]) is not None
+            except (ImportError, ValueError):
+                info["script_found"] = False
+        else:
+            info["script_found"] = os.path.isfile(os.path.expanduser(script))
+    if spec.get("master_addr"):
+        info["ifname"] = interface_to(spec["master_addr"])
+    port = spec.get("port")
+    if port == "auto":
+        s = socket.socket()
+        s.bind(("", 0))             # the kernel's pick of a free port
+        info["free_port"] = s.getsockname()[1]
+        s.close()
+    elif port:
+        info["port_free"] = port_free(int(port))
+    if spec.get("torch"):
+        try:
+            import torch
+            info["torch"] = torch.__version__
+            info["gpus"] = torch.cuda.device_count() if torch.cuda.is_available() else 0
+            import torch.distributed.run  # noqa: F401 - torchrun's entry point
+            info["torchrun"] = True
+        except Exception as e:      # ImportError, or a broken install
+            info.setdefault("torch", None)
+            info["torch_error"] = "%s: %s" % (type(e).__name__, e)
+            info["torchrun"] = False
+    else:
+        import importlib.util
+        info["torch_found"] = importlib.util.find_spec("torch") is not None
+    return info
+
+
+def port_free(port):
+    s = socket.socket()
+    try:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        s.bind(("", port))
+        return True
+    except OSError:
+        return False
+    finally:
+        s.close()
+
+
+# --- sync ----------------------------------------------------------------------
+
+def sync(spec):
+    """Receive changed files for the workdir: list what is here, then untar stdin."""
+    import tarfile
+    root = os.getcwd()
+    have = {}
+    for rel in json.loads(sys.stdin.buffer.readline()):
+        try:
+            st = os.stat(os.path.join(root, rel))
+            have[rel] = [st.st_size, int(st.st_mtime)]
+        except OSError:
+            pass
+    write_out(json.dumps(have).encode() + b"\n")
+    count = 0
+    with tarfile.open(fileobj=sys.stdin.buffer, mode="r|") as tar:
+        if hasattr(tarfile, "data_filter"):     # Python 3.12+, and security backports
+            tar.extraction_filter = tarfile.data_filter
+        for member in tar:
+            name = os.path.normpath(member.name)
+            if (name.startswith(("/", "..")) or not (member.isfile() or member.isdir())):
+                continue            # only plain files and directories, inside the workdir
+            member.name = name
+            tar.extract(member, root, set_attrs=member.isfile())
+            count += member.isfile()
+    event("synced", files=count)
 
 
 # --- start -------------------------------------------------------------------

@@ -28,7 +28,7 @@ from .transport import Process, Transport
 RECONNECT_WINDOW = 60.0
 
 _AGENT = zlib.compress((Path(__file__).parent / "nodeagent.py").read_bytes(), 9)
-_BOOT = "import base64,zlib;exec(zlib.decompress(base64.b64decode(%r)))" % base64.b64encode(_AGENT).decode()
+AGENT_BOOT = "import base64,zlib;exec(zlib.decompress(base64.b64decode(%r)))" % base64.b64encode(_AGENT).decode()
 
 
 def agent_command(node: NodePlan, spec: dict[str, Any]) -> str:
@@ -36,7 +36,7 @@ def agent_command(node: NodePlan, spec: dict[str, Any]) -> str:
     spec = {"job_dir": node.job_dir, **spec}
     return (
         shell_prefix(node)
-        + f"exec {quote_path(node.python)} -c {shlex.quote(_BOOT)} {shlex.quote(json.dumps(spec))}"
+        + f"exec {quote_path(node.python)} -c {shlex.quote(AGENT_BOOT)} {shlex.quote(json.dumps(spec))}"
     )
 
 
@@ -193,13 +193,28 @@ class RemoteJob:
 
 def kill_job(node: NodePlan, transport: Transport, grace: float) -> dict[str, Any]:
     """Run the node agent's kill: returns its report once nothing of the job is left."""
-    spec = {"mode": "kill", "marker": node.marker, "grace": grace}
-    proc = transport.exec(agent_command(node, spec))
+    return run_agent(node, transport, {"mode": "kill", "marker": node.marker, "grace": grace})
+
+
+class AgentError(Exception):
+    """The node agent could not run (no python, no workdir) or said nothing."""
+
+
+def run_agent(node: NodePlan, transport: Transport, spec: dict[str, Any], command: str | None = None,
+              stdin: bytes | None = None) -> dict[str, Any]:
+    """Run a one-shot agent mode (kill, probe) and return its event."""
+    proc = transport.exec(command or agent_command(node, spec))
     try:
-        line = proc.stdout.readline()
-        proc.wait(timeout=5)
+        if stdin is not None:
+            proc.send(stdin)
+        while True:
+            line = proc.stdout.readline()
+            if not line or line.startswith(b"S "):
+                break
+        code = proc.wait(timeout=30)
+        if line.startswith(b"S "):
+            return json.loads(line[2:])
+        err = proc.stderr_text().strip()
+        raise AgentError(err.splitlines()[-1] if err else f"the node agent exited with code {code}")
     finally:
         proc.close()
-    if line.startswith(b"S "):
-        return json.loads(line[2:])
-    return {"event": "error", "message": line.decode("utf-8", "replace") or proc.stderr_text()}

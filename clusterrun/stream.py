@@ -117,7 +117,7 @@ class NodeOutput:
         log.write(chunk)
         self.received[key] = self.received.get(key, 0) + len(chunk)
         if tag is not None:
-            self.term.write(tag + chunk[:-1].replace(b"\n", b"\n" + tag) + b"\n")
+            self.term.write(tag_lines(tag, chunk))
 
     def _route(self, key: str) -> tuple[bytes | None, BinaryIO]:
         """key "L" is torchrun's own output; a number is a worker's local rank."""
@@ -137,6 +137,11 @@ class NodeOutput:
         for _, log in self._routes.values():
             log.close()
         self._routes.clear()
+
+
+def tag_lines(tag: bytes, chunk: bytes) -> bytes:
+    """Prefix every line of a chunk of whole lines: one replace, no loop over lines."""
+    return tag + chunk[:-1].replace(b"\n", b"\n" + tag) + b"\n"
 
 
 def tag_for(label: str, color: int = 0) -> bytes:

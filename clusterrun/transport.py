@@ -10,11 +10,13 @@ ones; a changed host key is always refused.
 from __future__ import annotations
 
 import getpass
+import logging
 import os
 import socket
 import subprocess
 import tempfile
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import IO, Protocol, Sequence
@@ -23,6 +25,11 @@ import paramiko
 
 from .errors import UnreachableError
 from .hostsfile import Host
+
+# paramiko logs connection failures with tracebacks through the root logger;
+# clusterrun reports them itself, per node, in words.
+logging.getLogger("paramiko").addHandler(logging.NullHandler())
+logging.getLogger("paramiko").propagate = False
 
 # curve25519 first: as safe as the post-quantum hybrid default, and much cheaper
 # on a controller that opens dozens of connections at once.
@@ -35,6 +42,8 @@ class Process(Protocol):
     stdout: IO[bytes]
 
     def send(self, data: bytes) -> None: ...
+    def close_stdin(self) -> None: ...
+    def read_some(self, n: int) -> bytes: ...
     def wait(self, timeout: float | None = None) -> int | None: ...
     def stderr_text(self) -> str: ...
     def close(self) -> None: ...
@@ -44,7 +53,7 @@ class Transport(Protocol):
     name: str
     peer_addr: str          # the address we actually reached the node at
 
-    def exec(self, command: str) -> Process: ...
+    def exec(self, command: str, merge_stderr: bool = False) -> Process: ...
     def alive(self) -> bool: ...
     def close(self) -> None: ...
 
@@ -52,16 +61,22 @@ class Transport(Protocol):
 # --- localhost ---------------------------------------------------------------
 
 class LocalProcess:
-    def __init__(self, command: str) -> None:
+    def __init__(self, command: str, merge_stderr: bool = False) -> None:
         self._err = tempfile.TemporaryFile()
-        # A session of its own: a Ctrl-C on the terminal reaches the controller
-        # only, which then tears the job down in order.
+        # Like sshd: the user's shell runs the command line. A session of its own:
+        # a Ctrl-C on the terminal reaches the controller only, which then tears
+        # the job down in order.
+        shell = os.environ.get("SHELL") or "/bin/sh"
         self._p = subprocess.Popen(
-            ["/bin/sh", "-c", command], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-            stderr=self._err, start_new_session=True,
+            [shell, "-c", command], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT if merge_stderr else self._err, start_new_session=True,
         )
         assert self._p.stdout is not None
         self.stdout = self._p.stdout
+
+    def read_some(self, n: int) -> bytes:
+        """Whatever output is there (at least one byte), or b"" at the end."""
+        return self.stdout.read1(n)  # type: ignore[attr-defined]
 
     def send(self, data: bytes) -> None:
         try:
@@ -70,6 +85,10 @@ class LocalProcess:
             self._p.stdin.flush()
         except (BrokenPipeError, ValueError):
             pass
+
+    def close_stdin(self) -> None:
+        if self._p.stdin:
+            self._p.stdin.close()
 
     def wait(self, timeout: float | None = None) -> int | None:
         try:
@@ -96,8 +115,8 @@ class LocalTransport:
     def __init__(self, name: str) -> None:
         self.name = name
 
-    def exec(self, command: str) -> Process:
-        return LocalProcess(command)
+    def exec(self, command: str, merge_stderr: bool = False) -> Process:
+        return LocalProcess(command, merge_stderr)
 
     def alive(self) -> bool:
         return True
@@ -172,12 +191,19 @@ class SSHProcess:
         self.stdout = chan.makefile("rb")
         self._stdin = chan.makefile_stdin("wb")
 
+    def read_some(self, n: int) -> bytes:
+        """Whatever output is there (at least one byte), or b"" at the end (not with .stdout)."""
+        return self._chan.recv(n)
+
     def send(self, data: bytes) -> None:
         try:
             self._stdin.write(data)
             self._stdin.flush()
         except (OSError, EOFError, paramiko.SSHException):
             pass
+
+    def close_stdin(self) -> None:
+        self._chan.shutdown_write()
 
     def wait(self, timeout: float | None = None) -> int | None:
         if not self._chan.status_event.wait(timeout):
@@ -200,11 +226,12 @@ class SSHTransport:
         self.client = client
         self.peer_addr = peer_addr
 
-    def exec(self, command: str) -> Process:
+    def exec(self, command: str, merge_stderr: bool = False) -> Process:
         transport = self.client.get_transport()
         if transport is None or not transport.is_active():
             raise UnreachableError(f"{self.name}: the SSH connection was lost")
         chan = transport.open_session(timeout=30)
+        chan.set_combine_stderr(merge_stderr)
         chan.exec_command(command)
         return SSHProcess(chan)
 
@@ -290,6 +317,22 @@ def _open_socket(t: SSHTarget, config: paramiko.SSHConfig, timeout: float, accep
         ) from None
 
 
+def connect_each(hosts: Sequence[Host], timeout: float, accept_new: bool = False
+                 ) -> list[tuple[Transport | None, str, float]]:
+    """Connect to every node in parallel: (transport or None, error, seconds) per node."""
+    config = load_ssh_config()
+
+    def one(host: Host) -> tuple[Transport | None, str, float]:
+        t0 = time.monotonic()
+        try:
+            return connect_node(host, timeout, accept_new, config), "", time.monotonic() - t0
+        except UnreachableError as e:
+            return None, str(e), time.monotonic() - t0
+
+    with ThreadPoolExecutor(max_workers=min(64, len(hosts))) as pool:
+        return list(pool.map(one, hosts))
+
+
 def connect_all(
     hosts: Sequence[Host], timeout: float, accept_new: bool = False
 ) -> list[Transport]:
@@ -298,26 +341,14 @@ def connect_all(
     Raises UnreachableError naming every node that failed (and closes the rest),
     so that nothing is started anywhere unless every node is ready.
     """
-    config = load_ssh_config()
-
-    def one(host: Host) -> Transport:
-        return connect_node(host, timeout, accept_new, config)
-
-    results: list[Transport | None] = [None] * len(hosts)
-    errors: list[str] = []
-    with ThreadPoolExecutor(max_workers=min(64, len(hosts))) as pool:
-        futures = [pool.submit(one, h) for h in hosts]
-        for i, fut in enumerate(futures):
-            try:
-                results[i] = fut.result()
-            except UnreachableError as e:
-                errors.append(str(e))
+    results = connect_each(hosts, timeout, accept_new)
+    errors = [err for t, err, _ in results if t is None]
     if errors:
-        for t in results:
+        for t, _, _ in results:
             if t is not None:
                 t.close()
         raise UnreachableError("cannot reach every node, nothing was started:\n  " + "\n  ".join(errors))
-    return [t for t in results if t is not None]
+    return [t for t, _, _ in results if t is not None]
 
 
 def connect_node(host: Host, timeout: float, accept_new: bool = False,

@@ -1,0 +1,826 @@
+"""`clusterrun lint`: find the rank / local-rank mistakes in a torchrun training script.
+
+A static check (the standard library's ``ast``; torch is never imported) for the
+mistakes the PyTorch docs and forums keep warning about, each of which works on
+one machine and breaks on several:
+
+- CR000 error    the file cannot be read or parsed
+- CR001 error    the global rank used as a CUDA device index
+- CR002 error    the local rank (or the local world size) used where the global
+                 one is needed: ``DistributedSampler(rank=...)``,
+                 ``init_process_group(rank=...)``
+- CR003 warning  a shuffling DistributedSampler, an epoch loop, and no
+                 ``set_epoch()`` anywhere: every epoch sees the same order
+- CR004 error    a literal ``rank=`` / ``world_size=`` in ``init_process_group``
+- CR005 warning  an NCCL object collective while ``torch.cuda.set_device()`` is
+                 never called, so every process of a node uses cuda:0
+
+Precision comes first: a value counts as "the global rank" only when its origin
+is visible in the file (``dist.get_rank()``, ``os.environ["RANK"]``, or a
+variable assigned only from those in the same or an enclosing scope). A
+variable merely *named* ``rank`` is not flagged. See docs/lint.md.
+"""
+
+from __future__ import annotations
+
+import ast
+import copy
+import os
+import tokenize
+import warnings
+from dataclasses import dataclass
+from typing import Iterator, Sequence
+
+from .errors import UsageError
+
+ERROR = "error"
+WARNING = "warning"
+
+# What a value is known to be (the "kind" of an _Origin).
+_GLOBAL = "global rank"
+_LOCAL = "local rank"
+_LOCAL_WS = "local world size"
+_INT = "int literal"
+
+_ENV_KINDS = {"RANK": _GLOBAL, "LOCAL_RANK": _LOCAL, "LOCAL_WORLD_SIZE": _LOCAL_WS}
+# The environment torchrun sets: an `if` testing one of these chooses between
+# torchrun and a single-process fallback, so a literal rank there is deliberate.
+_TORCHRUN_ENV = frozenset({
+    "RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "GROUP_RANK", "MASTER_ADDR",
+    "MASTER_PORT", "TORCHELASTIC_RUN_ID",
+})
+
+_DIST = "torch.distributed."
+_GET_RANK = _DIST + "get_rank"
+_INIT_PG = _DIST + "init_process_group"
+_INIT_PG_PARAMS = ("backend", "init_method", "timeout", "world_size", "rank", "store",
+                   "group_name", "pg_options", "device_id")
+_SAMPLER_PARAMS = ("dataset", "num_replicas", "rank", "shuffle", "seed", "drop_last")
+# Object collectives move their pickles to torch.cuda.current_device() under NCCL.
+_OBJECT_COLLECTIVES = frozenset(_DIST + n for n in (
+    "all_gather_object", "gather_object", "broadcast_object_list", "scatter_object_list"))
+_LOCAL_RANK_EXPR = "int(os.environ['LOCAL_RANK'])"
+_SHOW_LIMIT = 72
+
+
+@dataclass(frozen=True)
+class Finding:
+    """One problem in one file. ``line`` and ``col`` are 1-based."""
+
+    path: str
+    line: int
+    col: int
+    code: str        # short stable id, e.g. "CR001"
+    severity: str    # "error" | "warning"
+    message: str     # what is wrong, naming the expression
+    fix: str         # what to write instead
+
+
+@dataclass(frozen=True)
+class _Origin:
+    """Why a value is known to be a global rank, a local rank, ...: for the message."""
+
+    kind: str
+    source: str          # the variable's assignment or the expression itself
+    line: int
+    via_variable: bool   # True: reached through a variable (name the assignment)
+    value: int | None = None   # for _INT
+
+
+@dataclass
+class _Binding:
+    value: ast.expr | None     # None: bound by something we do not follow (param, for, ...)
+    scope: "_Scope"            # where `value` is evaluated
+    line: int
+    target: ast.AST | None = None
+
+
+class _Scope:
+    def __init__(self, kind: str, parent: "_Scope | None") -> None:
+        self.kind = kind                      # module | function | class | comprehension
+        self.parent = parent
+        self.bindings: dict[str, list[_Binding]] = {}
+        self.globals: set[str] = set()
+        self.nonlocals: set[str] = set()
+
+    def module(self) -> "_Scope":
+        s = self
+        while s.parent is not None:
+            s = s.parent
+        return s
+
+    def chain(self) -> Iterator["_Scope"]:
+        """The scopes a name used here resolves in, innermost first (Python's rule:
+        class bodies are not visible from the functions nested in them)."""
+        yield self
+        s = self.parent
+        while s is not None:
+            if s.kind != "class":
+                yield s
+            s = s.parent
+
+
+def _key(node: ast.AST) -> str | None:
+    """``rank`` -> "rank", ``args.local_rank`` -> "args.local_rank", else None."""
+    if isinstance(node, ast.Name):
+        return node.id
+    if isinstance(node, ast.Attribute):
+        base = _key(node.value)
+        return f"{base}.{node.attr}" if base else None
+    return None
+
+
+def _show(node: ast.AST) -> str:
+    return ast.unparse(node)
+
+
+class _Module:
+    """One parsed file: imports, scopes and bindings, and the checks over them."""
+
+    def __init__(self, tree: ast.Module, path: str) -> None:
+        self.tree = tree
+        self.path = path
+        self.imports: dict[str, str] = {}
+        self.scope_of: dict[int, _Scope] = {}
+        self.parent: dict[int, ast.AST] = {}
+        self.findings: list[Finding] = []
+        self._memo: dict[tuple[int, int], _Origin | None] = {}
+        self._busy: set[tuple[int, int]] = set()
+        self.argparse_local_rank: ast.AST | None = None
+        self._collect_imports()
+        self.module_scope = _Scope("module", None)
+        self._visit(tree, self.module_scope)
+        for node in ast.walk(tree):
+            for child in ast.iter_child_nodes(node):
+                self.parent[id(child)] = node
+
+    # -- names ---------------------------------------------------------------
+
+    def _collect_imports(self) -> None:
+        seen: dict[str, str | None] = {}
+        for node in ast.walk(self.tree):
+            pairs: list[tuple[str, str]] = []
+            if isinstance(node, ast.Import):
+                for a in node.names:
+                    if a.asname:
+                        pairs.append((a.asname, a.name))
+                    else:
+                        first = a.name.split(".")[0]
+                        pairs.append((first, first))
+            elif isinstance(node, ast.ImportFrom) and node.module and not node.level:
+                for a in node.names:
+                    if a.name != "*":
+                        pairs.append((a.asname or a.name, f"{node.module}.{a.name}"))
+            for name, qual in pairs:
+                # A name imported as two different things: we cannot tell which.
+                seen[name] = qual if seen.get(name, qual) == qual else None
+        self.imports = {k: v for k, v in seen.items() if v is not None}
+
+    def qual(self, node: ast.AST) -> str | None:
+        """The dotted name an expression refers to, import aliases resolved:
+        ``dist.get_rank`` with ``import torch.distributed as dist`` is
+        "torch.distributed.get_rank"."""
+        if isinstance(node, ast.Name):
+            q = self.imports.get(node.id, node.id)
+        elif isinstance(node, ast.Attribute):
+            base = self.qual(node.value)
+            if base is None:
+                return None
+            q = f"{base}.{node.attr}"
+        else:
+            return None
+        for long, short in (("torch.distributed.distributed_c10d.", _DIST),
+                            ("torch.utils.data.distributed.", "torch.utils.data."),
+                            ("torch.utils.data.sampler.", "torch.utils.data."),
+                            ("torch.nn.parallel.distributed.", "torch.nn.parallel.")):
+            if q.startswith(long):
+                q = short + q[len(long):]
+        return q
+
+    def call_qual(self, call: ast.Call) -> str | None:
+        return self.qual(call.func)
+
+    # -- scopes and bindings ---------------------------------------------------
+
+    def _bind(self, scope: _Scope, key: str, value: ast.expr | None, line: int,
+              target: ast.AST | None = None, eval_scope: _Scope | None = None) -> None:
+        base = key.split(".")[0]
+        where = scope
+        if base in scope.globals:
+            where = scope.module()
+        elif base in scope.nonlocals:
+            s = scope.parent
+            while s is not None and s.kind in ("class", "comprehension"):
+                s = s.parent
+            where = s or scope.module()
+        where.bindings.setdefault(key, []).append(_Binding(value, eval_scope or scope, line, target))
+
+    def _bind_target(self, target: ast.AST, value: ast.expr | None, scope: _Scope, line: int,
+                     handled: set[int]) -> None:
+        if isinstance(target, (ast.Tuple, ast.List)):
+            elementwise = (isinstance(value, (ast.Tuple, ast.List))
+                           and len(value.elts) == len(target.elts)
+                           and not any(isinstance(e, ast.Starred) for e in value.elts + target.elts))
+            for i, elt in enumerate(target.elts):
+                self._bind_target(elt, value.elts[i] if elementwise else None, scope, line, handled)
+            return
+        if isinstance(target, ast.Starred):
+            self._bind_target(target.value, None, scope, line, handled)
+            return
+        key = _key(target)
+        if key is not None:
+            self._bind(scope, key, value, line, target)
+            handled.add(id(target))
+
+    def _visit(self, node: ast.AST, scope: _Scope, handled: set[int] | None = None) -> None:
+        """Record every node's scope and every binding, with the value we can follow."""
+        handled = handled if handled is not None else set()
+        self.scope_of[id(node)] = scope
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda)):
+            for d in getattr(node, "decorator_list", []):
+                self._visit(d, scope, handled)
+            for d in node.args.defaults + [d for d in node.args.kw_defaults if d is not None]:
+                self._visit(d, scope, handled)
+            if not isinstance(node, ast.Lambda):
+                self._bind(scope, node.name, None, node.lineno)
+            inner = _Scope("function", scope)
+            a = node.args
+            for arg in a.posonlyargs + a.args + a.kwonlyargs + [x for x in (a.vararg, a.kwarg) if x]:
+                inner.bindings.setdefault(arg.arg, []).append(_Binding(None, inner, node.lineno))
+            for stmt in ([node.body] if isinstance(node, ast.Lambda) else node.body):
+                self._visit(stmt, inner, handled)
+            return
+        if isinstance(node, ast.ClassDef):
+            for d in node.decorator_list + node.bases + [k.value for k in node.keywords]:
+                self._visit(d, scope, handled)
+            self._bind(scope, node.name, None, node.lineno)
+            inner = _Scope("class", scope)
+            for stmt in node.body:
+                self._visit(stmt, inner, handled)
+            return
+        if isinstance(node, (ast.ListComp, ast.SetComp, ast.DictComp, ast.GeneratorExp)):
+            inner = _Scope("comprehension", scope)
+            for child in ast.iter_child_nodes(node):
+                self._visit(child, inner, handled)
+            return
+        if isinstance(node, ast.Global):
+            scope.globals.update(node.names)
+        elif isinstance(node, ast.Nonlocal):
+            scope.nonlocals.update(node.names)
+        elif isinstance(node, ast.Assign):
+            for t in node.targets:
+                self._bind_target(t, node.value, scope, node.lineno, handled)
+        elif isinstance(node, ast.AnnAssign) and node.value is not None:
+            self._bind_target(node.target, node.value, scope, node.lineno, handled)
+        elif isinstance(node, ast.AnnAssign):
+            handled.add(id(node.target))          # a bare annotation binds nothing
+        elif isinstance(node, ast.NamedExpr):
+            self._bind_target(node.target, node.value, scope, node.lineno, handled)
+        elif isinstance(node, (ast.Import, ast.ImportFrom)):
+            for a in node.names:
+                if a.name != "*":
+                    self._bind(scope, a.asname or a.name.split(".")[0], None, node.lineno)
+        elif isinstance(node, ast.ExceptHandler) and node.name:
+            self._bind(scope, node.name, None, node.lineno)
+        elif isinstance(node, (ast.Name, ast.Attribute)) and isinstance(node.ctx, (ast.Store, ast.Del)):
+            # for-targets, with-targets, augmented assignments, del: not followed.
+            key = _key(node)
+            if key is not None and id(node) not in handled:
+                self._bind(scope, key, None, node.lineno)
+                handled.add(id(node))
+        elif type(node).__name__ in ("MatchAs", "MatchStar") and getattr(node, "name", None):
+            self._bind(scope, node.name, None, node.lineno)
+        elif type(node).__name__ == "MatchMapping" and getattr(node, "rest", None):
+            self._bind(scope, node.rest, None, node.lineno)
+        if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) \
+                and node.func.attr == "add_argument" and self.argparse_local_rank is None:
+            flags = [a.value for a in node.args if isinstance(a, ast.Constant)]
+            dest = next((k.value for k in node.keywords if k.arg == "dest"), None)
+            if any(f in ("--local_rank", "--local-rank") for f in flags) and (
+                    dest is None or (isinstance(dest, ast.Constant) and dest.value == "local_rank")):
+                # torch.distributed.launch fills this with the local rank.
+                self.argparse_local_rank = node
+        for child in ast.iter_child_nodes(node):
+            self._visit(child, scope, handled)
+
+    def lookup(self, key: str, scope: _Scope) -> list[_Binding]:
+        for s in scope.chain():
+            if key in s.bindings:
+                return s.bindings[key]
+        return []
+
+    # -- what a value is -------------------------------------------------------
+
+    def _env_name(self, node: ast.AST) -> str | None:
+        """``os.environ["X"]``, ``os.environ.get("X", d)``, ``os.getenv("X")`` -> "X"."""
+        if isinstance(node, ast.Subscript) and self.qual(node.value) == "os.environ":
+            s = node.slice
+            if isinstance(s, ast.Constant) and isinstance(s.value, str):
+                return s.value
+        if isinstance(node, ast.Call) and self.call_qual(node) in ("os.environ.get", "os.getenv") \
+                and node.args and isinstance(node.args[0], ast.Constant) \
+                and isinstance(node.args[0].value, str):
+            return node.args[0].value
+        return None
+
+    def origin(self, node: ast.AST | None, scope: _Scope) -> _Origin | None:
+        """What `node` is known to hold (global rank, local rank, ...), or None."""
+        if node is None:
+            return None
+        line = getattr(node, "lineno", 0)
+        if isinstance(node, ast.Constant) and type(node.value) is int:
+            return _Origin(_INT, _show(node), line, False, node.value)
+        if isinstance(node, ast.UnaryOp) and isinstance(node.op, ast.USub) \
+                and isinstance(node.operand, ast.Constant) and type(node.operand.value) is int:
+            return _Origin(_INT, _show(node), line, False, -node.operand.value)
+        env = self._env_name(node)
+        if env in _ENV_KINDS:
+            return _Origin(_ENV_KINDS[env], _show(node), line, False)
+        if isinstance(node, ast.Call):
+            q = self.call_qual(node)
+            if q == _GET_RANK and not node.args and not node.keywords:
+                return _Origin(_GLOBAL, _show(node), line, False)      # the default group
+            if q == _DIST + "get_node_local_rank":
+                return _Origin(_LOCAL, _show(node), line, False)
+            if q == "torch.cuda.device_count" and not node.args:
+                return _Origin(_LOCAL_WS, _show(node), line, False)
+            if q == "int" and len(node.args) == 1 and not node.keywords \
+                    and not self.lookup("int", self.scope_of.get(id(node), scope)):
+                inner = self.origin(node.args[0], scope)
+                if inner is not None and inner.kind != _INT:
+                    return inner if inner.via_variable else _Origin(inner.kind, _show(node), line, False)
+            return None
+        key = _key(node)
+        if key is None:
+            return None
+        memo = (id(node), id(scope))
+        if memo in self._memo:
+            return self._memo[memo]
+        if memo in self._busy:
+            return None
+        self._busy.add(memo)
+        try:
+            result = self._variable_origin(key, node, scope)
+        finally:
+            self._busy.discard(memo)
+        self._memo[memo] = result
+        return result
+
+    def _variable_origin(self, key: str, node: ast.AST | None, scope: _Scope) -> _Origin | None:
+        bindings = self.lookup(key, scope)
+        if not bindings:
+            if isinstance(node, ast.Attribute) and node.attr == "local_rank" \
+                    and self.argparse_local_rank is not None:
+                a = self.argparse_local_rank
+                return _Origin(_LOCAL, f"{_show(a)}, line {a.lineno}", a.lineno, True)
+            return None
+        kinds = []
+        for b in bindings:
+            o = self.origin(b.value, b.scope) if b.value is not None else None
+            if o is None:
+                return None                     # one assignment we cannot follow: unknown
+            kinds.append(o)
+        if len({o.kind for o in kinds}) != 1 or len({o.value for o in kinds}) != 1:
+            return None
+        first = bindings[0]
+        assert first.value is not None
+        return _Origin(kinds[0].kind, f"{key} = {_show(first.value)}, line {first.line}",
+                       first.line, True, kinds[0].value)
+
+    def _local_rank_name(self, scope: _Scope, before: int) -> str:
+        """A variable already holding the local rank, to suggest; else the env read."""
+        for s in scope.chain():
+            for key, bs in s.bindings.items():
+                if "." in key or bs[0].line >= before:
+                    continue
+                o = self._variable_origin(key, None, s)
+                if o is not None and o.kind == _LOCAL:
+                    return key
+        return _LOCAL_RANK_EXPR
+
+    # -- findings ----------------------------------------------------------------
+
+    def add(self, node: ast.AST, code: str, severity: str, message: str, fix: str) -> None:
+        self.findings.append(Finding(self.path, getattr(node, "lineno", 1),
+                                     getattr(node, "col_offset", 0) + 1, code, severity, message, fix))
+
+    def run(self) -> list[Finding]:
+        reported_strings: set[int] = set()
+        for node in ast.walk(self.tree):
+            if isinstance(node, ast.Call):
+                self._check_device_sinks(node, reported_strings)
+                self._check_sampler(node)
+                self._check_init(node)
+        self._check_device_strings(reported_strings)
+        self._check_object_collectives()
+        return sorted(set(self.findings), key=lambda f: (f.line, f.col, f.code, f.message))
+
+    # CR001 ----------------------------------------------------------------------
+
+    def _device_index(self, node: ast.AST) -> ast.AST | None:
+        """The index X inside a CUDA device name built from it: ``f"cuda:{X}"``,
+        ``"cuda:" + str(X)``, ``"cuda:%d" % X``, ``"cuda:{}".format(X)``."""
+        if isinstance(node, ast.JoinedStr) and len(node.values) == 2:
+            head, fv = node.values
+            if isinstance(head, ast.Constant) and head.value == "cuda:" \
+                    and isinstance(fv, ast.FormattedValue) and fv.format_spec is None:
+                return fv.value
+        if isinstance(node, ast.BinOp) and isinstance(node.left, ast.Constant):
+            left = node.left.value
+            if isinstance(node.op, ast.Add) and left == "cuda:" and isinstance(node.right, ast.Call) \
+                    and self.call_qual(node.right) == "str" and len(node.right.args) == 1:
+                return node.right.args[0]
+            if isinstance(node.op, ast.Mod) and left in ("cuda:%d", "cuda:%s", "cuda:%i"):
+                r = node.right
+                if isinstance(r, ast.Tuple):
+                    return r.elts[0] if len(r.elts) == 1 else None
+                return r
+        if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) \
+                and node.func.attr == "format" and isinstance(node.func.value, ast.Constant) \
+                and node.func.value.value in ("cuda:{}", "cuda:{0}") and len(node.args) == 1:
+            return node.args[0]
+        return None
+
+    def _global_rank(self, node: ast.AST | None, scope: _Scope) -> _Origin | None:
+        o = self.origin(node, scope)
+        return o if o is not None and o.kind == _GLOBAL else None
+
+    def _check_device_sinks(self, call: ast.Call, reported_strings: set[int]) -> None:
+        q = self.call_qual(call) or ""
+        scope = self.scope_of.get(id(call), self.module_scope)
+        kw = {k.arg: k for k in call.keywords if k.arg}
+        # (the expression passed as a device, the keyword it was passed as or None)
+        candidates: list[tuple[ast.AST, ast.keyword | None]] = []
+
+        def pos_or_kw(i: int, name: str) -> None:
+            if name in kw:
+                candidates.append((kw[name].value, kw[name]))
+            elif len(call.args) > i and not any(isinstance(a, ast.Starred) for a in call.args[:i + 1]):
+                candidates.append((call.args[i], None))
+
+        method = call.func.attr if isinstance(call.func, ast.Attribute) else None
+        if q in ("torch.cuda.set_device", "torch.cuda.device"):
+            pos_or_kw(0, "device")
+        elif q == "torch.device":
+            typ = kw["type"].value if "type" in kw else (call.args[0] if call.args else None)
+            if isinstance(typ, ast.Constant) and typ.value == "cuda":
+                pos_or_kw(1, "index")
+            elif len(call.args) == 1 and not call.keywords:
+                candidates.append((call.args[0], None))     # torch.device(3) is cuda:3
+        elif q.startswith("torch.") and (q.endswith(".DistributedDataParallel")
+                                         or q.endswith(".FullyShardedDataParallel")):
+            for name in ("device_ids", "output_device", "device_id"):
+                if name in kw:
+                    v = kw[name].value
+                    for e in (v.elts if isinstance(v, (ast.List, ast.Tuple)) else [v]):
+                        candidates.append((e, kw[name]))
+        elif q == _DIST + "barrier" and "device_ids" in kw:
+            v = kw["device_ids"].value
+            for e in (v.elts if isinstance(v, (ast.List, ast.Tuple)) else [v]):
+                candidates.append((e, kw["device_ids"]))
+        elif q == _INIT_PG and "device_id" in kw:
+            candidates.append((kw["device_id"].value, kw["device_id"]))
+        elif method in ("to", "cuda") and not q.startswith("torch.cuda"):
+            pos_or_kw(0, "device")
+        elif q.startswith("torch.") and "device" in kw:
+            candidates.append((kw["device"].value, kw["device"]))
+
+        for expr, keyword in candidates:
+            index = self._device_index(expr)
+            if index is not None:
+                reported_strings.add(id(expr))
+            else:
+                index = expr
+            o = self._global_rank(index, scope)
+            if o is None:
+                continue
+            shown, fixed = self._show_replaced(call, index, keyword, scope)
+            self.add(keyword or call, "CR001", ERROR,
+                     f"{shown} uses the global rank{self._via(o)} as a CUDA device index; "
+                     f"on every node but the first that GPU does not exist or another process "
+                     f"already uses it",
+                     f"use the local rank: {fixed}")
+
+    def _check_device_strings(self, reported: set[int]) -> None:
+        for node in ast.walk(self.tree):
+            if id(node) in reported or not isinstance(node, (ast.JoinedStr, ast.BinOp, ast.Call)):
+                continue
+            index = self._device_index(node)
+            if index is None:
+                continue
+            scope = self.scope_of.get(id(node), self.module_scope)
+            o = self._global_rank(index, scope)
+            if o is None:
+                continue
+            fixed = _show(self._replaced(node, index, self._local_rank_name(scope, node.lineno)))
+            self.add(node, "CR001", ERROR,
+                     f"{_show(node)} names a CUDA device after the global rank{self._via(o)}; "
+                     f"on every node but the first that GPU does not exist or another process "
+                     f"already uses it",
+                     f"use the local rank: {fixed}")
+
+    @staticmethod
+    def _via(o: _Origin) -> str:
+        return f" ({o.source})" if o.via_variable else ""
+
+    @staticmethod
+    def _replaced(root: ast.AST, target: ast.AST, replacement: str,
+                  focus: ast.AST | None = None) -> ast.AST:
+        """A copy of `root` with `target` replaced by the expression `replacement`
+        (and, if `focus` is given, returns the copy of `focus` instead)."""
+        nodes = list(ast.walk(root))
+        twin_nodes = list(ast.walk(twin := copy.deepcopy(root)))
+        old = twin_nodes[nodes.index(target)]
+        new = ast.parse(replacement, mode="eval").body
+
+        class Swap(ast.NodeTransformer):
+            def generic_visit(self, node: ast.AST) -> ast.AST:
+                return new if node is old else super().generic_visit(node)
+
+        twin = Swap().visit(twin)
+        if focus is not None:
+            return list(ast.walk(twin))[nodes.index(focus)]
+        return twin
+
+    def _show_replaced(self, call: ast.Call, index: ast.AST, keyword: ast.keyword | None,
+                       scope: _Scope) -> tuple[str, str]:
+        """The offending call as the message shows it, and the same with the local rank."""
+        local = self._local_rank_name(scope, call.lineno)
+        fixed_call = self._replaced(call, index, local)
+        shown, fixed = _show(call), _show(fixed_call)
+        if len(shown) <= _SHOW_LIMIT:
+            return shown, fixed
+        # Too long to read: keep the callee and the offending argument only.
+        func = _show(call.func)
+        if isinstance(call.func, ast.Attribute) and len(func) > 30:
+            func = "(...)." + call.func.attr
+        focus = keyword if keyword is not None else next(
+            (a for a in call.args if index in list(ast.walk(a))), None)
+        if focus is None:
+            return shown, fixed
+        focus_fixed = self._replaced(call, index, local, focus=focus)
+        more = "..., " if (len(call.args) + len(call.keywords)) > 1 else ""
+        return f"{func}({more}{_show(focus)})", f"{func}({more}{_show(focus_fixed)})"
+
+    # CR002, CR003 ----------------------------------------------------------------------
+
+    def _sampler_var(self, call: ast.Call) -> str:
+        parent = self.parent.get(id(call))
+        if isinstance(parent, (ast.Assign, ast.AnnAssign)):
+            targets = parent.targets if isinstance(parent, ast.Assign) else [parent.target]
+            if len(targets) == 1 and _key(targets[0]):
+                return _show(targets[0])
+        return "sampler"
+
+    @staticmethod
+    def _rebuilt(call: ast.Call, params: tuple[str, ...], keep_positional: int,
+                 drop: set[str]) -> str:
+        """`call` with the arguments named in `drop` removed; positional arguments
+        after the first `keep_positional` become keywords so nothing shifts."""
+        new = copy.deepcopy(call)
+        args: list[ast.expr] = []
+        keywords: list[ast.keyword] = []
+        for i, a in enumerate(call.args):
+            if isinstance(a, ast.Starred) or i >= len(params):
+                return _show(new)                   # cannot rename safely: show as is
+            if i < keep_positional:
+                args.append(a)
+            elif params[i] not in drop:
+                keywords.append(ast.keyword(arg=params[i], value=a))
+        keywords += [k for k in call.keywords if k.arg not in drop]
+        new.args, new.keywords = args, keywords
+        return _show(new)
+
+    def _check_sampler(self, call: ast.Call) -> None:
+        q = self.call_qual(call) or ""
+        if not (q.startswith("torch.") and q.endswith(".DistributedSampler")):
+            return
+        scope = self.scope_of.get(id(call), self.module_scope)
+        kw = {k.arg: k.value for k in call.keywords if k.arg}
+
+        def arg(i: int, name: str) -> ast.expr | None:
+            if name in kw:
+                return kw[name]
+            if len(call.args) > i and not any(isinstance(a, ast.Starred) for a in call.args[:i + 1]):
+                return call.args[i]
+            return None
+
+        fixed = self._rebuilt(call, _SAMPLER_PARAMS, 1, {"rank", "num_replicas"})
+        shown = _show(call)
+        rank, replicas = arg(2, "rank"), arg(1, "num_replicas")
+        o = self.origin(rank, scope)
+        if o is not None and o.kind == _LOCAL:
+            self.add(rank, "CR002", ERROR,
+                     f"{shown} passes the local rank{self._via(o)} as the sampler's rank; the "
+                     f"processes with the same local rank on different nodes read the same shard "
+                     f"and the other shards are never read",
+                     f"{fixed} takes the rank and world size from the process group "
+                     f"(or pass rank=dist.get_rank())")
+        o = self.origin(replicas, scope)
+        if o is not None and o.kind == _LOCAL_WS:
+            self.add(replicas, "CR002", ERROR,
+                     f"{shown} passes the number of processes on this node{self._via(o)} as "
+                     f"num_replicas; it must be the world size across all nodes, or every node "
+                     f"reads the same part of the data",
+                     f"{fixed} takes the rank and world size from the process group "
+                     f"(or pass num_replicas=dist.get_world_size())")
+        shuffle = arg(3, "shuffle")
+        if isinstance(shuffle, ast.Constant) and shuffle.value is False:
+            return
+        if self._has_loop() and not self._mentions_set_epoch():
+            var = self._sampler_var(call)
+            self.add(call, "CR003", WARNING,
+                     f"{shown} shuffles, but set_epoch() is never called in this file: every "
+                     f"epoch sees the same order",
+                     f"call {var}.set_epoch(epoch) at the top of each epoch, before iterating "
+                     f"the DataLoader")
+
+    def _has_loop(self) -> bool:
+        return any(isinstance(n, (ast.For, ast.AsyncFor, ast.While)) for n in ast.walk(self.tree))
+
+    def _mentions_set_epoch(self) -> bool:
+        for n in ast.walk(self.tree):
+            if (isinstance(n, ast.Attribute) and n.attr == "set_epoch") \
+                    or (isinstance(n, ast.Name) and n.id == "set_epoch") \
+                    or (isinstance(n, ast.Constant) and n.value == "set_epoch"):
+                return True
+        return False
+
+    # CR002, CR004 (init_process_group) ---------------------------------------------------
+
+    def _env_guarded(self, node: ast.AST) -> bool:
+        """Inside an `if` that tests torchrun's environment (a single-process fallback)."""
+        child, p = node, self.parent.get(id(node))
+        while p is not None:
+            if isinstance(p, (ast.If, ast.IfExp)) and child is not p.test:
+                for n in ast.walk(p.test):
+                    if (isinstance(n, ast.Constant) and n.value in _TORCHRUN_ENV) \
+                            or (isinstance(n, (ast.Attribute, ast.Name))
+                                and self.qual(n) in ("os.environ", "os.getenv",
+                                                     _DIST + "is_torchelastic_launched")):
+                        return True
+            child, p = p, self.parent.get(id(p))
+        return False
+
+    def _check_init(self, call: ast.Call) -> None:
+        if self.call_qual(call) != _INIT_PG:
+            return
+        scope = self.scope_of.get(id(call), self.module_scope)
+        kw = {k.arg: k.value for k in call.keywords if k.arg}
+        starred = any(isinstance(a, ast.Starred) for a in call.args)
+
+        def arg(i: int, name: str) -> ast.expr | None:
+            if name in kw:
+                return kw[name]
+            return call.args[i] if len(call.args) > i and not starred else None
+
+        shown = _show(call)
+        fixed = self._rebuilt(call, _INIT_PG_PARAMS, 1, {"rank", "world_size"})
+        fix = (f"under torchrun, RANK and WORLD_SIZE come from the environment; drop rank= and "
+               f"world_size=: {fixed}")
+        guarded = self._env_guarded(call)
+        for name, i in (("rank", 4), ("world_size", 3)):
+            value = arg(i, name)
+            o = self.origin(value, scope)
+            if o is None or value is None:
+                continue
+            if o.kind == _INT and o.value != -1 and not guarded:
+                what = "rank" if name == "rank" else "world size"
+                self.add(value, "CR004", ERROR,
+                         f"{shown} hard-codes the {what} ({name}={o.value}{self._via_int(o)}); "
+                         + ("every node would claim that rank" if name == "rank" else
+                            "with any other number of nodes or GPUs the rendezvous waits forever "
+                            "or fails"),
+                         fix)
+            elif name == "rank" and o.kind == _LOCAL:
+                self.add(value, "CR002", ERROR,
+                         f"{shown} passes the local rank{self._via(o)} as the global rank; the "
+                         f"processes with the same local rank on different nodes collide",
+                         fix)
+            elif name == "world_size" and o.kind == _LOCAL_WS:
+                self.add(value, "CR002", ERROR,
+                         f"{shown} passes the number of processes on this node{self._via(o)} as "
+                         f"the world size; it must count the processes of all nodes",
+                         fix)
+
+    @staticmethod
+    def _via_int(o: _Origin) -> str:
+        return f", from {o.source}" if o.via_variable else ""
+
+    # CR005 --------------------------------------------------------------------------------
+
+    def _check_object_collectives(self) -> None:
+        nccl = False
+        for n in ast.walk(self.tree):
+            if isinstance(n, ast.Call) and self.call_qual(n) == _INIT_PG:
+                backend = next((k.value for k in n.keywords if k.arg == "backend"),
+                               n.args[0] if n.args else None)
+                if isinstance(backend, ast.Constant) and isinstance(backend.value, str) \
+                        and "nccl" in backend.value.lower():
+                    nccl = True
+                if any(k.arg == "device_id" for k in n.keywords):
+                    return                      # the process group is bound to a device
+        if not nccl:
+            return
+        for n in ast.walk(self.tree):
+            # Any way the script picks its GPU (even one we cannot follow) silences this.
+            if (isinstance(n, ast.Attribute) and n.attr == "set_device") \
+                    or (isinstance(n, ast.Name) and n.id == "set_device") \
+                    or (isinstance(n, ast.Call) and self.call_qual(n) == "torch.cuda.device") \
+                    or (isinstance(n, ast.Constant) and n.value == "CUDA_VISIBLE_DEVICES"):
+                return
+        for n in ast.walk(self.tree):
+            if isinstance(n, ast.Call) and self.call_qual(n) in _OBJECT_COLLECTIVES \
+                    and not any(k.arg == "device" for k in n.keywords):
+                self.add(n, "CR005", WARNING,
+                         f"{_show(n)} runs on torch.cuda.current_device(), which is cuda:0 in "
+                         f"every process because torch.cuda.set_device() is never called: with "
+                         f"NCCL the processes of a node share GPU 0 and fail or hang",
+                         f"call torch.cuda.set_device({_LOCAL_RANK_EXPR}) right after "
+                         f"init_process_group")
+
+
+def lint_source(source: str, path: str = "<string>") -> list[Finding]:
+    """Check one script's source; findings sorted by line. A syntax error is one
+    CR000 finding, never an exception."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")     # SyntaxWarning: not ours to report
+            tree = ast.parse(source, filename=path)
+        return _Module(tree, path).run()
+    except SyntaxError as e:
+        return [Finding(path, e.lineno or 1, e.offset or 1, "CR000", ERROR,
+                        f"syntax error: {e.msg}", "fix the syntax error; nothing else was checked")]
+    except ValueError as e:              # e.g. a NUL byte in the source
+        return [Finding(path, 1, 1, "CR000", ERROR, f"cannot parse: {e}",
+                        "is this a Python source file?")]
+    except RecursionError:
+        return [Finding(path, 1, 1, "CR000", ERROR, "too deeply nested to check",
+                        "nothing was checked in this file")]
+
+
+def _expand(paths: Sequence[str]) -> list[str]:
+    """Files as given; directories become the .py files under them (not hidden
+    directories, __pycache__ or virtual environments)."""
+    out: list[str] = []
+    for p in paths:
+        if not os.path.isdir(p):
+            out.append(p)
+            continue
+        for root, dirs, files in os.walk(p):
+            dirs[:] = sorted(d for d in dirs if not d.startswith(".") and d != "__pycache__"
+                             and not os.path.exists(os.path.join(root, d, "pyvenv.cfg")))
+            out += [os.path.join(root, f) for f in sorted(files) if f.endswith(".py")]
+    return out
+
+
+def lint_paths(paths: Sequence[str]) -> list[Finding]:
+    """Check files (directories: the .py files under them). A file that cannot be
+    read or parsed is one CR000 finding, never an exception."""
+    findings: list[Finding] = []
+    for path in _expand(paths):
+        try:
+            with tokenize.open(path) as f:       # honours a PEP 263 coding line
+                source = f.read()
+        except (OSError, UnicodeDecodeError, SyntaxError) as e:
+            reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
+            findings.append(Finding(path, 1, 1, "CR000", ERROR, f"cannot read the file: {reason}",
+                                    "check the path and that it is a readable Python file"))
+            continue
+        findings += lint_source(source, path)
+    return findings
+
+
+def format_finding(f: Finding) -> str:
+    """``train.py:12:5: error CR001 <message>`` and an indented ``fix:`` line."""
+    return f"{f.path}:{f.line}:{f.col}: {f.severity} {f.code} {f.message}\n    fix: {f.fix}"
+
+
+def _plural(n: int, word: str) -> str:
+    return f"{n} {word}" if n == 1 else f"{n} {word}s"
+
+
+def lint_command(paths: Sequence[str]) -> int:
+    """`clusterrun lint SCRIPT...`: print every finding and a summary; 1 if any
+    error, else 0. A path that does not exist is bad usage (UsageError, exit 2)."""
+    if not paths:
+        raise UsageError("lint: name at least one script to check")
+    missing = [p for p in paths if not os.path.exists(p)]
+    if missing:
+        raise UsageError(f"lint: no such file: {', '.join(missing)}")
+    files = _expand(paths)
+    findings = lint_paths(files)
+    for f in findings:
+        print(format_finding(f))
+    errors = sum(f.severity == ERROR for f in findings)
+    warnings = len(findings) - errors
+    checked = _plural(len(files), "file")
+    if not findings:
+        print(f"no problems found in {checked}")
+    else:
+        with_problems = len({f.path for f in findings})
+        where = checked if with_problems == len(files) else f"{with_problems} of {checked}"
+        counts = [_plural(errors, "error")] if errors else []
+        counts += [_plural(warnings, "warning")] if warnings else []
+        print(f"{', '.join(counts)} in {where}")
+    return 1 if errors else 0

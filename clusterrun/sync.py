@@ -1,0 +1,153 @@
+"""`up --sync`: copy the current directory to every node's workdir before launch.
+
+One exec per node: the node says what it has (size, mtime) for our file list,
+we send a tar stream of the files that differ, the node unpacks it. Nodes are
+synced in parallel. Version control, caches and virtualenvs are skipped, and
+so is whatever the top-level .gitignore names (simple patterns; no `!`).
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import json
+import os
+import shlex
+import tarfile
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+from .errors import ClusterrunError, UsageError
+from .plan import NodePlan, Plan, quote_path
+from .remote import AGENT_BOOT
+from .transport import Transport
+
+SKIP_DIRS = frozenset({".git", ".hg", ".svn", "__pycache__", ".venv", "venv", "node_modules",
+                       ".mypy_cache", ".pytest_cache", ".ruff_cache", ".tox", ".ipynb_checkpoints",
+                       ".hypothesis", ".clusterrun"})
+SKIP_FILES = ("*.pyc", "*.pyo", ".DS_Store")
+
+
+class SyncError(ClusterrunError):
+    """Copying the project to a node failed."""
+
+
+@dataclass(frozen=True)
+class LocalFile:
+    rel: str
+    size: int
+    mtime: int
+
+
+def project_files(root: Path) -> list[LocalFile]:
+    """The files --sync copies, relative to root, in a stable order."""
+    ignore = _gitignore(root)
+    out: list[LocalFile] = []
+    for dirpath, dirnames, filenames in os.walk(root):
+        rel_dir = os.path.relpath(dirpath, root)
+        rel_dir = "" if rel_dir == "." else rel_dir + "/"
+        dirnames[:] = sorted(
+            d for d in dirnames
+            if d not in SKIP_DIRS and not d.endswith(".egg-info")
+            and not (Path(dirpath, d, "pyvenv.cfg").exists())
+            and not _ignored(rel_dir + d, d, True, ignore)
+        )
+        for name in sorted(filenames):
+            rel = rel_dir + name
+            if any(fnmatch.fnmatch(name, p) for p in SKIP_FILES) or _ignored(rel, name, False, ignore):
+                continue
+            st = os.lstat(os.path.join(dirpath, name))
+            if os.path.isfile(os.path.join(dirpath, name)):
+                out.append(LocalFile(rel, st.st_size, int(st.st_mtime)))
+    return out
+
+
+def _gitignore(root: Path) -> list[str]:
+    try:
+        lines = (root / ".gitignore").read_text(errors="replace").splitlines()
+    except OSError:
+        return []
+    return [l.strip() for l in lines if l.strip() and not l.startswith(("#", "!"))]
+
+
+def _ignored(rel: str, name: str, is_dir: bool, patterns: Sequence[str]) -> bool:
+    for p in patterns:
+        dir_only = p.endswith("/")
+        p = p.rstrip("/")
+        if dir_only and not is_dir:
+            continue
+        if "/" in p:
+            if fnmatch.fnmatch(rel, p.lstrip("/")):
+                return True
+        elif fnmatch.fnmatch(name, p):
+            return True
+    return False
+
+
+def sync_command(node: NodePlan) -> str:
+    """mkdir and cd into the workdir, then the agent's sync mode (no setup needed)."""
+    assert node.workdir
+    wd = quote_path(node.workdir)
+    spec = json.dumps({"mode": "sync", "job_dir": node.job_dir})
+    return f"mkdir -p {wd} && cd {wd} && exec {quote_path(node.python)} -c {shlex.quote(AGENT_BOOT)} {shlex.quote(spec)}"
+
+
+def sync_node(node: NodePlan, transport: Transport, root: Path, files: list[LocalFile]) -> int:
+    """Bring one node's workdir up to date; returns how many files were sent."""
+    proc = transport.exec(sync_command(node))
+    try:
+        proc.send(json.dumps([f.rel for f in files]).encode() + b"\n")
+        line = proc.stdout.readline()
+        try:
+            have = json.loads(line)
+        except ValueError:
+            err = proc.stderr_text().strip() or line.decode("utf-8", "replace").strip()
+            raise SyncError(f"{node.name}: cannot sync into {node.workdir}: {err}") from None
+        changed = [f for f in files if have.get(f.rel) != [f.size, f.mtime]]
+        with tarfile.open(fileobj=_Sender(proc), mode="w|") as tar:
+            for f in changed:
+                tar.add(root / f.rel, arcname=f.rel, recursive=False)
+        proc.close_stdin()
+        done = proc.stdout.readline()
+        if not done.startswith(b"S "):
+            raise SyncError(f"{node.name}: sync failed: {proc.stderr_text().strip() or 'no answer'}")
+        return len(changed)
+    finally:
+        proc.close()
+
+
+class _Sender:
+    """A write-only file object over a Process's stdin, for tarfile's stream mode."""
+
+    def __init__(self, proc) -> None:
+        self.proc = proc
+
+    def write(self, data: bytes) -> int:
+        self.proc.send(bytes(data))
+        return len(data)
+
+
+def sync_all(plan: Plan, transports: Sequence[Transport], root: Path) -> dict[str, int]:
+    """Sync every node that needs it, in parallel; {node name: files sent}."""
+    todo = []
+    for node, t in zip(plan.nodes, transports):
+        if node.host.is_local and (not node.workdir or Path(node.workdir).expanduser().resolve() == root.resolve()):
+            continue                # already there
+        if not node.workdir:
+            raise UsageError(f"--sync needs a `workdir:` for {node.name} in {plan.hosts_path}")
+        todo.append((node, t))
+    if not todo:
+        return {}
+    files = project_files(root)
+    # Nodes sharing one workdir (a shared home) would race: sync each path once.
+    seen: dict[tuple[str, str], NodePlan] = {}
+    with ThreadPoolExecutor(max_workers=min(32, len(todo))) as pool:
+        futures = {}
+        for node, t in todo:
+            key = (node.host.host, node.workdir or "")
+            if key in seen:
+                continue
+            seen[key] = node
+            futures[node.name] = pool.submit(sync_node, node, t, root, files)
+        return {name: f.result() for name, f in futures.items()}

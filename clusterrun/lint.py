@@ -93,6 +93,7 @@ class _Binding:
     scope: "_Scope"            # where `value` is evaluated
     line: int
     target: ast.AST | None = None
+    is_import: bool = False
 
 
 class _Scope:
@@ -146,19 +147,22 @@ class _Module:
         self.findings: list[Finding] = []
         self._memo: dict[tuple[int, int], _Origin | None] = {}
         self._busy: set[tuple[int, int]] = set()
+        self._bad_indexes: set[int] = set()
         self.argparse_local_rank: ast.AST | None = None
+        self.nodes: list[ast.AST] = []       # every node, once (ast.walk order)
+        for node in ast.walk(tree):
+            self.nodes.append(node)
+            for child in ast.iter_child_nodes(node):
+                self.parent[id(child)] = node
         self._collect_imports()
         self.module_scope = _Scope("module", None)
         self._visit(tree, self.module_scope)
-        for node in ast.walk(tree):
-            for child in ast.iter_child_nodes(node):
-                self.parent[id(child)] = node
 
     # -- names ---------------------------------------------------------------
 
     def _collect_imports(self) -> None:
         seen: dict[str, str | None] = {}
-        for node in ast.walk(self.tree):
+        for node in self.nodes:
             pairs: list[tuple[str, str]] = []
             if isinstance(node, ast.Import):
                 for a in node.names:
@@ -181,6 +185,11 @@ class _Module:
         ``dist.get_rank`` with ``import torch.distributed as dist`` is
         "torch.distributed.get_rank"."""
         if isinstance(node, ast.Name):
+            bindings = self.lookup(node.id, self.scope_of.get(id(node), self.module_scope))
+            # `except ImportError: dist = None` keeps the import meaningful.
+            if not all(b.is_import or (isinstance(b.value, ast.Constant) and b.value.value is None)
+                       for b in bindings):
+                return None                     # a local `dist = ...` shadows the import
             q = self.imports.get(node.id, node.id)
         elif isinstance(node, ast.Attribute):
             base = self.qual(node.value)
@@ -203,7 +212,7 @@ class _Module:
     # -- scopes and bindings ---------------------------------------------------
 
     def _bind(self, scope: _Scope, key: str, value: ast.expr | None, line: int,
-              target: ast.AST | None = None, eval_scope: _Scope | None = None) -> None:
+              target: ast.AST | None = None, is_import: bool = False) -> None:
         base = key.split(".")[0]
         where = scope
         if base in scope.globals:
@@ -213,7 +222,7 @@ class _Module:
             while s is not None and s.kind in ("class", "comprehension"):
                 s = s.parent
             where = s or scope.module()
-        where.bindings.setdefault(key, []).append(_Binding(value, eval_scope or scope, line, target))
+        where.bindings.setdefault(key, []).append(_Binding(value, scope, line, target, is_import))
 
     def _bind_target(self, target: ast.AST, value: ast.expr | None, scope: _Scope, line: int,
                      handled: set[int]) -> None:
@@ -279,7 +288,8 @@ class _Module:
         elif isinstance(node, (ast.Import, ast.ImportFrom)):
             for a in node.names:
                 if a.name != "*":
-                    self._bind(scope, a.asname or a.name.split(".")[0], None, node.lineno)
+                    self._bind(scope, a.asname or a.name.split(".")[0], None, node.lineno,
+                               is_import=True)
         elif isinstance(node, ast.ExceptHandler) and node.name:
             self._bind(scope, node.name, None, node.lineno)
         elif isinstance(node, (ast.Name, ast.Attribute)) and isinstance(node.ctx, (ast.Store, ast.Del)):
@@ -406,11 +416,19 @@ class _Module:
 
     def run(self) -> list[Finding]:
         reported_strings: set[int] = set()
-        for node in ast.walk(self.tree):
+        device_sinks = []
+        for node in self.nodes:
             if isinstance(node, ast.Call):
-                self._check_device_sinks(node, reported_strings)
+                bad = self._device_sink(node, reported_strings)
+                if bad:
+                    device_sinks.append((node, bad))
                 self._check_sampler(node)
                 self._check_init(node)
+        # Every global rank used as a device, so that a fix for DDP(m.to(rank),
+        # device_ids=[rank]) replaces both, not only its own.
+        self._bad_indexes = {id(index) for _, bad in device_sinks for index, _, _ in bad}
+        for call, bad in device_sinks:
+            self._report_device_sink(call, bad)
         self._check_device_strings(reported_strings)
         self._check_object_collectives()
         return sorted(set(self.findings), key=lambda f: (f.line, f.col, f.code, f.message))
@@ -445,7 +463,10 @@ class _Module:
         o = self.origin(node, scope)
         return o if o is not None and o.kind == _GLOBAL else None
 
-    def _check_device_sinks(self, call: ast.Call, reported_strings: set[int]) -> None:
+    def _device_sink(self, call: ast.Call, reported_strings: set[int]
+                     ) -> list[tuple[ast.AST, ast.keyword | None, _Origin]]:
+        """The global ranks `call` uses as a device index, with the keyword each
+        was passed as (None: positional) and where it came from."""
         q = self.call_qual(call) or ""
         scope = self.scope_of.get(id(call), self.module_scope)
         kw = {k.arg: k for k in call.keywords if k.arg}
@@ -485,6 +506,7 @@ class _Module:
         elif q.startswith("torch.") and "device" in kw:
             candidates.append((kw["device"].value, kw["device"]))
 
+        bad: list[tuple[ast.AST, ast.keyword | None, _Origin]] = []
         for expr, keyword in candidates:
             index = self._device_index(expr)
             if index is not None:
@@ -492,61 +514,80 @@ class _Module:
             else:
                 index = expr
             o = self._global_rank(index, scope)
-            if o is None:
-                continue
-            shown, fixed = self._show_replaced(call, index, keyword, scope)
-            self.add(keyword or call, "CR001", ERROR,
-                     f"{shown} uses the global rank{self._via(o)} as a CUDA device index; "
-                     f"on every node but the first that GPU does not exist or another process "
-                     f"already uses it",
-                     f"use the local rank: {fixed}")
+            if o is not None:
+                bad.append((index, keyword, o))
+        return bad
+
+    def _report_device_sink(self, call: ast.Call,
+                            bad: list[tuple[ast.AST, ast.keyword | None, _Origin]]) -> None:
+        # One finding per call, even for device_ids=[rank], output_device=rank.
+        scope = self.scope_of.get(id(call), self.module_scope)
+        indexes = [n for n in ast.walk(call) if id(n) in self._bad_indexes]
+        shown, fixed = self._show_replaced(call, indexes, bad[0][1], scope)
+        self.add(bad[0][1] or call, "CR001", ERROR,
+                 f"{shown} uses the global rank{self._via(bad[0][2])} as a CUDA device index; "
+                 f"on every node but the first that GPU does not exist or another process "
+                 f"already uses it",
+                 f"use the local rank: {fixed}")
 
     def _check_device_strings(self, reported: set[int]) -> None:
-        for node in ast.walk(self.tree):
+        for node in self.nodes:
             if id(node) in reported or not isinstance(node, (ast.JoinedStr, ast.BinOp, ast.Call)):
                 continue
             index = self._device_index(node)
-            if index is None:
+            if index is None or self._is_printed(node):
                 continue
             scope = self.scope_of.get(id(node), self.module_scope)
             o = self._global_rank(index, scope)
             if o is None:
                 continue
-            fixed = _show(self._replaced(node, index, self._local_rank_name(scope, node.lineno)))
+            fixed = _show(self._replaced(node, [index], self._local_rank_name(scope, node.lineno)))
             self.add(node, "CR001", ERROR,
                      f"{_show(node)} names a CUDA device after the global rank{self._via(o)}; "
                      f"on every node but the first that GPU does not exist or another process "
                      f"already uses it",
                      f"use the local rank: {fixed}")
 
+    def _is_printed(self, node: ast.AST) -> bool:
+        """An argument of print() or a logging call: a message, not a device."""
+        p = self.parent.get(id(node))
+        if isinstance(p, ast.keyword):
+            p = self.parent.get(id(p))
+        if not isinstance(p, ast.Call) or node is p.func:
+            return False
+        name = p.func.attr if isinstance(p.func, ast.Attribute) else _key(p.func)
+        return name in ("print", "debug", "info", "warning", "warn", "error", "critical",
+                        "exception", "log", "write")
+
     @staticmethod
     def _via(o: _Origin) -> str:
         return f" ({o.source})" if o.via_variable else ""
 
     @staticmethod
-    def _replaced(root: ast.AST, target: ast.AST, replacement: str,
+    def _replaced(root: ast.AST, targets: list[ast.AST], replacement: str,
                   focus: ast.AST | None = None) -> ast.AST:
-        """A copy of `root` with `target` replaced by the expression `replacement`
-        (and, if `focus` is given, returns the copy of `focus` instead)."""
+        """A copy of `root` with each of `targets` replaced by the expression
+        `replacement` (and, if `focus` is given, returns the copy of `focus` instead)."""
         nodes = list(ast.walk(root))
         twin_nodes = list(ast.walk(twin := copy.deepcopy(root)))
-        old = twin_nodes[nodes.index(target)]
-        new = ast.parse(replacement, mode="eval").body
+        old = {id(twin_nodes[nodes.index(t)]) for t in targets}
 
         class Swap(ast.NodeTransformer):
             def generic_visit(self, node: ast.AST) -> ast.AST:
-                return new if node is old else super().generic_visit(node)
+                if id(node) in old:
+                    return ast.parse(replacement, mode="eval").body
+                return super().generic_visit(node)
 
         twin = Swap().visit(twin)
         if focus is not None:
             return list(ast.walk(twin))[nodes.index(focus)]
         return twin
 
-    def _show_replaced(self, call: ast.Call, index: ast.AST, keyword: ast.keyword | None,
+    def _show_replaced(self, call: ast.Call, indexes: list[ast.AST], keyword: ast.keyword | None,
                        scope: _Scope) -> tuple[str, str]:
         """The offending call as the message shows it, and the same with the local rank."""
         local = self._local_rank_name(scope, call.lineno)
-        fixed_call = self._replaced(call, index, local)
+        fixed_call = self._replaced(call, indexes, local)
         shown, fixed = _show(call), _show(fixed_call)
         if len(shown) <= _SHOW_LIMIT:
             return shown, fixed
@@ -555,10 +596,10 @@ class _Module:
         if isinstance(call.func, ast.Attribute) and len(func) > 30:
             func = "(...)." + call.func.attr
         focus = keyword if keyword is not None else next(
-            (a for a in call.args if index in list(ast.walk(a))), None)
-        if focus is None:
+            (a for a in call.args if indexes and indexes[0] in list(ast.walk(a))), None)
+        if focus is None or not all(i in list(ast.walk(focus)) for i in indexes):
             return shown, fixed
-        focus_fixed = self._replaced(call, index, local, focus=focus)
+        focus_fixed = self._replaced(call, indexes, local, focus=focus)
         more = "..., " if (len(call.args) + len(call.keywords)) > 1 else ""
         return f"{func}({more}{_show(focus)})", f"{func}({more}{_show(focus_fixed)})"
 
@@ -636,10 +677,10 @@ class _Module:
                      f"the DataLoader")
 
     def _has_loop(self) -> bool:
-        return any(isinstance(n, (ast.For, ast.AsyncFor, ast.While)) for n in ast.walk(self.tree))
+        return any(isinstance(n, (ast.For, ast.AsyncFor, ast.While)) for n in self.nodes)
 
     def _mentions_set_epoch(self) -> bool:
-        for n in ast.walk(self.tree):
+        for n in self.nodes:
             if (isinstance(n, ast.Attribute) and n.attr == "set_epoch") \
                     or (isinstance(n, ast.Name) and n.id == "set_epoch") \
                     or (isinstance(n, ast.Constant) and n.value == "set_epoch"):
@@ -688,9 +729,10 @@ class _Module:
                 what = "rank" if name == "rank" else "world size"
                 self.add(value, "CR004", ERROR,
                          f"{shown} hard-codes the {what} ({name}={o.value}{self._via_int(o)}); "
-                         + ("every node would claim that rank" if name == "rank" else
-                            "with any other number of nodes or GPUs the rendezvous waits forever "
-                            "or fails"),
+                         + (f"every process claims rank {o.value} and the rendezvous fails or "
+                            f"hangs" if name == "rank" else
+                            f"right only while the job has exactly {o.value} processes: with any "
+                            f"other number of nodes or GPUs the rendezvous fails or hangs"),
                          fix)
             elif name == "rank" and o.kind == _LOCAL:
                 self.add(value, "CR002", ERROR,
@@ -711,7 +753,7 @@ class _Module:
 
     def _check_object_collectives(self) -> None:
         nccl = False
-        for n in ast.walk(self.tree):
+        for n in self.nodes:
             if isinstance(n, ast.Call) and self.call_qual(n) == _INIT_PG:
                 backend = next((k.value for k in n.keywords if k.arg == "backend"),
                                n.args[0] if n.args else None)
@@ -722,14 +764,14 @@ class _Module:
                     return                      # the process group is bound to a device
         if not nccl:
             return
-        for n in ast.walk(self.tree):
+        for n in self.nodes:
             # Any way the script picks its GPU (even one we cannot follow) silences this.
             if (isinstance(n, ast.Attribute) and n.attr == "set_device") \
                     or (isinstance(n, ast.Name) and n.id == "set_device") \
                     or (isinstance(n, ast.Call) and self.call_qual(n) == "torch.cuda.device") \
                     or (isinstance(n, ast.Constant) and n.value == "CUDA_VISIBLE_DEVICES"):
                 return
-        for n in ast.walk(self.tree):
+        for n in self.nodes:
             if isinstance(n, ast.Call) and self.call_qual(n) in _OBJECT_COLLECTIVES \
                     and not any(k.arg == "device" for k in n.keywords):
                 self.add(n, "CR005", WARNING,

@@ -1,4 +1,7 @@
-"""The node side of a run: started over SSH as `<python> -c <this file> <spec-json>`.
+"""The node side of a run: started over SSH as `<python> -c <loader>`.
+
+The loader reads this file (compressed) from stdin's first line, and the spec
+(JSON) from the second; the rest of stdin belongs to the mode.
 
 Standard library only, Python 3.8+, because it runs under whatever interpreter
 the node has. It never imports clusterrun.
@@ -38,7 +41,9 @@ DISCOVER_EVERY = 0.2        # seconds between looks for new worker log files
 
 
 def main(argv):
-    spec = json.loads(argv[1])
+    # The spec comes on stdin, after the agent's own code: nothing of it (env
+    # values included) shows in the node's process list.
+    spec = json.loads(sys.stdin.buffer.readline())
     mode = spec["mode"]
     job_dir = os.path.expanduser(spec["job_dir"])
     if mode == "start":
@@ -337,8 +342,8 @@ def finish(job_dir, sources, offsets, name, **fields):
     if frames:
         write_out(b"".join(frames))
     event(name, **fields)
-    answer = sys.stdin.readline().strip()
-    if answer == "rm":
+    answer = sys.stdin.buffer.readline().strip()
+    if answer == b"rm":
         remove_tree(job_dir)
 
 

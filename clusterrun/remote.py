@@ -27,17 +27,23 @@ from .transport import Process, Transport
 # How long a node may stay unreachable before it counts as lost.
 RECONNECT_WINDOW = 60.0
 
-_AGENT = zlib.compress((Path(__file__).parent / "nodeagent.py").read_bytes(), 9)
-AGENT_BOOT = "import base64,zlib;exec(zlib.decompress(base64.b64decode(%r)))" % base64.b64encode(_AGENT).decode()
+_AGENT_LINE = base64.b64encode(zlib.compress((Path(__file__).parent / "nodeagent.py").read_bytes(), 9)) + b"\n"
+# What runs on the node: a short loader; the agent's code and spec follow on stdin.
+AGENT_LOADER = "import base64,sys,zlib;exec(zlib.decompress(base64.b64decode(sys.stdin.buffer.readline())))"
 
 
-def agent_command(node: NodePlan, spec: dict[str, Any]) -> str:
+def agent_command(node: NodePlan, prefix: str | None = None) -> str:
     """The shell line that runs the node agent: cd, setup, then exec python."""
-    spec = {"job_dir": node.job_dir, **spec}
-    return (
-        shell_prefix(node)
-        + f"exec {quote_path(node.python)} -c {shlex.quote(AGENT_BOOT)} {shlex.quote(json.dumps(spec))}"
-    )
+    prefix = shell_prefix(node) if prefix is None else prefix
+    return prefix + f"exec {quote_path(node.python)} -c {shlex.quote(AGENT_LOADER)}"
+
+
+def start_agent(node: NodePlan, transport: Transport, spec: dict[str, Any],
+                prefix: str | None = None) -> Process:
+    """Run the node agent in one mode; its stdin is then the mode's to use."""
+    proc = transport.exec(agent_command(node, prefix))
+    proc.send(_AGENT_LINE + json.dumps({"job_dir": node.job_dir, **spec}).encode() + b"\n")
+    return proc
 
 
 @dataclass(frozen=True)
@@ -105,7 +111,7 @@ class RemoteJob:
         delay = 0.25
         while True:
             try:
-                proc = self.transport.exec(agent_command(self.node, spec))
+                proc = start_agent(self.node, self.transport, spec)
                 try:
                     result = self._read(proc)
                 finally:
@@ -200,13 +206,10 @@ class AgentError(Exception):
     """The node agent could not run (no python, no workdir) or said nothing."""
 
 
-def run_agent(node: NodePlan, transport: Transport, spec: dict[str, Any], command: str | None = None,
-              stdin: bytes | None = None) -> dict[str, Any]:
+def run_agent(node: NodePlan, transport: Transport, spec: dict[str, Any]) -> dict[str, Any]:
     """Run a one-shot agent mode (kill, probe) and return its event."""
-    proc = transport.exec(command or agent_command(node, spec))
+    proc = start_agent(node, transport, spec)
     try:
-        if stdin is not None:
-            proc.send(stdin)
         while True:
             line = proc.stdout.readline()
             if not line or line.startswith(b"S "):

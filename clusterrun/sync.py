@@ -11,7 +11,6 @@ from __future__ import annotations
 import fnmatch
 import json
 import os
-import shlex
 import tarfile
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -20,7 +19,7 @@ from typing import Sequence
 
 from .errors import ClusterrunError, UsageError
 from .plan import NodePlan, Plan, quote_path
-from .remote import AGENT_BOOT
+from .remote import start_agent
 from .transport import Transport
 
 SKIP_DIRS = frozenset({".git", ".hg", ".svn", "__pycache__", ".venv", "venv", "node_modules",
@@ -85,17 +84,11 @@ def _ignored(rel: str, name: str, is_dir: bool, patterns: Sequence[str]) -> bool
     return False
 
 
-def sync_command(node: NodePlan) -> str:
-    """mkdir and cd into the workdir, then the agent's sync mode (no setup needed)."""
-    assert node.workdir
-    wd = quote_path(node.workdir)
-    spec = json.dumps({"mode": "sync", "job_dir": node.job_dir})
-    return f"mkdir -p {wd} && cd {wd} && exec {quote_path(node.python)} -c {shlex.quote(AGENT_BOOT)} {shlex.quote(spec)}"
-
-
 def sync_node(node: NodePlan, transport: Transport, root: Path, files: list[LocalFile]) -> int:
     """Bring one node's workdir up to date; returns how many files were sent."""
-    proc = transport.exec(sync_command(node))
+    assert node.workdir
+    wd = quote_path(node.workdir)
+    proc = start_agent(node, transport, {"mode": "sync"}, prefix=f"mkdir -p {wd} && cd {wd} && ")
     try:
         proc.send(json.dumps([f.rel for f in files]).encode() + b"\n")
         line = proc.stdout.readline()

@@ -255,10 +255,10 @@ def test_job_pids_for_an_unknown_marker_is_empty():
 
 
 def run_kill(job_dir: Path, marker: str, grace: float) -> dict:
-    """`kill` mode as the controller runs it: the agent as a script, one event on stdout."""
+    """`kill` mode as the controller runs it: the agent, its spec on stdin, one event on stdout."""
     spec = {"mode": "kill", "job_dir": str(job_dir), "marker": marker, "grace": grace}
-    out = subprocess.run([sys.executable, str(AGENT), json.dumps(spec)], stdout=subprocess.PIPE,
-                         stdin=subprocess.DEVNULL, timeout=30, check=True).stdout
+    out = subprocess.run([sys.executable, str(AGENT)], stdout=subprocess.PIPE,
+                         input=json.dumps(spec).encode() + b"\n", timeout=30, check=True).stdout
     assert out.startswith(b"S ") and out.endswith(b"\n") and out.count(b"\n") == 1, out
     return json.loads(out[2:])
 

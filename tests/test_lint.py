@@ -1,0 +1,650 @@
+"""`clusterrun lint`: correct scripts stay silent; each mistake is found on its line.
+
+Bad examples mark every line that must be reported with a trailing ``# expect: CRnnn``
+comment; the test compares the (line, code) pairs found with the marked ones, so a
+finding on an unmarked line fails as loudly as a missed one.
+"""
+
+from __future__ import annotations
+
+import re
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from clusterrun.errors import EXIT_USAGE, UsageError
+from clusterrun.lint import Finding, format_finding, lint_command, lint_paths, lint_source
+
+REPO = Path(__file__).resolve().parent.parent
+
+HEADER = """\
+import os
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel as DDP
+from torch.utils.data import DataLoader, DistributedSampler
+"""
+
+
+def expected(source: str) -> set[tuple[int, str]]:
+    return {(i, code)
+            for i, line in enumerate(source.splitlines(), 1)
+            for code in re.findall(r"expect: (CR\d{3})", line)}
+
+
+def found(source: str) -> set[tuple[int, str]]:
+    return {(f.line, f.code) for f in lint_source(source, "train.py")}
+
+
+def check(body: str, header: str = HEADER) -> list[Finding]:
+    """Lint header + body; the findings must be exactly the marked lines."""
+    source = header + textwrap.dedent(body)
+    assert found(source) == expected(source), "\n".join(
+        format_finding(f) for f in lint_source(source, "train.py"))
+    return lint_source(source, "train.py")
+
+
+# -- correct scripts: no findings ---------------------------------------------------
+
+GOOD_MULTINODE_TUTORIAL = '''
+"""Shaped like the PyTorch multinode tutorial (multinode.py)."""
+import os
+import torch
+import torch.nn.functional as F
+from torch.utils.data import Dataset, DataLoader
+from torch.utils.data.distributed import DistributedSampler
+from torch.nn.parallel import DistributedDataParallel as DDP
+from torch.distributed import init_process_group, destroy_process_group
+
+
+def ddp_setup():
+    init_process_group(backend="nccl")
+    torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
+
+
+class Trainer:
+    def __init__(self, model, train_data, optimizer, save_every, snapshot_path):
+        self.local_rank = int(os.environ["LOCAL_RANK"])
+        self.global_rank = int(os.environ["RANK"])
+        self.model = model.to(self.local_rank)
+        self.train_data = train_data
+        self.optimizer = optimizer
+        self.model = DDP(self.model, device_ids=[self.local_rank])
+
+    def _run_epoch(self, epoch):
+        self.train_data.sampler.set_epoch(epoch)
+        for source, targets in self.train_data:
+            source = source.to(self.local_rank)
+            targets = targets.to(self.local_rank)
+            self.optimizer.zero_grad()
+            loss = F.cross_entropy(self.model(source), targets)
+            loss.backward()
+            self.optimizer.step()
+
+    def train(self, max_epochs):
+        for epoch in range(max_epochs):
+            self._run_epoch(epoch)
+            if self.global_rank == 0:
+                torch.save(self.model.module.state_dict(), "snapshot.pt")
+
+
+def prepare_dataloader(dataset, batch_size):
+    return DataLoader(dataset, batch_size=batch_size, pin_memory=True, shuffle=False,
+                      sampler=DistributedSampler(dataset))
+
+
+def main(total_epochs, batch_size):
+    ddp_setup()
+    dataset = load_train_objs()
+    trainer = Trainer(build_model(), prepare_dataloader(dataset, batch_size), None, 1, "s.pt")
+    trainer.train(total_epochs)
+    destroy_process_group()
+'''
+
+GOOD_MODULO_DEVICE_COUNT = '''
+"""The elastic DDP tutorial: device from the global rank modulo the GPUs."""
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+
+def demo_basic():
+    dist.init_process_group("nccl")
+    rank = dist.get_rank()
+    print(f"Start running basic DDP example on rank {rank}.")
+    device_id = rank % torch.cuda.device_count()
+    torch.cuda.set_device(rank % torch.cuda.device_count())
+    model = nn.Linear(10, 5).to(device_id)
+    ddp_model = DDP(model, device_ids=[device_id])
+    x = torch.randn(20, 10, device=f"cuda:{device_id}")
+    for _ in range(3):
+        ddp_model(x).sum().backward()
+    if rank == 0:
+        print("done")
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    demo_basic()
+'''
+
+GOOD_FALLBACK_AND_EVAL = '''
+"""Runs under torchrun, or alone for debugging; a validation sampler without shuffle."""
+import os
+from os import environ
+
+import torch
+from torch import distributed as d
+from torch.utils import data
+
+
+def setup():
+    if "RANK" in os.environ:
+        d.init_process_group("nccl")
+    else:
+        d.init_process_group("gloo", init_method="tcp://127.0.0.1:29500", rank=0, world_size=1)
+    local_rank = int(environ.get("LOCAL_RANK", 0))
+    torch.cuda.set_device(local_rank)
+    return local_rank
+
+
+def main():
+    local_rank = setup()
+    rank, world = d.get_rank(), d.get_world_size()
+    device = torch.device("cuda", local_rank)
+    state = torch.load("ckpt.pt", map_location=f"cuda:{local_rank}")
+    train_sampler = data.DistributedSampler(train_ds, num_replicas=world, rank=rank, seed=1)
+    val_sampler = data.DistributedSampler(val_ds, shuffle=False)
+    loader = data.DataLoader(train_ds, sampler=train_sampler)
+    for epoch in range(10):
+        train_sampler.set_epoch(epoch)
+        for batch in loader:
+            batch = batch.to(device, non_blocking=True)
+        objs = [None] * world
+        d.all_gather_object(objs, {"epoch": epoch, "rank": rank})
+        if rank == 0:
+            print(objs)
+'''
+
+GOOD_UNKNOWN_ORIGINS = '''
+"""Variables named rank whose origin the file does not show: never flagged."""
+import argparse
+import os
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from torch.nn.parallel import DistributedDataParallel as DDP
+from torch.utils.data import DistributedSampler
+
+
+def worker(rank, world_size):
+    # mp.spawn style: `rank` is a parameter, here equal to the local rank.
+    dist.init_process_group("nccl", rank=rank, world_size=world_size)
+    torch.cuda.set_device(rank)
+    model = DDP(torch.nn.Linear(2, 2).to(rank), device_ids=[rank])
+
+
+def other(args):
+    global_rank = args.rank
+    torch.cuda.set_device(global_rank)
+    sampler = DistributedSampler(ds, rank=args.local_rank, num_replicas=args.world)
+
+
+def reassigned():
+    rank = dist.get_rank()
+    rank = rank % torch.cuda.device_count()     # two assignments: not only the global rank
+    torch.cuda.set_device(rank)
+    local_rank = int(os.environ["LOCAL_RANK"])
+    for local_rank in range(4):                 # rebound by a loop: unknown
+        pass
+    sampler = DistributedSampler(ds, rank=local_rank)
+    for epoch in range(3):
+        sampler.set_epoch(epoch)
+
+
+def shadowed():
+    dist = object()                             # not torch.distributed here
+    torch.cuda.set_device(dist.get_rank())
+
+
+if __name__ == "__main__":
+    mp.spawn(worker, args=(2,), nprocs=2)
+'''
+
+GOOD_LAUNCH_ARGPARSE = '''
+"""Old torch.distributed.launch style: --local_rank from argparse, used as a device."""
+import argparse
+import torch
+import torch.distributed as dist
+
+parser = argparse.ArgumentParser()
+parser.add_argument("--local_rank", type=int, default=0)
+args = parser.parse_args()
+torch.cuda.set_device(args.local_rank)
+dist.init_process_group(backend="nccl", init_method="env://")
+model = torch.nn.parallel.DistributedDataParallel(
+    torch.nn.Linear(2, 2).cuda(args.local_rank), device_ids=[args.local_rank],
+    output_device=args.local_rank)
+'''
+
+
+@pytest.mark.parametrize("source", [
+    GOOD_MULTINODE_TUTORIAL, GOOD_MODULO_DEVICE_COUNT, GOOD_FALLBACK_AND_EVAL,
+    GOOD_UNKNOWN_ORIGINS, GOOD_LAUNCH_ARGPARSE,
+], ids=["multinode-tutorial", "modulo-device-count", "fallback-and-eval", "unknown-origins",
+        "launch-argparse"])
+def test_correct_scripts_have_no_findings(source):
+    assert lint_source(source, "train.py") == []
+
+
+def test_the_repos_example_script_is_clean():
+    assert lint_paths([str(REPO / "scripts" / "ddp_example.py")]) == []
+
+
+def test_this_package_is_clean():
+    # No false positives on a real code base that mentions ranks all over.
+    files = sorted(str(p) for p in (REPO / "clusterrun").glob("*.py"))
+    assert lint_paths(files) == []
+
+
+# -- CR001: the global rank as a device index ----------------------------------------
+
+def test_cr001_direct_calls():
+    check("""
+        dist.init_process_group("nccl")
+        torch.cuda.set_device(dist.get_rank())  # expect: CR001
+        torch.cuda.set_device(torch.distributed.get_rank())  # expect: CR001
+        torch.cuda.set_device(int(os.environ["RANK"]))  # expect: CR001
+        torch.cuda.set_device(int(os.environ.get("RANK", "0")))  # expect: CR001
+        torch.cuda.set_device(int(os.getenv("RANK")))  # expect: CR001
+        torch.cuda.set_device(device=dist.get_rank())  # expect: CR001
+        with torch.cuda.device(dist.get_rank()):  # expect: CR001
+            pass
+        torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
+    """)
+
+
+def test_cr001_every_device_spelling():
+    check("""
+        rank = dist.get_rank()
+        a = torch.device("cuda", rank)  # expect: CR001
+        b = torch.device(type="cuda", index=rank)  # expect: CR001
+        c = torch.device(f"cuda:{rank}")  # expect: CR001
+        d = torch.device("cuda:%d" % rank)  # expect: CR001
+        e = torch.device("cuda:" + str(rank))  # expect: CR001
+        f = torch.device("cuda:{}".format(rank))  # expect: CR001
+        g = torch.device(rank)  # expect: CR001
+        model = model.cuda(rank)  # expect: CR001
+        model = model.to(rank)  # expect: CR001
+        model = model.to(device=rank)  # expect: CR001
+        x = x.to(f"cuda:{rank}", non_blocking=True)  # expect: CR001
+        y = torch.zeros(3, device=rank)  # expect: CR001
+        dist.barrier(device_ids=[rank])  # expect: CR001
+        ok = torch.device("cpu")
+        ok = torch.device("cuda", rank % torch.cuda.device_count())
+    """)
+
+
+def test_cr001_ddp_and_fsdp_one_finding_per_call():
+    findings = check("""
+        rank = int(os.environ["RANK"])
+        model = DDP(model, device_ids=[rank], output_device=rank)  # expect: CR001
+        model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[rank])  # expect: CR001
+        from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+        model = FSDP(model, device_id=rank)  # expect: CR001
+        model = FSDP(model, device_id=torch.cuda.current_device())
+    """)
+    assert findings[0].fix == ("use the local rank: "
+                               "DDP(model, device_ids=[int(os.environ['LOCAL_RANK'])], "
+                               "output_device=int(os.environ['LOCAL_RANK']))")
+
+
+def test_cr001_a_device_string_kept_in_a_variable():
+    check("""
+        rank = dist.get_rank()
+        device = f"cuda:{rank}"  # expect: CR001
+        model.to(device)
+        state = torch.load("ckpt.pt", map_location=f"cuda:{rank}")  # expect: CR001
+        print(f"rank {rank} on cuda:{rank}")
+        print(f"cuda:{rank}")
+        logger.info("cuda:%d" % rank)
+    """)
+
+
+@pytest.mark.parametrize("imports, call", [
+    ("import torch.distributed as dist", "dist.get_rank()"),
+    ("import torch.distributed as td", "td.get_rank()"),
+    ("from torch import distributed as d", "d.get_rank()"),
+    ("import torch.distributed", "torch.distributed.get_rank()"),
+    ("from torch.distributed import get_rank", "get_rank()"),
+    ("from torch.distributed import get_rank as grank", "grank()"),
+    ("import torch.distributed.distributed_c10d as c10d", "c10d.get_rank()"),
+    ("from os import environ", "int(environ['RANK'])"),
+    ("import os as _os", "int(_os.environ['RANK'])"),
+    ("from os import getenv", "int(getenv('RANK', 0))"),
+])
+def test_cr001_aliases(imports, call):
+    source = f"import torch\n{imports}\nr = {call}\ntorch.cuda.set_device(r)\n"
+    assert found(source) == {(4, "CR001")}
+
+
+def test_cr001_get_rank_of_a_group_is_not_the_global_rank():
+    # get_rank(group) may well be a rank within a per-node group: do not guess.
+    check("""
+        torch.cuda.set_device(dist.get_rank(local_group))
+        torch.cuda.set_device(dist.get_rank(group=local_group))
+    """)
+
+
+def test_cr001_variable_tracking():
+    findings = check("""
+        RANK = int(os.environ["RANK"])
+
+
+        def main():
+            global_rank = RANK                  # via another variable, from module scope
+            torch.cuda.set_device(global_rank)  # expect: CR001
+            r: int = dist.get_rank()
+            model.to(r)  # expect: CR001
+            rank, world = dist.get_rank(), dist.get_world_size()
+            torch.cuda.set_device(rank)  # expect: CR001
+            if (me := dist.get_rank()) == 0:
+                torch.cuda.set_device(me)  # expect: CR001
+
+
+        class Trainer:
+            def __init__(self):
+                self.rank = dist.get_rank()
+                self.model = build().to(self.rank)  # expect: CR001
+
+            def elsewhere(self):
+                self.model.to(self.rank)        # another method: not followed
+
+
+        def untouched(rank):
+            torch.cuda.set_device(rank)
+    """)
+    assert "global_rank = RANK, line" in findings[0].message
+
+
+def test_cr001_message_and_fix_name_the_expression_and_the_local_rank_variable():
+    [f] = check("""
+        def main():
+            local_rank = int(os.environ["LOCAL_RANK"])
+            rank = dist.get_rank()
+            torch.cuda.set_device(rank)  # expect: CR001
+    """)
+    assert f.severity == "error"
+    assert f.message.startswith("torch.cuda.set_device(rank) uses the global rank "
+                                "(rank = dist.get_rank(), line 9) as a CUDA device index")
+    assert f.fix == "use the local rank: torch.cuda.set_device(local_rank)"
+    assert (f.line, f.col) == (10, 5)
+
+
+def test_cr001_long_call_is_shortened_to_the_offending_argument():
+    [f] = check("""
+        rank = dist.get_rank()
+        model = DDP(build_a_model_with_a_long_name(layers=48, hidden=8192), find_unused_parameters=True, device_ids=[rank])  # expect: CR001
+    """)
+    assert "DDP(..., device_ids=[rank]) uses the global rank" in f.message
+    assert f.fix.endswith("DDP(..., device_ids=[int(os.environ['LOCAL_RANK'])])")
+
+
+# -- CR002: the local rank / local world size where the global one is needed ------------
+
+def test_cr002_sampler_rank_and_num_replicas():
+    findings = check("""
+        local_rank = int(os.environ["LOCAL_RANK"])
+        a = DistributedSampler(ds, rank=local_rank)  # expect: CR002
+        b = DistributedSampler(ds, rank=int(os.environ.get("LOCAL_RANK", 0)))  # expect: CR002
+        c = DistributedSampler(ds, None, local_rank)  # expect: CR002
+        d = DistributedSampler(ds, num_replicas=int(os.environ["LOCAL_WORLD_SIZE"]))  # expect: CR002
+        e = DistributedSampler(ds, num_replicas=torch.cuda.device_count())  # expect: CR002
+        f = DistributedSampler(ds, rank=dist.get_rank(), num_replicas=dist.get_world_size())
+        for epoch in range(2):
+            for s in (a, b, c, d, e, f):
+                s.set_epoch(epoch)
+    """)
+    assert findings[0].fix == ("DistributedSampler(ds) takes the rank and world size from the "
+                               "process group (or pass rank=dist.get_rank())")
+    assert "passes the local rank (local_rank = int(os.environ['LOCAL_RANK']), line 7)" \
+        in findings[0].message
+    assert findings[2].fix.startswith("DistributedSampler(ds) takes")
+
+
+def test_cr002_positional_arguments_keep_their_meaning_in_the_fix():
+    [f] = check("""
+        lr = int(os.environ["LOCAL_RANK"])
+        s = DistributedSampler(ds, 8, lr, False, 7)  # expect: CR002
+    """)
+    assert f.fix.startswith("DistributedSampler(ds, shuffle=False, seed=7) takes")
+
+
+def test_cr002_argparse_local_rank_and_attribute_assignments():
+    check("""
+        import argparse
+        from torch.utils.data.distributed import DistributedSampler as DS
+        parser = argparse.ArgumentParser()
+        parser.add_argument("--local-rank", type=int)
+        args = parser.parse_args()
+        sampler = DS(ds, rank=args.local_rank)  # expect: CR002
+
+
+        def other(cfg):
+            cfg.local_rank = int(os.environ["LOCAL_RANK"])
+            return DS(ds, rank=cfg.local_rank, shuffle=False)  # expect: CR002
+    """)
+
+
+def test_cr002_init_process_group_with_the_local_rank():
+    check("""
+        local_rank = int(os.environ["LOCAL_RANK"])
+        dist.init_process_group("nccl", rank=local_rank, world_size=int(os.environ["WORLD_SIZE"]))  # expect: CR002
+        dist.init_process_group("nccl", rank=int(os.environ["RANK"]), world_size=torch.cuda.device_count())  # expect: CR002
+    """)
+
+
+# -- CR003: no set_epoch -----------------------------------------------------------------
+
+def test_cr003_shuffling_sampler_without_set_epoch():
+    [f] = check("""
+        train_sampler = DistributedSampler(ds)  # expect: CR003
+        val_sampler = DistributedSampler(val_ds, shuffle=False)
+        loader = DataLoader(ds, sampler=train_sampler)
+        for epoch in range(10):
+            for batch in loader:
+                pass
+    """)
+    assert f.severity == "warning"
+    assert f.fix.startswith("call train_sampler.set_epoch(epoch) at the top of each epoch")
+
+
+def test_cr003_shuffle_true_or_unknown_still_warns_and_the_loop_may_be_elsewhere():
+    check("""
+        def make(ds, shuffle):
+            return DataLoader(ds, sampler=DistributedSampler(ds, shuffle=shuffle))  # expect: CR003
+
+
+        def train(loader):
+            for batch in loader:
+                step(batch)
+
+
+        s = DistributedSampler(ds, shuffle=True)  # expect: CR003
+    """)
+
+
+@pytest.mark.parametrize("body", [
+    # set_epoch called in any way at all
+    "s = DistributedSampler(ds)\nfor e in range(3):\n    loader.sampler.set_epoch(e)\n",
+    "s = DistributedSampler(ds)\nfor e in range(3):\n    getattr(s, 'set_epoch')(e)\n",
+    # no loop in this file: the training loop lives somewhere else
+    "s = DistributedSampler(ds)\ntrainer.fit(DataLoader(ds, sampler=s))\n",
+    # no shuffling, nothing to vary
+    "s = DistributedSampler(ds, shuffle=False)\nfor e in range(3):\n    pass\n",
+    "s = DistributedSampler(ds, None, None, False)\nfor e in range(3):\n    pass\n",
+])
+def test_cr003_not_reported(body):
+    assert lint_source(HEADER + body) == []
+
+
+# -- CR004: literal rank / world_size ------------------------------------------------------
+
+def test_cr004_literal_rank_and_world_size():
+    findings = check("""
+        WORLD = 8
+        dist.init_process_group("nccl", rank=0, world_size=2)  # expect: CR004
+        dist.init_process_group("nccl", rank=int(os.environ["RANK"]), world_size=16)  # expect: CR004
+        dist.init_process_group("nccl", "env://", None, 4, int(os.environ["RANK"]))  # expect: CR004
+        dist.init_process_group(backend="gloo", world_size=WORLD)  # expect: CR004
+        from torch.distributed import init_process_group as ipg
+        ipg("nccl", rank=1)  # expect: CR004
+        dist.init_process_group("nccl", rank=-1, world_size=-1)
+        dist.init_process_group("nccl")
+    """)
+    both = [f for f in findings if f.line == 8]
+    assert len(both) == 2
+    assert "hard-codes the rank (rank=0)" in both[0].message
+    assert "hard-codes the world size (world_size=2)" in both[1].message
+    assert both[0].fix.endswith("drop rank= and world_size=: dist.init_process_group('nccl')")
+    only_ws = [f for f in findings if f.line == 9]
+    assert len(only_ws) == 1 and "world_size=16" in only_ws[0].message
+    positional = [f for f in findings if f.line == 10][0]
+    assert positional.fix.endswith("dist.init_process_group('nccl', init_method='env://', timeout=None)")
+    assert "from WORLD = 8, line 7" in [f for f in findings if f.line == 11][0].message
+
+
+def test_cr004_not_reported_in_a_single_process_fallback():
+    check("""
+        if os.environ.get("WORLD_SIZE") is None:
+            dist.init_process_group("gloo", rank=0, world_size=1, init_method="tcp://127.0.0.1:1234")
+        if not dist.is_torchelastic_launched():
+            dist.init_process_group("gloo", rank=0, world_size=1)
+        elif True:
+            pass
+    """)
+
+
+# -- CR005: NCCL object collectives without set_device ------------------------------------
+
+def test_cr005_object_collective_without_set_device():
+    [f] = check("""
+        dist.init_process_group(backend="nccl")
+        local_rank = int(os.environ["LOCAL_RANK"])
+        model = DDP(model.to(local_rank), device_ids=[local_rank])
+        objs = [None] * dist.get_world_size()
+        dist.all_gather_object(objs, {"x": 1})  # expect: CR005
+        dist.broadcast_object_list(objs, src=0, device=torch.device("cuda", local_rank))
+    """)
+    assert f.severity == "warning"
+    assert "torch.cuda.set_device(int(os.environ['LOCAL_RANK']))" in f.fix
+
+
+@pytest.mark.parametrize("line", [
+    "torch.cuda.set_device(int(os.environ['LOCAL_RANK']))",
+    "setup.set_device()",
+    "os.environ['CUDA_VISIBLE_DEVICES'] = os.environ['LOCAL_RANK']",
+    "dist.init_process_group('gloo')",
+])
+def test_cr005_not_reported_when_the_device_is_chosen_or_not_nccl(line):
+    source = HEADER + line + "\ndist.init_process_group('nccl')\ndist.all_gather_object([None], 1)\n"
+    if "gloo" in line:
+        source = HEADER + line + "\ndist.all_gather_object([None], 1)\n"
+    assert lint_source(source) == []
+
+
+# -- CR000, output, the command ---------------------------------------------------------
+
+def test_syntax_error_is_a_finding_not_an_exception(tmp_path):
+    bad = tmp_path / "broken.py"
+    bad.write_text("import torch\ndef main(:\n    pass\n")
+    [f] = lint_paths([str(bad)])
+    assert (f.path, f.line, f.code, f.severity) == (str(bad), 2, "CR000", "error")
+    assert "syntax error" in f.message
+
+
+def test_unreadable_or_missing_file_is_a_finding(tmp_path):
+    binary = tmp_path / "weights.py"
+    binary.write_bytes(b"\xff\xfe\x00\x01garbage")
+    missing = tmp_path / "nope.py"
+    findings = lint_paths([str(binary), str(missing)])
+    assert [(f.path, f.code) for f in findings] == [(str(binary), "CR000"), (str(missing), "CR000")]
+
+
+def test_findings_are_sorted_by_line():
+    source = HEADER + "r = dist.get_rank()\nmodel.to(r)\ntorch.cuda.set_device(r)\n" \
+        "dist.init_process_group('nccl', rank=0)\n"
+    lines = [f.line for f in lint_source(source)]
+    assert lines == sorted(lines) == [7, 8, 9]
+
+
+def test_format_finding():
+    f = Finding("train.py", 12, 5, "CR001", "error", "torch.cuda.set_device(rank) uses ...",
+                "use the local rank: torch.cuda.set_device(local_rank)")
+    assert format_finding(f) == ("train.py:12:5: error CR001 torch.cuda.set_device(rank) uses ...\n"
+                                 "    fix: use the local rank: torch.cuda.set_device(local_rank)")
+
+
+def write(tmp_path: Path, name: str, body: str) -> str:
+    p = tmp_path / name
+    p.write_text(HEADER + textwrap.dedent(body))
+    return str(p)
+
+
+def test_lint_command_errors_exit_1(tmp_path, capsys):
+    bad = write(tmp_path, "bad.py", """
+        rank = dist.get_rank()
+        torch.cuda.set_device(rank)
+        sampler = DistributedSampler(ds)
+        for epoch in range(3):
+            pass
+    """)
+    good = str(REPO / "scripts" / "ddp_example.py")
+    assert lint_command([bad, good]) == 1
+    out = capsys.readouterr().out.splitlines()
+    assert out[0].startswith(f"{bad}:8:1: error CR001 torch.cuda.set_device(rank) uses the global rank")
+    assert out[1] == "    fix: use the local rank: torch.cuda.set_device(int(os.environ['LOCAL_RANK']))"
+    assert out[2].startswith(f"{bad}:9:11: warning CR003 ")
+    assert out[-1] == "1 error, 1 warning in 1 of 2 files"
+
+
+def test_lint_command_warnings_only_exit_0(tmp_path, capsys):
+    warn = write(tmp_path, "warn.py", """
+        sampler = DistributedSampler(ds)
+        for epoch in range(3):
+            pass
+    """)
+    assert lint_command([warn]) == 0
+    assert capsys.readouterr().out.splitlines()[-1] == "1 warning in 1 file"
+
+
+def test_lint_command_clean_exit_0(tmp_path, capsys):
+    a = write(tmp_path, "a.py", "dist.init_process_group('nccl')\n")
+    assert lint_command([a, str(REPO / "scripts" / "ddp_example.py")]) == 0
+    assert capsys.readouterr().out == "no problems found in 2 files\n"
+
+
+def test_lint_command_directory(tmp_path, capsys):
+    write(tmp_path, "a.py", "torch.cuda.set_device(dist.get_rank())\n")
+    (tmp_path / "pkg").mkdir()
+    write(tmp_path / "pkg", "b.py", "x = 1\n")
+    (tmp_path / ".venv").mkdir()
+    write(tmp_path / ".venv", "c.py", "torch.cuda.set_device(dist.get_rank())\n")
+    assert lint_command([str(tmp_path)]) == 1
+    assert capsys.readouterr().out.splitlines()[-1] == "1 error in 1 of 2 files"
+
+
+def test_lint_command_syntax_error_exit_1(tmp_path, capsys):
+    p = tmp_path / "broken.py"
+    p.write_text("def (:\n")
+    assert lint_command([str(p)]) == 1
+    assert "error CR000 syntax error" in capsys.readouterr().out
+
+
+def test_lint_command_missing_file_is_usage_error(tmp_path):
+    missing = str(tmp_path / "train.py")
+    with pytest.raises(UsageError, match=re.escape(f"no such file: {missing}")) as e:
+        lint_command([missing])
+    assert e.value.exit_code == EXIT_USAGE

@@ -1,0 +1,155 @@
+"""End-to-end: what a real cluster needs, on the sshd test cluster.
+
+check, exec, env at every level with setup/python/workdir per host, --sync,
+host ranges, an automatic master port, and the preflight that stops a run
+before anything starts.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import sys
+from pathlib import Path
+
+import pytest
+
+from test_lifecycle_e2e import Controller
+from test_up_e2e import REPORT, assert_nothing_left, hosts_file, reports, write
+
+pytestmark = pytest.mark.e2e
+
+
+@pytest.fixture
+def ctl(cluster, tmp_path) -> Controller:
+    return Controller(cluster, tmp_path)
+
+
+def test_check_healthy_nodes(cluster, ctl, tmp_path):
+    hosts = hosts_file(tmp_path, cluster.names[:2], nproc_per_node=2)
+    r = ctl.run("check", str(hosts))
+    assert r.returncode == 0, r.stdout + r.stderr
+    import torch
+
+    rows = {l.split()[0]: l for l in r.stdout.splitlines() if l.startswith("crt-n")}
+    assert set(rows) == set(cluster.names[:2])
+    for name, row in rows.items():
+        assert torch.__version__ in row and "CPU only" in row and "eth0" in row and row.endswith("ok")
+    assert "free" in rows[cluster.names[0]]          # the master port, checked on node 0
+
+
+def test_check_names_an_unreachable_node(cluster, ctl, tmp_path):
+    hosts = hosts_file(tmp_path, [cluster.names[0], {"host": cluster.names[1], "port": 2222}],
+                       connect_timeout=3)
+    r = ctl.run("check", str(hosts), timeout=60)
+    assert r.returncode == 3, r.stdout + r.stderr
+    assert f"clusterrun: {cluster.names[1]}: " in r.stdout and "refused" in r.stdout
+    row0 = next(l for l in r.stdout.splitlines() if l.startswith(cluster.names[0]))
+    assert row0.endswith("ok")
+
+
+def test_exec_tags_lines_by_node_and_names_failures(cluster, ctl, tmp_path):
+    marker = tmp_path / "pwned"
+    hosts = hosts_file(tmp_path, cluster.names[:3])
+    r = ctl.run("exec", str(hosts), "--", "sh", "-c",
+                'echo "on $(hostname)"; echo "to stderr" >&2; [ "$(hostname)" != crt-n2 ] || exit 4')
+    assert r.returncode == 1
+    for name in cluster.names[:3]:
+        assert f"[{name}] on {name}" in r.stdout.splitlines()
+        assert f"[{name}] to stderr" in r.stdout.splitlines()
+    assert "failed on 1 of 3 nodes: crt-n2 (exit 4)" in r.stderr
+    # Arguments arrive literally: nothing is run by a shell that was not asked for.
+    ok = ctl.run("exec", str(hosts), "--", "printf", "%s|", "a b", f"$(touch {marker})", "it's")
+    assert ok.returncode == 0, ok.stderr
+    assert ok.stdout.count(f"a b|$(touch {marker})|it's|") == 3
+    assert not marker.exists()
+
+
+def test_env_at_every_level_setup_python_and_workdir_per_host(cluster, ctl, tmp_path):
+    wd1 = tmp_path / "work dir one"
+    wd2 = tmp_path / "work'dir two"
+    wd1.mkdir()
+    wd2.mkdir()
+    script = write(tmp_path / "env.py", """\
+        import json, os
+        keys = ["A", "B", "C", "D", "FROM_SETUP", "PYTHONUNBUFFERED"]
+        print("ENV " + json.dumps({"rank": int(os.environ["RANK"]), "cwd": os.getcwd(),
+                                  **{k: os.environ.get(k) for k in keys}}))
+    """)
+    hosts = hosts_file(tmp_path, [
+        {"host": cluster.names[0], "workdir": str(wd1), "env": {"B": "host-one"},
+         "setup": ["export FROM_SETUP=yes", "export D=from-setup"]},
+        {"host": cluster.names[1], "workdir": str(wd2), "python": sys.executable},
+    ], env={"A": "top", "B": "top", "D": "top-$(id)"})
+    r = ctl.run("up", "--env", "A=cli value 'quoted' $(touch x)", "--env", "C=cli",
+                str(hosts), str(script))
+    assert r.returncode == 0, r.stdout + r.stderr
+    got = {}
+    for line in r.stdout.splitlines():
+        if "] ENV " in line:
+            e = json.loads(line.split("] ENV ", 1)[1])
+            got[e["rank"]] = e
+    assert got[0] == {"rank": 0, "cwd": str(wd1), "A": "cli value 'quoted' $(touch x)", "B": "host-one",
+                      "C": "cli", "D": "top-$(id)", "FROM_SETUP": "yes", "PYTHONUNBUFFERED": "1"}
+    assert got[1] == {"rank": 1, "cwd": str(wd2), "A": "cli value 'quoted' $(touch x)", "B": "top",
+                      "C": "cli", "D": "top-$(id)", "FROM_SETUP": None, "PYTHONUNBUFFERED": "1"}
+    assert not (wd1 / "x").exists() and not (wd2 / "x").exists()
+
+
+def test_sync_copies_a_project_into_per_node_workdirs(cluster, ctl, tmp_path):
+    proj = tmp_path / "proj"
+    (proj / "pkg").mkdir(parents=True)
+    (proj / "train.py").write_text(
+        "import os\nfrom pkg.util import where\nprint('SYNCED', os.environ['RANK'], where())\n")
+    (proj / "pkg" / "__init__.py").write_text("")
+    (proj / "pkg" / "util.py").write_text("import os\ndef where():\n    return os.getcwd()\n")
+    (proj / "data").mkdir()
+    (proj / "data" / "big.bin").write_bytes(b"x" * 1000)
+    (proj / ".gitignore").write_text("data/\n*.log\n")
+    (proj / "run.log").write_text("noise")
+    (proj / ".git").mkdir()
+    (proj / ".git" / "HEAD").write_text("ref: x")
+    (proj / "__pycache__").mkdir()
+    (proj / "__pycache__" / "junk.pyc").write_bytes(b"\0")
+    dest = tmp_path / "remote"
+    hosts = hosts_file(proj, [{"host": n, "workdir": str(dest / n)} for n in cluster.names[:2]])
+    ctl.tmp = proj                                   # run from the project directory
+    r = ctl.run("up", "--sync", str(hosts), "train.py")
+    assert r.returncode == 0, r.stdout + r.stderr
+    for i, n in enumerate(cluster.names[:2]):
+        assert f"[{n} g{i} l0] SYNCED {i} {dest / n}" in r.stdout.splitlines()
+        files = sorted(str(p.relative_to(dest / n)) for p in (dest / n).rglob("*")
+                       if p.is_file() and "__pycache__" not in p.parts)
+        assert files == [".gitignore", "hosts.yaml", "pkg/__init__.py", "pkg/util.py", "train.py"]
+    assert "synced crt-n1 (5 files), crt-n2 (5 files)" in r.stderr
+    # Unchanged files are not sent again; a changed one is.
+    (proj / "pkg" / "util.py").write_text("import os\ndef where():\n    return 'v2 ' + os.getcwd()\n")
+    r = ctl.run("up", "--sync", str(hosts), "train.py")
+    assert r.returncode == 0, r.stderr
+    assert "synced crt-n1 (1 files), crt-n2 (1 files)" in r.stderr
+    assert f"[crt-n1 g0 l0] SYNCED 0 v2 {dest / 'crt-n1'}" in r.stdout.splitlines()
+
+
+def test_without_sync_a_missing_script_stops_the_run_before_it_starts(cluster, ctl, tmp_path):
+    hosts = hosts_file(tmp_path, [{"host": n, "workdir": str(tmp_path / "empty")} for n in cluster.names[:2]])
+    (tmp_path / "empty").mkdir()
+    r = ctl.run("up", str(hosts), "train.py")
+    assert r.returncode == 2, r.stdout + r.stderr
+    for n in cluster.names[:2]:
+        assert f"{n}: script 'train.py' not found in {tmp_path / 'empty'}" in r.stderr
+    assert "nothing was started" in r.stderr and "Traceback" not in r.stderr
+    assert not (tmp_path / "crhome" / "runs").exists() or not list((tmp_path / "crhome" / "runs").iterdir())
+    assert_nothing_left(cluster)
+
+
+def test_a_host_range_and_an_automatic_master_port(cluster, ctl, tmp_path):
+    script = write(tmp_path / "report.py", REPORT)
+    hosts = hosts_file(tmp_path, ["crt-n[2-3]"], nproc_per_node=1, master_port="auto")
+    r = ctl.run("up", str(hosts), str(script))
+    assert r.returncode == 0, r.stdout + r.stderr
+    got = reports(r.stdout)
+    assert sorted((t["node"], int(t["g"])) for t, _ in got) == [("crt-n2", 0), ("crt-n3", 1)]
+    (run,) = (tmp_path / "crhome" / "runs").iterdir()
+    port = json.loads((run / "plan.json").read_text())["master_port"]
+    assert 1024 <= port <= 65535
+    assert all(f"--master-port={port}" in n["argv"] for n in json.loads((run / "plan.json").read_text())["nodes"])

@@ -135,8 +135,16 @@ def parse_hosts(data: Any, path: str = "<hosts>") -> HostsFile:
     defaults = _shared_fields(data, path, "")
     defaults.setdefault("nproc_per_node", 1)
     hosts: list[Host] = []
+    first_seen: dict[str, str] = {}
     for i, entry in enumerate(entries):
-        hosts.extend(_parse_entry(entry, defaults, path, f"hosts[{i}]"))
+        for h in _parse_entry(entry, defaults, path, f"hosts[{i}]"):
+            # Tags must say which machine a line came from: names are unique. (Several
+            # localhost "nodes" are the laptop demo; their tags differ by rank.)
+            if h.name in first_seen and not h.is_local:
+                raise HostsFileError(path, f"hosts[{i}]", f"`{h.name}` is already {first_seen[h.name]}; "
+                                     "give each entry its own `name:` if this is intended")
+            first_seen[h.name] = f"hosts[{i}]"
+            hosts.append(h)
 
     master_port = _port(data.get("master_port", 29500), path, "master_port", allow_auto=True)
     master_addr = data.get("master_addr")

@@ -153,6 +153,19 @@ def make_plan(
     return Plan(run_id, hosts.path, master_addr, master_port, rank_start, tuple(nodes))
 
 
+_SECRET_WORDS = ("TOKEN", "KEY", "SECRET", "PASSWORD", "PASSWD", "CREDENTIAL")
+
+
+def is_secret(name: str) -> bool:
+    """Env names that look like secrets (WANDB_API_KEY, HF_TOKEN, ...) are never shown."""
+    upper = name.upper()
+    return any(w in upper for w in _SECRET_WORDS)
+
+
+def masked(env: Mapping[str, str]) -> dict[str, str]:
+    return {k: "****" if is_secret(k) else v for k, v in env.items()}
+
+
 def quote_path(path: str) -> str:
     """Quote a path for a POSIX shell, keeping a leading ~/ expandable."""
     if path == "~":
@@ -182,9 +195,11 @@ def shell_prefix(node: NodePlan) -> str:
     return "".join(p + " && " for p in parts)
 
 
-def shell_command(node: NodePlan) -> str:
-    """The node's command as one copy-pasteable shell line (what --dry-run shows)."""
-    env = " ".join(f"{k}={shlex.quote(v)}" for k, v in node.env.items())
+def shell_command(node: NodePlan, mask: bool = True) -> str:
+    """The node's command as one copy-pasteable shell line (what --dry-run shows).
+
+    Values of secret-looking variables show as **** unless mask is False."""
+    env = " ".join(f"{k}={shlex.quote(v)}" for k, v in (masked(node.env) if mask else node.env).items())
     env = f"env {env} " if env else ""
     # argv[0] is the node's python, which may be ~/...; user arguments are quoted as-is.
     torchrun = " ".join(quote_path(a) if a == node.python else quote_arg(a, node) for a in node.argv)

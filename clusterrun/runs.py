@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import UsageError
-from .plan import Plan, plan_from_dict
+from .plan import Plan, masked, plan_from_dict
 
 # Node states, as `status` shows them.
 STARTING, RUNNING, EXITED, KILLED, LOST, FAILED_TO_START = (
@@ -102,7 +102,12 @@ class RunDir:
             return None
 
     def write_plan(self, plan: Plan) -> None:
-        self.write_json("plan.json", dataclasses.asdict(plan))
+        """The plan as run, secrets masked: nothing reads them back, so none is kept at rest."""
+        data = dataclasses.asdict(plan)
+        for node in data["nodes"]:
+            node["env"] = masked(node["env"])
+            node["host"]["env"] = masked(node["host"]["env"])
+        self.write_json("plan.json", data)
 
     def plan(self) -> Plan:
         data = self.read_json("plan.json")

@@ -526,3 +526,13 @@ def test_load_hosts_on_any_bytes_gives_a_hostsfile_or_a_hostsfileerror(raw):
         check_outcome(lambda: load_hosts(path))
     finally:
         Path(path).unlink()
+
+
+def test_the_same_host_twice_is_refused_unless_named_apart(tmp_path):
+    with pytest.raises(HostsFileError) as e:
+        parse_hosts({"hosts": ["gpu-a", "gpu-b", "gpu-a:2"]}, "hosts.yaml")
+    assert str(e.value).startswith("hosts.yaml: hosts[2]: `gpu-a` is already hosts[0]")
+    with pytest.raises(HostsFileError):
+        parse_hosts({"hosts": ["gpu[1-3]", "gpu2"]}, "hosts.yaml")
+    ok = parse_hosts({"hosts": [{"host": "localhost", "name": "a"}, {"host": "localhost", "name": "b"}]})
+    assert [h.name for h in ok.hosts] == ["a", "b"]

@@ -112,7 +112,7 @@ def test_the_hosts_python_is_used_else_the_controllers():
 
 
 def test_job_dir_is_unique_per_run_and_node_and_local_nodes_use_the_local_home():
-    plan = plan_for(["localhost", "gpu-b", "gpu-b"])
+    plan = plan_for(["localhost", "gpu-b", {"host": "gpu-b", "name": "gpu-b-2"}])
     assert [n.job_dir for n in plan.nodes] == [
         f"/tmp/crh/jobs/{RUN_ID}/0", f"~/.clusterrun/jobs/{RUN_ID}/1", f"~/.clusterrun/jobs/{RUN_ID}/2"]
     for n in plan.nodes:
@@ -136,8 +136,8 @@ def test_pythonunbuffered_defaults_to_1_but_the_users_value_is_kept():
 
 
 def test_job_marker_is_unique_per_node_and_per_run():
-    p1 = plan_for(["a", "a", "b"])
-    p2 = plan_for(["a", "a", "b"], run_id="20260101-000000-def456")
+    p1 = plan_for(["a", {"host": "a", "name": "a2"}, "b"])
+    p2 = plan_for(["a", {"host": "a", "name": "a2"}, "b"], run_id="20260101-000000-def456")
     markers = [n.env[JOB_MARKER_VAR] for p in (p1, p2) for n in p.nodes]
     assert len(set(markers)) == 6
     assert all(n.env[JOB_MARKER_VAR] == n.marker for p in (p1, p2) for n in p.nodes)
@@ -339,3 +339,15 @@ def test_render_plan_golden():
         controller_python="/usr/bin/python3", local_home="/tmp/crh",
     )
     assert render_plan(plan) == GOLDEN
+
+
+def test_secret_looking_env_values_are_masked_in_the_dry_run_only():
+    data = {"env": {"WANDB_API_KEY": "s3cr3tvalue", "HF_TOKEN": "hf_x", "DB_PASSWORD": "pw", "LR": "0.1"},
+            "hosts": ["gpu-a"]}
+    plan = plan_for(data)
+    text = render_plan(plan)
+    for secret in ("s3cr3tvalue", "hf_x", "=pw"):
+        assert secret not in text
+    assert "WANDB_API_KEY='****'" in text and "HF_TOKEN='****'" in text and "LR=0.1" in text
+    # What the node gets is the real value.
+    assert plan.nodes[0].env["WANDB_API_KEY"] == "s3cr3tvalue"

@@ -369,6 +369,34 @@ def test_cr001_variable_tracking():
     assert "global_rank = RANK, line" in findings[0].message
 
 
+def test_cr001_scopes_follow_python():
+    check("""
+        try:
+            import torch.distributed as tdist
+        except ImportError:
+            tdist = None
+        rank = None
+
+
+        def init():
+            global rank
+            rank = tdist.get_rank()
+
+
+        def use():
+            torch.cuda.set_device(rank)  # expect: CR001
+            devices = [torch.device("cuda", rank) for rank in range(8)]
+
+
+        def outer():
+            g = int(os.environ["RANK"])
+
+            def inner():
+                return torch.device("cuda", g)  # expect: CR001
+            return inner
+    """)
+
+
 def test_cr001_message_and_fix_name_the_expression_and_the_local_rank_variable():
     [f] = check("""
         def main():

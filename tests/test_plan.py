@@ -348,6 +348,6 @@ def test_secret_looking_env_values_are_masked_in_the_dry_run_only():
     text = render_plan(plan)
     for secret in ("s3cr3tvalue", "hf_x", "=pw"):
         assert secret not in text
-    assert "WANDB_API_KEY='****'" in text and "HF_TOKEN='****'" in text and "LR=0.1" in text
+    assert text.count("****") == 3 and "LR=0.1" in text
     # What the node gets is the real value.
     assert plan.nodes[0].env["WANDB_API_KEY"] == "s3cr3tvalue"

@@ -92,7 +92,6 @@ class _Binding:
     value: ast.expr | None     # None: bound by something we do not follow (param, for, ...)
     scope: "_Scope"            # where `value` is evaluated
     line: int
-    target: ast.AST | None = None
     is_import: bool = False
 
 
@@ -212,7 +211,7 @@ class _Module:
     # -- scopes and bindings ---------------------------------------------------
 
     def _bind(self, scope: _Scope, key: str, value: ast.expr | None, line: int,
-              target: ast.AST | None = None, is_import: bool = False) -> None:
+              is_import: bool = False) -> None:
         base = key.split(".")[0]
         where = scope
         if base in scope.globals:
@@ -222,7 +221,7 @@ class _Module:
             while s is not None and s.kind in ("class", "comprehension"):
                 s = s.parent
             where = s or scope.module()
-        where.bindings.setdefault(key, []).append(_Binding(value, scope, line, target, is_import))
+        where.bindings.setdefault(key, []).append(_Binding(value, scope, line, is_import))
 
     def _bind_target(self, target: ast.AST, value: ast.expr | None, scope: _Scope, line: int,
                      handled: set[int]) -> None:
@@ -238,80 +237,80 @@ class _Module:
             return
         key = _key(target)
         if key is not None:
-            self._bind(scope, key, value, line, target)
+            self._bind(scope, key, value, line)
             handled.add(id(target))
 
-    def _visit(self, node: ast.AST, scope: _Scope, handled: set[int] | None = None) -> None:
-        """Record every node's scope and every binding, with the value we can follow."""
-        handled = handled if handled is not None else set()
-        self.scope_of[id(node)] = scope
-        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda)):
-            for d in getattr(node, "decorator_list", []):
-                self._visit(d, scope, handled)
-            for d in node.args.defaults + [d for d in node.args.kw_defaults if d is not None]:
-                self._visit(d, scope, handled)
-            if not isinstance(node, ast.Lambda):
+    def _visit(self, root: ast.AST, root_scope: _Scope) -> None:
+        """Record every node's scope and every binding, with the value we can follow.
+        (Iterative, in source order: a long `a + b + ...` must not hit the recursion limit.)"""
+        handled: set[int] = set()       # Store nodes already bound with their value
+        stack: list[tuple[ast.AST, _Scope]] = [(root, root_scope)]
+
+        def push(children: list[ast.AST], where: _Scope) -> None:
+            stack.extend((c, where) for c in reversed(children))
+
+        while stack:
+            node, scope = stack.pop()
+            self.scope_of[id(node)] = scope
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda)):
+                if not isinstance(node, ast.Lambda):
+                    self._bind(scope, node.name, None, node.lineno)
+                inner = _Scope("function", scope)
+                a = node.args
+                for arg in a.posonlyargs + a.args + a.kwonlyargs + [x for x in (a.vararg, a.kwarg) if x]:
+                    inner.bindings.setdefault(arg.arg, []).append(_Binding(None, inner, node.lineno))
+                push([node.body] if isinstance(node, ast.Lambda) else node.body, inner)
+                # Decorators and defaults are evaluated where the function is defined.
+                push(getattr(node, "decorator_list", []) + a.defaults
+                     + [d for d in a.kw_defaults if d is not None], scope)
+                continue
+            if isinstance(node, ast.ClassDef):
                 self._bind(scope, node.name, None, node.lineno)
-            inner = _Scope("function", scope)
-            a = node.args
-            for arg in a.posonlyargs + a.args + a.kwonlyargs + [x for x in (a.vararg, a.kwarg) if x]:
-                inner.bindings.setdefault(arg.arg, []).append(_Binding(None, inner, node.lineno))
-            for stmt in ([node.body] if isinstance(node, ast.Lambda) else node.body):
-                self._visit(stmt, inner, handled)
-            return
-        if isinstance(node, ast.ClassDef):
-            for d in node.decorator_list + node.bases + [k.value for k in node.keywords]:
-                self._visit(d, scope, handled)
-            self._bind(scope, node.name, None, node.lineno)
-            inner = _Scope("class", scope)
-            for stmt in node.body:
-                self._visit(stmt, inner, handled)
-            return
-        if isinstance(node, (ast.ListComp, ast.SetComp, ast.DictComp, ast.GeneratorExp)):
-            inner = _Scope("comprehension", scope)
-            for child in ast.iter_child_nodes(node):
-                self._visit(child, inner, handled)
-            return
-        if isinstance(node, ast.Global):
-            scope.globals.update(node.names)
-        elif isinstance(node, ast.Nonlocal):
-            scope.nonlocals.update(node.names)
-        elif isinstance(node, ast.Assign):
-            for t in node.targets:
-                self._bind_target(t, node.value, scope, node.lineno, handled)
-        elif isinstance(node, ast.AnnAssign) and node.value is not None:
-            self._bind_target(node.target, node.value, scope, node.lineno, handled)
-        elif isinstance(node, ast.AnnAssign):
-            handled.add(id(node.target))          # a bare annotation binds nothing
-        elif isinstance(node, ast.NamedExpr):
-            self._bind_target(node.target, node.value, scope, node.lineno, handled)
-        elif isinstance(node, (ast.Import, ast.ImportFrom)):
-            for a in node.names:
-                if a.name != "*":
-                    self._bind(scope, a.asname or a.name.split(".")[0], None, node.lineno,
-                               is_import=True)
-        elif isinstance(node, ast.ExceptHandler) and node.name:
-            self._bind(scope, node.name, None, node.lineno)
-        elif isinstance(node, (ast.Name, ast.Attribute)) and isinstance(node.ctx, (ast.Store, ast.Del)):
-            # for-targets, with-targets, augmented assignments, del: not followed.
-            key = _key(node)
-            if key is not None and id(node) not in handled:
-                self._bind(scope, key, None, node.lineno)
-                handled.add(id(node))
-        elif type(node).__name__ in ("MatchAs", "MatchStar") and getattr(node, "name", None):
-            self._bind(scope, node.name, None, node.lineno)
-        elif type(node).__name__ == "MatchMapping" and getattr(node, "rest", None):
-            self._bind(scope, node.rest, None, node.lineno)
-        if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) \
-                and node.func.attr == "add_argument" and self.argparse_local_rank is None:
-            flags = [a.value for a in node.args if isinstance(a, ast.Constant)]
-            dest = next((k.value for k in node.keywords if k.arg == "dest"), None)
-            if any(f in ("--local_rank", "--local-rank") for f in flags) and (
-                    dest is None or (isinstance(dest, ast.Constant) and dest.value == "local_rank")):
-                # torch.distributed.launch fills this with the local rank.
-                self.argparse_local_rank = node
-        for child in ast.iter_child_nodes(node):
-            self._visit(child, scope, handled)
+                push(node.body, _Scope("class", scope))
+                push(node.decorator_list + node.bases + [k.value for k in node.keywords], scope)
+                continue
+            if isinstance(node, (ast.ListComp, ast.SetComp, ast.DictComp, ast.GeneratorExp)):
+                push(list(ast.iter_child_nodes(node)), _Scope("comprehension", scope))
+                continue
+            if isinstance(node, ast.Global):
+                scope.globals.update(node.names)
+            elif isinstance(node, ast.Nonlocal):
+                scope.nonlocals.update(node.names)
+            elif isinstance(node, ast.Assign):
+                for t in node.targets:
+                    self._bind_target(t, node.value, scope, node.lineno, handled)
+            elif isinstance(node, ast.AnnAssign) and node.value is not None:
+                self._bind_target(node.target, node.value, scope, node.lineno, handled)
+            elif isinstance(node, ast.AnnAssign):
+                handled.add(id(node.target))          # a bare annotation binds nothing
+            elif isinstance(node, ast.NamedExpr):
+                self._bind_target(node.target, node.value, scope, node.lineno, handled)
+            elif isinstance(node, (ast.Import, ast.ImportFrom)):
+                for a in node.names:
+                    if a.name != "*":
+                        self._bind(scope, a.asname or a.name.split(".")[0], None, node.lineno,
+                                   is_import=True)
+            elif isinstance(node, ast.ExceptHandler) and node.name:
+                self._bind(scope, node.name, None, node.lineno)
+            elif isinstance(node, (ast.Name, ast.Attribute)) and isinstance(node.ctx, (ast.Store, ast.Del)):
+                # for-targets, with-targets, augmented assignments, del: not followed.
+                key = _key(node)
+                if key is not None and id(node) not in handled:
+                    self._bind(scope, key, None, node.lineno)
+                    handled.add(id(node))
+            elif type(node).__name__ in ("MatchAs", "MatchStar") and getattr(node, "name", None):
+                self._bind(scope, node.name, None, node.lineno)
+            elif type(node).__name__ == "MatchMapping" and getattr(node, "rest", None):
+                self._bind(scope, node.rest, None, node.lineno)
+            elif isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) \
+                    and node.func.attr == "add_argument" and self.argparse_local_rank is None:
+                flags = [a.value for a in node.args if isinstance(a, ast.Constant)]
+                dest = next((k.value for k in node.keywords if k.arg == "dest"), None)
+                if any(f in ("--local_rank", "--local-rank") for f in flags) and (
+                        dest is None or (isinstance(dest, ast.Constant) and dest.value == "local_rank")):
+                    # torch.distributed.launch fills this with the local rank.
+                    self.argparse_local_rank = node
+            push(list(ast.iter_child_nodes(node)), scope)
 
     def lookup(self, key: str, scope: _Scope) -> list[_Binding]:
         for s in scope.chain():
@@ -384,6 +383,10 @@ class _Module:
                 a = self.argparse_local_rank
                 return _Origin(_LOCAL, f"{_show(a)}, line {a.lineno}", a.lineno, True)
             return None
+        # `rank = None` is a placeholder until the real assignment: not a value.
+        placeholders = [b for b in bindings if isinstance(b.value, ast.Constant) and b.value.value is None]
+        if len(placeholders) < len(bindings):
+            bindings = [b for b in bindings if b not in placeholders]
         kinds = []
         for b in bindings:
             o = self.origin(b.value, b.scope) if b.value is not None else None
@@ -526,8 +529,7 @@ class _Module:
         shown, fixed = self._show_replaced(call, indexes, bad[0][1], scope)
         self.add(bad[0][1] or call, "CR001", ERROR,
                  f"{shown} uses the global rank{self._via(bad[0][2])} as a CUDA device index; "
-                 f"on every node but the first that GPU does not exist or another process "
-                 f"already uses it",
+                 f"on every node but the first it names a GPU past the node's own",
                  f"use the local rank: {fixed}")
 
     def _check_device_strings(self, reported: set[int]) -> None:
@@ -544,8 +546,7 @@ class _Module:
             fixed = _show(self._replaced(node, [index], self._local_rank_name(scope, node.lineno)))
             self.add(node, "CR001", ERROR,
                      f"{_show(node)} names a CUDA device after the global rank{self._via(o)}; "
-                     f"on every node but the first that GPU does not exist or another process "
-                     f"already uses it",
+                     f"on every node but the first it names a GPU past the node's own",
                      f"use the local rank: {fixed}")
 
     def _is_printed(self, node: ast.AST) -> bool:
@@ -661,8 +662,8 @@ class _Module:
         if o is not None and o.kind == _LOCAL_WS:
             self.add(replicas, "CR002", ERROR,
                      f"{shown} passes the number of processes on this node{self._via(o)} as "
-                     f"num_replicas; it must be the world size across all nodes, or every node "
-                     f"reads the same part of the data",
+                     f"num_replicas; it must be the world size across all nodes: the other "
+                     f"nodes' ranks are out of range, or every node reads the same samples",
                      f"{fixed} takes the rank and world size from the process group "
                      f"(or pass num_replicas=dist.get_world_size())")
         shuffle = arg(3, "shuffle")
@@ -757,8 +758,9 @@ class _Module:
             if isinstance(n, ast.Call) and self.call_qual(n) == _INIT_PG:
                 backend = next((k.value for k in n.keywords if k.arg == "backend"),
                                n.args[0] if n.args else None)
+                # "cpu:gloo,cuda:nccl" runs object collectives on the CPU: not affected.
                 if isinstance(backend, ast.Constant) and isinstance(backend.value, str) \
-                        and "nccl" in backend.value.lower():
+                        and "nccl" in backend.value.lower() and "cpu:" not in backend.value.lower():
                     nccl = True
                 if any(k.arg == "device_id" for k in n.keywords):
                     return                      # the process group is bound to a device
@@ -855,7 +857,7 @@ def lint_command(paths: Sequence[str]) -> int:
     for f in findings:
         print(format_finding(f))
     errors = sum(f.severity == ERROR for f in findings)
-    warnings = len(findings) - errors
+    n_warnings = len(findings) - errors
     checked = _plural(len(files), "file")
     if not findings:
         print(f"no problems found in {checked}")
@@ -863,6 +865,6 @@ def lint_command(paths: Sequence[str]) -> int:
         with_problems = len({f.path for f in findings})
         where = checked if with_problems == len(files) else f"{with_problems} of {checked}"
         counts = [_plural(errors, "error")] if errors else []
-        counts += [_plural(warnings, "warning")] if warnings else []
+        counts += [_plural(n_warnings, "warning")] if n_warnings else []
         print(f"{', '.join(counts)} in {where}")
     return 1 if errors else 0

@@ -1,0 +1,215 @@
+"""End-to-end: the promises of docs/guarantees.md, on the sshd test cluster.
+
+Host keys (unknown refused, accept-new, changed always refused, nothing started
+anywhere), faults (a silent node at start, a node whose processes all die, a
+network link cut for seconds), injection and secrets.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import stat
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from test_lifecycle_e2e import TICKER, Controller, tagged_ticks
+from test_up_e2e import REPORT, assert_nothing_left, hosts_file, reports, write
+
+pytestmark = pytest.mark.e2e
+
+
+@pytest.fixture
+def ctl(cluster, tmp_path) -> Controller:
+    return Controller(cluster, tmp_path)
+
+
+@pytest.fixture
+def ssh_config(cluster):
+    """Prepend Host blocks to the controller's ~/.ssh/config for one test."""
+    path = cluster.home / ".ssh" / "config"
+    original = path.read_text()
+    yield lambda text: path.write_text(text + "\n" + original)
+    path.write_text(original)
+
+
+def alias(name: str, addr: str, cluster, known_hosts: Path, extra: str = "") -> str:
+    return (f"Host {name}\n    HostName {addr}\n    User root\n"
+            f"    IdentityFile {cluster.home / '.ssh' / 'id_ed25519'}\n"
+            f"    UserKnownHostsFile {known_hosts}\n{extra}")
+
+
+# --- host keys ---------------------------------------------------------------------
+
+def test_unknown_host_key_refused_then_trusted_with_accept_new(cluster, ctl, tmp_path, ssh_config):
+    known = tmp_path / "known_hosts"
+    known.write_text("")
+    ssh_config(alias("fresh", cluster.addrs[0], cluster, known))
+    script = write(tmp_path / "report.py", REPORT)
+    hosts = hosts_file(tmp_path, ["fresh"])
+    r = ctl.run("up", str(hosts), str(script))
+    assert r.returncode == 3 and "unknown host key" in r.stderr and "--accept-new-host-keys" in r.stderr
+    assert known.read_text() == ""
+    r = ctl.run("up", "--accept-new-host-keys", str(hosts), str(script))
+    assert r.returncode == 0, r.stderr
+    assert known.read_text().startswith(f"{cluster.addrs[0]} ssh-ed25519 ")
+    r = ctl.run("up", str(hosts), str(script))         # now known: no flag needed
+    assert r.returncode == 0, r.stderr
+
+
+def test_strict_host_key_checking_accept_new_in_ssh_config_is_honoured(cluster, ctl, tmp_path, ssh_config):
+    known = tmp_path / "known_hosts"
+    known.write_text("")
+    ssh_config(alias("fresh", cluster.addrs[1], cluster, known, "    StrictHostKeyChecking accept-new\n"))
+    r = ctl.run("exec", str(hosts_file(tmp_path, ["fresh"])), "--", "hostname")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout == f"[fresh] {cluster.names[1]}\n"
+    assert cluster.addrs[1] in known.read_text()
+
+
+def test_a_changed_host_key_is_always_refused_and_nothing_starts(cluster, ctl, tmp_path, ssh_config):
+    other = tmp_path / "other_key"
+    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(other)], check=True)
+    known = tmp_path / "known_hosts"
+    known.write_text(f"{cluster.addrs[1]} {(other.with_suffix('.pub')).read_text().split(' ')[0]} "
+                     f"{(other.with_suffix('.pub')).read_text().split(' ')[1]}\n")
+    ssh_config(alias("impostor", cluster.addrs[1], cluster, known))
+    script = write(tmp_path / "ticker.py", TICKER)
+    hosts = hosts_file(tmp_path, [cluster.names[0], "impostor"])
+    for flags in ([], ["--accept-new-host-keys"]):
+        r = ctl.run("up", *flags, str(hosts), str(script), "5", "0.1")
+        assert r.returncode == 3, r.stdout + r.stderr
+        assert "impostor" in r.stderr and "CHANGED" in r.stderr and "nothing was started" in r.stderr
+        assert "tick" not in r.stdout
+    assert_nothing_left(cluster)
+
+
+# --- faults --------------------------------------------------------------------------
+
+def test_a_silent_node_at_start_is_named_within_the_connect_timeout(cluster, ctl, tmp_path, ssh_config):
+    # An address on our own test bridge where no node answers: packets go nowhere.
+    known = cluster.home / ".ssh" / "known_hosts"
+    ssh_config(alias("ghost", "10.231.19.250", cluster, known))
+    script = write(tmp_path / "ticker.py", TICKER)
+    hosts = hosts_file(tmp_path, [cluster.names[0], "ghost"], connect_timeout=2)
+    r = ctl.run("up", str(hosts), str(script), "5", "0.1", timeout=60)
+    assert r.returncode == 3, r.stdout + r.stderr
+    assert "ghost: root@10.231.19.250:22: timed out after 2s" in r.stderr
+    assert "nothing was started" in r.stderr and "tick" not in r.stdout
+    assert_nothing_left(cluster)
+
+
+def test_a_node_whose_processes_are_all_killed_ends_the_run(cluster, ctl, tmp_path):
+    script = write(tmp_path / "ticker.py", TICKER)
+    victim = cluster.names[1]
+    hosts = hosts_file(tmp_path, cluster.names[:2], nproc_per_node=1)
+    p = ctl.popen("up", str(hosts), str(script), "100000", "0.05")
+    try:
+        for line in p.stdout:
+            if " tick 1 5" in line:
+                break
+        # Everything on that node but its sshd listener: job, workers, agent, ssh session.
+        for pid in cluster.leftover_pids(victim):
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        out, err = p.communicate(timeout=120)
+    finally:
+        p.kill()
+    assert p.returncode == 1, err
+    assert f"clusterrun: node {victim} (node_rank 1) was lost" in err
+    assert f"clusterrun: node {cluster.names[0]} (ranks 0-0) was stopped after node {victim} failed" in err
+    assert_nothing_left(cluster)
+
+
+def test_a_network_link_cut_for_seconds_loses_no_line(cluster, ctl, tmp_path):
+    script = write(tmp_path / "ticker.py", TICKER)
+    node = cluster.names[1]
+    veth = f"crt-v{node.rsplit('n', 1)[1]}"
+    hosts = hosts_file(tmp_path, cluster.names[:2], nproc_per_node=1)
+    p = ctl.popen("up", str(hosts), str(script), "250", "0.04")
+    try:
+        seen = []
+        for line in p.stdout:
+            seen.append(line)
+            if " tick 1 30" in line:
+                break
+        subprocess.run(["ip", "link", "set", veth, "down"], check=True)
+        try:
+            time.sleep(4)
+        finally:
+            subprocess.run(["ip", "link", "set", veth, "up"], check=True)
+        out, err = p.communicate(timeout=180)
+    finally:
+        subprocess.run(["ip", "link", "set", veth, "up"], check=False)
+        p.kill()
+    assert p.returncode == 0, err
+    stdout = "".join(seen) + out
+    for rank in (0, 1):
+        assert tagged_ticks(stdout, rank) == list(range(250)), f"rank {rank}"
+
+
+# --- injection and secrets -----------------------------------------------------------------
+
+def test_no_value_is_run_by_a_shell_except_setup_lines(cluster, ctl, tmp_path):
+    import uuid
+
+    mark = f"crpwned{uuid.uuid4().hex[:8]}"       # `touch <mark>`, wherever a shell would run it
+    setup_marker = tmp_path / "setup-ran"
+    odd = tmp_path / f"w $(touch {mark}) `touch {mark}`; touch {mark}"
+    odd.mkdir()
+    script = write(odd / "report.py", REPORT)
+    hosts = hosts_file(tmp_path, [
+        {"host": cluster.names[0], "workdir": str(odd), "setup": f"touch {setup_marker}",
+         "env": {"X": f"$(touch {mark})"}},
+    ])
+    r = ctl.run("up", "--env", f"Y=`touch {mark}`", str(hosts), "report.py", f"$(touch {mark})")
+    assert r.returncode == 0, r.stdout + r.stderr
+    ((_, rep),) = reports(r.stdout)
+    assert rep["args"] == [f"$(touch {mark})"]
+    assert setup_marker.exists()                 # setup lines are shell, by design
+    # A python path is a path, not a command line.
+    bad = hosts_file(tmp_path, [{"host": cluster.names[0], "python": f"{sys.executable}; touch {mark}"}],
+                     "bad.yaml")
+    r = ctl.run("up", str(bad), str(script))
+    assert r.returncode == 2 and "cannot run" in r.stderr
+    for where in (odd, tmp_path, Path.home(), Path("/root"), Path("/"), Path.cwd()):
+        assert not (where / mark).exists(), where
+
+
+def test_secrets_never_show_and_state_is_private(cluster, ctl, tmp_path):
+    secret = "hf_9f8e7d6c5b4a"
+    script = write(tmp_path / "ticker.py", TICKER)
+    hosts = hosts_file(tmp_path, cluster.names[:2], nproc_per_node=1)
+    dry = ctl.run("up", "--dry-run", "--env", f"HF_TOKEN={secret}", str(hosts), str(script), "3", "0.1")
+    assert dry.returncode == 0 and "HF_TOKEN" in dry.stdout and secret not in dry.stdout
+    p = ctl.popen("up", "--env", f"HF_TOKEN={secret}", str(hosts), str(script), "60", "0.1")
+    try:
+        for line in p.stdout:
+            if " tick 1 3" in line:
+                break
+        # Not in any command line on the nodes (where `ps` would show it).
+        for n in cluster.names[:2]:
+            for pid in cluster.leftover_pids(n):
+                try:
+                    assert secret.encode() not in Path(f"/proc/{pid}/cmdline").read_bytes()
+                except FileNotFoundError:
+                    pass
+        out, err = p.communicate(timeout=120)
+    finally:
+        p.kill()
+    assert p.returncode == 0 and secret not in out + err
+    for cmd in (["status"], ["status", "--json"], ["logs"], ["ps"]):
+        r = ctl.run(*cmd)
+        assert secret not in r.stdout + r.stderr
+    home = tmp_path / "crhome"
+    assert stat.S_IMODE(home.stat().st_mode) == 0o700
+    for path in home.rglob("*"):
+        assert secret.encode() not in path.read_bytes() if path.is_file() else True
+        mode = stat.S_IMODE(path.stat().st_mode)
+        assert mode == (0o700 if path.is_dir() else 0o600), (path, oct(mode))

@@ -14,6 +14,7 @@ from pathlib import Path
 from .controller import ControlOptions, RunController
 from .errors import UsageError
 from .hostsfile import HostsFile, load_hosts
+from .lint import format_finding, lint_paths
 from .plan import LaunchOptions, Plan, make_plan, master_addr_for, render_plan
 from .preflight import auto_port, preflight
 from .runs import RunDir, clusterrun_home, new_run_id
@@ -72,6 +73,7 @@ def dry_run(hosts_path: str, opts: LaunchOptions) -> str:
 def up(hosts_path: str, opts: LaunchOptions, up_opts: UpOptions) -> int:
     hosts = load_hosts(hosts_path)
     term = Terminal()
+    lint_warnings(opts, term)
     term.progress(f"connecting to {len(hosts.hosts)} nodes")
     transports = connect_all(hosts.hosts, hosts.connect_timeout, up_opts.accept_new_host_keys)
     run_id = new_run_id()
@@ -113,6 +115,15 @@ def up(hosts_path: str, opts: LaunchOptions, up_opts: UpOptions) -> int:
     finally:
         ctl.close()
         lock.release()
+
+
+def lint_warnings(opts: LaunchOptions, term: Terminal) -> None:
+    """`clusterrun lint` on the script, if it is a file here: findings are warnings."""
+    if opts.module or not os.path.isfile(opts.script):
+        return
+    for f in lint_paths([opts.script]):
+        if f.code != "CR000":       # a file Python cannot parse here is the node's to report
+            term.message("clusterrun: warning: " + format_finding(f).replace("\n", "\n  "))
 
 
 def _detach(ctl: RunController, run: RunDir, lock, term: Terminal) -> int:

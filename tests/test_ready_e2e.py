@@ -153,3 +153,38 @@ def test_a_host_range_and_an_automatic_master_port(cluster, ctl, tmp_path):
     port = json.loads((run / "plan.json").read_text())["master_port"]
     assert 1024 <= port <= 65535
     assert all(f"--master-port={port}" in n["argv"] for n in json.loads((run / "plan.json").read_text())["nodes"])
+
+
+def test_lint_finds_rank_mistakes_and_up_warns_about_them(cluster, ctl, tmp_path):
+    good = write(tmp_path / "good.py", """\
+        import os, torch, torch.distributed as dist
+        dist.init_process_group("gloo")
+        local_rank = int(os.environ["LOCAL_RANK"])
+        print("ok", dist.get_rank(), local_rank)
+    """)
+    bad = write(tmp_path / "bad.py", """\
+        import os, torch, torch.distributed as dist
+        from torch.utils.data import DistributedSampler
+        dist.init_process_group("gloo", rank=0, world_size=2)
+        rank = dist.get_rank()
+        device = torch.device(f"cuda:{rank}")
+        sampler = DistributedSampler(range(8), rank=int(os.environ["LOCAL_RANK"]))
+        print("ran anyway", rank)
+    """)
+    r = ctl.run("lint", str(good))
+    assert r.returncode == 0 and "no problems found" in r.stdout
+    r = ctl.run("lint", str(bad))
+    assert r.returncode == 1
+    for line, code in ((3, "CR004"), (5, "CR001"), (6, "CR002")):
+        assert re.search(rf"^{re.escape(str(bad))}:{line}:\d+: error {code} ", r.stdout, re.M), r.stdout
+    # up prints the findings as warnings, then runs the script anyway.
+    hosts = hosts_file(tmp_path, cluster.names[:1], nproc_per_node=1)
+    ok = write(tmp_path / "warned.py", """\
+        import os, torch
+        device = torch.device("cuda", int(os.environ["RANK"]))
+        print("started anyway")
+    """)
+    r = ctl.run("up", str(hosts), str(ok))
+    assert r.returncode == 0, r.stderr
+    assert re.search(rf"^clusterrun: warning: {re.escape(str(ok))}:2:\d+: error CR001 ", r.stderr, re.M), r.stderr
+    assert f"[{cluster.names[0]} g0 l0] started anyway" in r.stdout.splitlines()

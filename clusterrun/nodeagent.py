@@ -18,6 +18,7 @@ Output protocol on stdout (binary, read by clusterrun/remote.py):
   D <key> <n>\\n<n bytes>   whole lines from one output file; key is "L" for
                            torchrun's own output, the local rank for a worker
   S <json>\\n              an event: started, exit, lost, killed
+  H\\n                     a heartbeat while the job is quiet
 After the final event the agent waits for one line on stdin; "rm" removes the
 job directory (the controller has everything by then).
 """
@@ -38,6 +39,7 @@ POLL_IDLE = 0.02            # seconds between polls when no file grew
 READ_MAX = 1 << 20          # bytes read from one file per pass
 LINE_MAX = 1 << 20          # a "line" longer than this is passed on in pieces
 DISCOVER_EVERY = 0.2        # seconds between looks for new worker log files
+HEARTBEAT = 5.0             # an idle stream says "H" this often, so a dead link shows
 
 
 def main(argv):
@@ -312,6 +314,7 @@ def stream(job_dir, offsets, follow=True):
     exit_path = os.path.join(job_dir, "exit.json")
     pgid = int(read_text(os.path.join(job_dir, "pgid")) or 0)
     next_discover = 0.0
+    last_out = time.monotonic()
     while True:
         now = time.monotonic()
         if now >= next_discover:
@@ -320,7 +323,11 @@ def stream(job_dir, offsets, follow=True):
         frames = read_frames(sources)
         if frames:
             write_out(b"".join(frames))
+            last_out = now
             continue
+        if now - last_out >= HEARTBEAT:
+            write_out(b"H\n")
+            last_out = now
         done = os.path.exists(exit_path)
         if not done and not group_alive(pgid):
             done = os.path.exists(exit_path)

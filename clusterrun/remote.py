@@ -26,6 +26,9 @@ from .transport import Process, Transport
 
 # How long a node may stay unreachable before it counts as lost.
 RECONNECT_WINDOW = 60.0
+# No byte from a streaming node agent for this long (it sends a heartbeat every
+# 5 s) means the link is dead, even if TCP has not noticed yet.
+STALL_TIMEOUT = 30.0
 
 _AGENT_LINE = base64.b64encode(zlib.compress((Path(__file__).parent / "nodeagent.py").read_bytes(), 9)) + b"\n"
 # What runs on the node: a short loader; the agent's code and spec follow on stdin.
@@ -147,8 +150,11 @@ class RemoteJob:
         """Frames until the agent's final event; None if the connection broke."""
         out, data = proc.stdout, self.output.data
         readline, read = out.readline, out.read
+        header = readline()             # setup lines may take a while: no limit until the agent speaks
+        # The agent says something at least every HEARTBEAT seconds; silence far
+        # longer than that is a dead link (raises socket.timeout: reconnect).
+        proc.set_read_timeout(STALL_TIMEOUT)
         while True:
-            header = readline()
             if header[:2] == b"D ":
                 _, key, n = header.split(b" ")
                 size = int(n)
@@ -156,24 +162,30 @@ class RemoteJob:
                 if len(chunk) < size:
                     return self._broken(proc)
                 data(key.decode(), chunk)
+            elif header == b"H\n":          # heartbeat: the link is alive
+                pass
             elif header[:2] == b"S ":
                 ev = json.loads(header[2:])
                 name = ev.pop("event")
                 if name == "started":
                     self.on_started(self.node, ev)
-                    continue
-                if name == "running":        # attach without follow: caught up
+                elif name == "running":      # attach without follow: caught up
                     return NodeResult(self.node, RUNNING)
-                proc.send(b"rm\n")          # every byte is in our logs: the node may clean up
-                proc.wait(timeout=10)
-                if name == "exit":
-                    return NodeResult(self.node, EXITED, ev["code"],
-                                      [RankFailure(**f) for f in ev.get("failures", [])])
-                return NodeResult(self.node, LOST, message=ev.get("reason", ""))
+                else:
+                    return self._final(proc, name, ev)
             elif header:                    # e.g. a login script printing: show it, untagged by rank
                 data("L", header if header.endswith(b"\n") else header + b"\n")
             else:
                 return self._broken(proc)
+            header = readline()
+
+    def _final(self, proc: Process, name: str, ev: dict[str, Any]) -> NodeResult:
+        proc.send(b"rm\n")                  # every byte is in our logs: the node may clean up
+        proc.wait(timeout=10)
+        if name == "exit":
+            return NodeResult(self.node, EXITED, ev["code"],
+                              [RankFailure(**f) for f in ev.get("failures", [])])
+        return NodeResult(self.node, LOST, message=ev.get("reason", ""))
 
     def _broken(self, proc: Process) -> NodeResult | None:
         """EOF before the final event: the agent failed, or the connection did."""

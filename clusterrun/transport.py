@@ -42,6 +42,7 @@ class Process(Protocol):
     stdout: IO[bytes]
 
     def send(self, data: bytes) -> None: ...
+    def set_read_timeout(self, seconds: float | None) -> None: ...
     def close_stdin(self) -> None: ...
     def read_some(self, n: int) -> bytes: ...
     def wait(self, timeout: float | None = None) -> int | None: ...
@@ -89,6 +90,9 @@ class LocalProcess:
     def close_stdin(self) -> None:
         if self._p.stdin:
             self._p.stdin.close()
+
+    def set_read_timeout(self, seconds: float | None) -> None:
+        pass                        # a local pipe does not go silent without the process ending
 
     def wait(self, timeout: float | None = None) -> int | None:
         try:
@@ -204,6 +208,10 @@ class SSHProcess:
 
     def close_stdin(self) -> None:
         self._chan.shutdown_write()
+
+    def set_read_timeout(self, seconds: float | None) -> None:
+        """Reads raise socket.timeout after this long without a byte."""
+        self._chan.settimeout(seconds)
 
     def wait(self, timeout: float | None = None) -> int | None:
         if not self._chan.status_event.wait(timeout):

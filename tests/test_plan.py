@@ -351,3 +351,47 @@ def test_secret_looking_env_values_are_masked_in_the_dry_run_only():
     assert text.count("****") == 3 and "LR=0.1" in text
     # What the node gets is the real value.
     assert plan.nodes[0].env["WANDB_API_KEY"] == "s3cr3tvalue"
+
+
+# --- property: any hosts file the parser accepts, any arguments: a consistent plan -------
+
+from hypothesis import given, settings, strategies as st  # noqa: E402
+
+from clusterrun.errors import ClusterrunError  # noqa: E402
+from clusterrun.plan import master_addr_for  # noqa: E402
+
+_text = st.text(st.characters(blacklist_categories=("Cs",), blacklist_characters="\x00"), max_size=20)
+_host = st.one_of(
+    st.from_regex(r"[a-z][a-z0-9-]{0,8}(:[1-8])?", fullmatch=True),
+    st.from_regex(r"[a-z]{1,4}\[[0-3]-[4-6]\]", fullmatch=True),
+    st.builds(lambda h, n: {"host": h, "nproc_per_node": n},
+              st.from_regex(r"[a-z][a-z0-9.]{0,8}", fullmatch=True), st.integers(1, 8)),
+    _text,
+)
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.lists(_host, min_size=1, max_size=6), st.lists(_text, max_size=6),
+       st.dictionaries(st.from_regex(r"[A-Z_][A-Z0-9_]{0,6}", fullmatch=True), _text, max_size=3),
+       st.one_of(st.none(), st.integers(1, 16)))
+def test_any_accepted_hosts_and_arguments_give_a_consistent_plan(hosts, args, env, nproc):
+    try:
+        hf = parse_hosts({"hosts": hosts}, "hosts.yaml")
+        opts = LaunchOptions("train.py", tuple(args), env=env, nproc_per_node=nproc)
+        plan = make_plan(hf, opts, run_id=RUN_ID, master_addr=master_addr_for(hf, "10.0.0.1"),
+                         master_port=29500, controller_python="/usr/bin/python3", local_home="/tmp/crh")
+    except ClusterrunError as e:
+        assert e.exit_code == 2 and str(e)
+        return
+    start = 0
+    for i, n in enumerate(plan.nodes):
+        assert n.node_rank == i and n.rank_start == start and n.nproc >= 1
+        start += n.nproc
+        assert list(n.argv[-len(args):] if args else []) == args
+        # (Our own --log-dir=~/... renders as "$HOME"/... so that the node's shell expands it.)
+        words = [w.replace("--log-dir=$HOME/", "--log-dir=~/", 1)
+                 for w in shlex.split(shell_command(n, mask=False))]
+        cut = words.index(n.python)
+        assert words[cut:] == list(n.argv)
+        assert dict(w.split("=", 1) for w in words[1:cut]) == dict(n.env)
+    assert plan.world_size == start

@@ -7,7 +7,7 @@ import sys
 import click
 
 from . import __version__
-from .errors import EXIT_USAGE, ClusterrunError
+from .errors import EXIT_INTERRUPTED, ClusterrunError
 from .hostsfile import HostsFileError, parse_env_mapping
 from . import fanout, killing, launch, logs, preflight, status
 from .controller import ControlOptions
@@ -22,6 +22,8 @@ def _run(fn, *args) -> None:
     except ClusterrunError as e:
         click.echo(f"clusterrun: {e}", err=True)
         sys.exit(e.exit_code)
+    except KeyboardInterrupt:
+        sys.exit(EXIT_INTERRUPTED)
     sys.exit(code or 0)
 
 

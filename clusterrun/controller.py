@@ -14,7 +14,7 @@ import time
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
-from .errors import UnreachableError
+from .errors import EXIT_INTERRUPTED, UnreachableError
 from .plan import NodePlan, Plan
 from .remote import Detached, NodeResult, RemoteJob, kill_job
 from .results import exit_code, summary
@@ -32,6 +32,8 @@ class ControlOptions:
     show: Callable[[NodePlan, str], bool] | None = None   # which node files to show
     connect_timeout: float = 10.0
     accept_new_host_keys: bool = False
+    interrupt_stops_run: bool = True     # Ctrl-C stops the run (attached up) or just lets go (logs -f)
+    report: bool = True                  # print the summary when the run ends
 
 
 class RunController:
@@ -43,6 +45,7 @@ class RunController:
         self._started = threading.Condition()
         self.jobs = [self._job(node, t) for node, t in zip(plan.nodes, transports)]
         self.done: queue.Queue[NodeResult] = queue.Queue()
+        self.interrupted = False
 
     def _job(self, node: NodePlan, transport: Transport) -> RemoteJob:
         show = None
@@ -101,8 +104,10 @@ class RunController:
             result = NodeResult(job.node, "lost", message=f"{type(e).__name__}: {e}")
         finally:
             job.output.close()
-        if self.run.path.joinpath("killed").exists() and not result.ok:
+        killed = self.run.path / "killed"
+        if killed.exists() and not result.ok:
             result.state, result.stopped = KILLED, True
+            result.message = killed.read_text().strip()
         if result.state != RUNNING:
             self.set_state(job.node, result.state, code=result.code, message=result.message,
                            stopped=result.stopped,
@@ -120,7 +125,7 @@ class RunController:
         for job in self.jobs:
             job.detach()
 
-    def wait(self, handle_interrupt: bool = True) -> list[NodeResult]:
+    def wait(self) -> list[NodeResult]:
         """Collect every node's result; fail fast; Ctrl-C stops every node."""
         results: list[NodeResult] = []
         stoppers: list[threading.Thread] = []
@@ -132,12 +137,16 @@ class RunController:
             except queue.Empty:
                 continue
             except KeyboardInterrupt:
-                if not handle_interrupt or self.interrupted:
+                if not self.opts.interrupt_stops_run:
+                    self.interrupted = True     # stop watching; the run goes on
+                    self.detach()
+                    break
+                if self.interrupted:
                     self.term.message("clusterrun: stopped waiting; the nodes are being torn down")
-                    self.interrupted = True
                     break
                 self.interrupted = True
                 self.term.message("clusterrun: interrupted: stopping every node (Ctrl-C again to stop waiting)")
+                (self.run.path / "killed").write_text("Ctrl-C")
                 stoppers += self.stop_all({x.node.node_rank for x in results})
                 stopping = True
                 continue
@@ -168,9 +177,10 @@ class RunController:
         if all(r.state != RUNNING for r in results) and len(results) == len(self.jobs):
             self.run.write_json("result.json", [dataclasses.asdict(r) | {"node": r.node.name}
                                                 for r in results])
-        for line in summary(results, self.run):
-            self.term.message(line)
-        return exit_code(results, getattr(self, "interrupted", False))
+        if self.opts.report:
+            for line in summary(results, self.run):
+                self.term.message(line)
+        return exit_code(results, self.interrupted)
 
     def close(self) -> None:
         for job in self.jobs:
@@ -208,6 +218,8 @@ def collect(run: RunDir, term: Terminal, opts: ControlOptions, follow: bool = Tr
         try:
             ctl.launch(start=False, follow=follow)
             results = ctl.wait()
+            if ctl.interrupted and not opts.interrupt_stops_run:
+                return EXIT_INTERRUPTED
             if not follow and any(r.state == RUNNING for r in results):
                 return 0
             return ctl.finish(results)
@@ -218,13 +230,14 @@ def collect(run: RunDir, term: Terminal, opts: ControlOptions, follow: bool = Tr
 def kill_run(run: RunDir, grace: float, opts: ControlOptions) -> list[str]:
     """TERM then KILL every process of the run on every node; verified. Returns problems."""
     plan = run.plan()
-    (run.path / "killed").touch()
+    (run.path / "killed").write_text("clusterrun kill")
     states = run.node_states()
     nodes = [n for n in plan.nodes if states.get(n.node_rank, {}).get("state") not in FINAL_STATES]
     if not nodes:
         return []
     try:
-        transports = connect_all([n.host for n in nodes], opts.connect_timeout, opts.accept_new_host_keys)
+        transports = connect_all([n.host for n in nodes], opts.connect_timeout, opts.accept_new_host_keys,
+                                 consequence="nothing was killed")
     except UnreachableError as e:
         return [str(e)]
     problems: list[str] = []

@@ -25,7 +25,8 @@ def kill(run_id: str | None, all_runs: bool, grace: float, opts: ControlOptions)
         # Nobody watching the run (detached collector gone, `up` killed)? Collect its
         # last lines and record its end ourselves. Otherwise its collector does.
         collect(run, Terminal(), ControlOptions(**{**opts.__dict__, "print_lines": False,
-                                                   "fail_fast": False}))
+                                                   "fail_fast": False, "report": False,
+                                                   "interrupt_stops_run": False}))
         if not found:
             term.message(f"clusterrun: killed run {run.run_id}: nothing of it is left on its nodes")
     if problems:

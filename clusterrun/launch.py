@@ -106,8 +106,8 @@ def up(hosts_path: str, opts: LaunchOptions, up_opts: UpOptions) -> int:
     assert lock is not None, "a new run has no collector yet"
     ctl = RunController(plan, run, transports, term, ctl_opts)
     try:
-        term.message(f"clusterrun: run {run_id}: {len(plan.nodes)} nodes, {plan.world_size} ranks "
-                     f"(logs: {run.path})")
+        term.message(f"clusterrun: run {run_id}: {plural(len(plan.nodes), 'node')}, "
+                     f"{plural(plan.world_size, 'rank')} (logs: {run.path})")
         ctl.launch(start=True)
         if up_opts.detach:
             return _detach(ctl, run, lock, term)
@@ -115,6 +115,10 @@ def up(hosts_path: str, opts: LaunchOptions, up_opts: UpOptions) -> int:
     finally:
         ctl.close()
         lock.release()
+
+
+def plural(n: int, word: str) -> str:
+    return f"{n} {word}{'' if n == 1 else 's'}"
 
 
 def lint_warnings(opts: LaunchOptions, term: Terminal) -> None:

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .controller import ControlOptions, collect
-from .errors import UsageError
+from .errors import EXIT_INTERRUPTED, UsageError
 from .plan import NodePlan, Plan
 from .runs import RunDir
 from .stream import Terminal, tag_for, tag_lines
@@ -64,11 +64,16 @@ def logs(run_id: str | None, ranks: tuple[int, ...], node: str | None, follow: b
         for i, f in enumerate(files):
             shown[i] = _print_file(term, f, 0, tail)
 
-    follow_opts = ControlOptions(**{**opts.__dict__, "print_lines": True,
+    # Following is watching: Ctrl-C stops following, never the run; the run's own
+    # summary is `up`'s and `status`'s to give.
+    follow_opts = ControlOptions(**{**opts.__dict__, "print_lines": True, "report": False,
+                                    "interrupt_stops_run": False,
                                     "show": lambda n, key: (n.node_rank, key) in wanted})
     code = collect(run, term, follow_opts, follow=True, before=show_existing)
-    if code is not None:
+    if code == EXIT_INTERRUPTED:
         return code
+    if code is not None:
+        return 0
     # Another process is collecting this run: follow its files until the run ends.
     show_existing()
     while True:
@@ -100,4 +105,5 @@ def _print_file(term: Terminal, f: LogFile, start: int, tail: int | None) -> int
 
 
 def _quiet(opts: ControlOptions) -> ControlOptions:
-    return ControlOptions(**{**opts.__dict__, "print_lines": False, "fail_fast": False})
+    return ControlOptions(**{**opts.__dict__, "print_lines": False, "fail_fast": False, "report": False,
+                             "interrupt_stops_run": False})

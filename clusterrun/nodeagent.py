@@ -161,7 +161,7 @@ def start(spec, job_dir):
         ifname = interface_to(spec["master_addr"])
         if ifname:
             for var in spec["pick_ifname"]:
-                env[var] = ifname
+                env.setdefault(var, ifname)     # set by `setup:` or the node's env: theirs wins
     # The plan writes paths under the node's home as ~/...; this is where they are.
     python, log_dir = spec["python"], "--log-dir=%s/torchrun" % spec["job_dir"]
     argv = [os.path.expanduser(a) if a == python

@@ -59,7 +59,7 @@ def summary(results: Sequence[NodeResult], run: RunDir, tail: int = TAIL) -> lis
     for r in results:
         if r.stopped and not r.ok:
             if r.state == KILLED:
-                why = " by `clusterrun kill`"
+                why = f" ({r.message})" if r.message else ""
             else:
                 why = f" after {first} failed" if first else ""
             lines.append(f"clusterrun: node {r.node.name} (ranks {r.node.ranks.start}-"

@@ -7,6 +7,7 @@ from typing import Any
 
 from .controller import ControlOptions, collect
 from .runs import EXITED, FINAL_STATES, KILLED, RUNNING, STARTING, RunDir, list_run_ids, runs_root
+from .results import describe_code
 from .stream import Terminal
 
 
@@ -27,7 +28,8 @@ def status_data(run: RunDir, opts: ControlOptions) -> dict[str, Any]:
     if not run.ended():
         # Nobody may be watching the run (its `up` was killed): look at the nodes.
         collect(run, Terminal(), ControlOptions(**{**opts.__dict__, "print_lines": False,
-                                                   "fail_fast": False}), follow=False)
+                                                   "fail_fast": False, "report": False,
+                                                   "interrupt_stops_run": False}), follow=False)
     plan, states = run.plan(), run.node_states()
     nodes = []
     for n in plan.nodes:
@@ -45,7 +47,7 @@ def status_data(run: RunDir, opts: ControlOptions) -> dict[str, Any]:
 def describe_node(n: dict[str, Any]) -> str:
     state = n["state"]
     if state == EXITED:
-        return f"exited with code {n['code']}"
+        return describe_code(n["code"])
     if n.get("message"):
         return f"{state}: {n['message']}"
     return state

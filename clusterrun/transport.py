@@ -310,7 +310,10 @@ def connect_ssh(host: Host, config: paramiko.SSHConfig, timeout: float, accept_n
 
 def _open_socket(t: SSHTarget, config: paramiko.SSHConfig, timeout: float, accept_new: bool):
     if t.proxy_jump:
-        jump_host = Host(host=t.proxy_jump.split(",")[0], name=t.proxy_jump, nproc_per_node=1)
+        if "," in t.proxy_jump:
+            raise UnreachableError(f"{t.alias}: ProxyJump through more than one host ({t.proxy_jump}) "
+                                   "is not supported yet; use a single jump host")
+        jump_host = Host(host=t.proxy_jump, name=t.proxy_jump, nproc_per_node=1)
         jump = connect_ssh(jump_host, config, timeout, accept_new)
         tr = jump.client.get_transport()
         assert tr is not None
@@ -342,7 +345,8 @@ def connect_each(hosts: Sequence[Host], timeout: float, accept_new: bool = False
 
 
 def connect_all(
-    hosts: Sequence[Host], timeout: float, accept_new: bool = False
+    hosts: Sequence[Host], timeout: float, accept_new: bool = False,
+    consequence: str = "nothing was started",
 ) -> list[Transport]:
     """Connect to every node in parallel; all or nothing.
 
@@ -355,7 +359,7 @@ def connect_all(
         for t, _, _ in results:
             if t is not None:
                 t.close()
-        raise UnreachableError("cannot reach every node, nothing was started:\n  " + "\n  ".join(errors))
+        raise UnreachableError(f"cannot reach every node, {consequence}:\n  " + "\n  ".join(errors))
     return [t for t, _, _ in results if t is not None]
 
 

@@ -197,6 +197,9 @@ def test_ctrl_c_tears_every_node_down_and_exits_130(cluster, ctl, tmp_path):
     assert p.returncode == 130, err
     assert "interrupted" in err
     assert_nothing_left(cluster)
+    st = ctl.status()
+    assert st["state"] == "killed" and all(n["state"] == "killed" for n in st["nodes"]), st
+    assert re.search(r"^clusterrun: node crt-n\d \(ranks \d-\d\) was killed \(Ctrl-C\)$", err, re.M), err
 
 
 def test_ssh_session_killed_on_the_node_mid_run_loses_no_line(cluster, ctl, tmp_path):
@@ -253,4 +256,29 @@ def test_up_killed_outright_the_job_runs_on_and_can_be_followed_and_killed(clust
     p.wait()
     k = ctl.run("kill")
     assert k.returncode == 0, k.stderr
+    assert_nothing_left(cluster)
+
+
+def test_ctrl_c_on_logs_follow_stops_following_not_the_run(cluster, ctl, tmp_path):
+    script = write(tmp_path / "ticker.py", TICKER)
+    hosts = hosts_file(tmp_path, cluster.names[:2], nproc_per_node=1)
+    p = ctl.popen("up", str(hosts), str(script), "100000", "0.05")
+    for line in p.stdout:
+        if " tick 1 2" in line:
+            break
+    p.kill()                    # nobody collects the run now: `logs -f` becomes its collector
+    p.wait()
+    f = ctl.popen("logs", "-f")
+    try:
+        for line in f.stdout:
+            if " tick 0 " in line:
+                break
+        f.send_signal(signal.SIGINT)
+        f.communicate(timeout=60)
+    finally:
+        f.kill()
+    assert f.returncode == 130
+    assert ctl.status()["state"] == "running"
+    assert ctl.run("kill").returncode == 0
+    assert ctl.status()["state"] == "killed"
     assert_nothing_left(cluster)

@@ -72,13 +72,13 @@ def test_env_at_every_level_setup_python_and_workdir_per_host(cluster, ctl, tmp_
     wd2.mkdir()
     script = write(tmp_path / "env.py", """\
         import json, os
-        keys = ["A", "B", "C", "D", "FROM_SETUP", "PYTHONUNBUFFERED"]
+        keys = ["A", "B", "C", "D", "FROM_SETUP", "PYTHONUNBUFFERED", "GLOO_SOCKET_IFNAME", "NCCL_SOCKET_IFNAME"]
         print("ENV " + json.dumps({"rank": int(os.environ["RANK"]), "cwd": os.getcwd(),
                                   **{k: os.environ.get(k) for k in keys}}))
     """)
     hosts = hosts_file(tmp_path, [
         {"host": cluster.names[0], "workdir": str(wd1), "env": {"B": "host-one"},
-         "setup": ["export FROM_SETUP=yes", "export D=from-setup"]},
+         "setup": ["export FROM_SETUP=yes", "export D=from-setup", "export NCCL_SOCKET_IFNAME=ib9"]},
         {"host": cluster.names[1], "workdir": str(wd2), "python": sys.executable},
     ], env={"A": "top", "B": "top", "D": "top-$(id)"})
     r = ctl.run("up", "--env", "A=cli value 'quoted' $(touch x)", "--env", "C=cli",
@@ -89,10 +89,13 @@ def test_env_at_every_level_setup_python_and_workdir_per_host(cluster, ctl, tmp_
         if "] ENV " in line:
             e = json.loads(line.split("] ENV ", 1)[1])
             got[e["rank"]] = e
+    # The hosts file's env wins over setup's exports; an interface the node's setup chose is kept.
     assert got[0] == {"rank": 0, "cwd": str(wd1), "A": "cli value 'quoted' $(touch x)", "B": "host-one",
-                      "C": "cli", "D": "top-$(id)", "FROM_SETUP": "yes", "PYTHONUNBUFFERED": "1"}
+                      "C": "cli", "D": "top-$(id)", "FROM_SETUP": "yes", "PYTHONUNBUFFERED": "1",
+                      "GLOO_SOCKET_IFNAME": "eth0", "NCCL_SOCKET_IFNAME": "ib9"}
     assert got[1] == {"rank": 1, "cwd": str(wd2), "A": "cli value 'quoted' $(touch x)", "B": "top",
-                      "C": "cli", "D": "top-$(id)", "FROM_SETUP": None, "PYTHONUNBUFFERED": "1"}
+                      "C": "cli", "D": "top-$(id)", "FROM_SETUP": None, "PYTHONUNBUFFERED": "1",
+                      "GLOO_SOCKET_IFNAME": "eth0", "NCCL_SOCKET_IFNAME": "eth0"}
     assert not (wd1 / "x").exists() and not (wd2 / "x").exists()
 
 

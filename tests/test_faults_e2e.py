@@ -107,20 +107,15 @@ def test_a_node_whose_processes_are_all_killed_ends_the_run(cluster, ctl, tmp_pa
     script = write(tmp_path / "ticker.py", TICKER)
     victim = cluster.names[1]
     hosts = hosts_file(tmp_path, cluster.names[:2], nproc_per_node=1)
-    p = ctl.popen("up", str(hosts), str(script), "100000", "0.05")
-    try:
-        for line in p.stdout:
-            if " tick 1 5" in line:
-                break
-        # Everything on that node but its sshd listener: job, workers, agent, ssh session.
-        for pid in cluster.leftover_pids(victim):
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-        out, err = p.communicate(timeout=120)
-    finally:
-        p.kill()
+    p = ctl.start("up", str(hosts), str(script), "100000", "0.05")
+    p.wait_for(" tick 1 5")
+    # Everything on that node but its sshd listener: job, workers, agent, ssh session.
+    for pid in cluster.leftover_pids(victim):
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    out, err = p.finish(120)
     assert p.returncode == 1, err
     assert f"clusterrun: node {victim} (node_rank 1) was lost" in err
     assert f"clusterrun: node {cluster.names[0]} (ranks 0-0) was stopped after node {victim} failed" in err
@@ -132,24 +127,15 @@ def test_a_network_link_cut_for_seconds_loses_no_line(cluster, ctl, tmp_path):
     node = cluster.names[1]
     veth = f"crt-v{node.rsplit('n', 1)[1]}"
     hosts = hosts_file(tmp_path, cluster.names[:2], nproc_per_node=1)
-    p = ctl.popen("up", str(hosts), str(script), "250", "0.04")
+    p = ctl.start("up", str(hosts), str(script), "250", "0.04")
+    p.wait_for(" tick 1 30")
+    subprocess.run(["ip", "link", "set", veth, "down"], check=True)
     try:
-        seen = []
-        for line in p.stdout:
-            seen.append(line)
-            if " tick 1 30" in line:
-                break
-        subprocess.run(["ip", "link", "set", veth, "down"], check=True)
-        try:
-            time.sleep(4)
-        finally:
-            subprocess.run(["ip", "link", "set", veth, "up"], check=True)
-        out, err = p.communicate(timeout=180)
+        time.sleep(4)
     finally:
-        subprocess.run(["ip", "link", "set", veth, "up"], check=False)
-        p.kill()
+        subprocess.run(["ip", "link", "set", veth, "up"], check=True)
+    stdout, err = p.finish(180)
     assert p.returncode == 0, err
-    stdout = "".join(seen) + out
     for rank in (0, 1):
         assert tagged_ticks(stdout, rank) == list(range(250)), f"rank {rank}"
 
@@ -188,21 +174,16 @@ def test_secrets_never_show_and_state_is_private(cluster, ctl, tmp_path):
     hosts = hosts_file(tmp_path, cluster.names[:2], nproc_per_node=1)
     dry = ctl.run("up", "--dry-run", "--env", f"HF_TOKEN={secret}", str(hosts), str(script), "3", "0.1")
     assert dry.returncode == 0 and "HF_TOKEN" in dry.stdout and secret not in dry.stdout
-    p = ctl.popen("up", "--env", f"HF_TOKEN={secret}", str(hosts), str(script), "60", "0.1")
-    try:
-        for line in p.stdout:
-            if " tick 1 3" in line:
-                break
-        # Not in any command line on the nodes (where `ps` would show it).
-        for n in cluster.names[:2]:
-            for pid in cluster.leftover_pids(n):
-                try:
-                    assert secret.encode() not in Path(f"/proc/{pid}/cmdline").read_bytes()
-                except FileNotFoundError:
-                    pass
-        out, err = p.communicate(timeout=120)
-    finally:
-        p.kill()
+    p = ctl.start("up", "--env", f"HF_TOKEN={secret}", str(hosts), str(script), "60", "0.1")
+    p.wait_for(" tick 1 3")
+    # Not in any command line on the nodes (where `ps` would show it).
+    for n in cluster.names[:2]:
+        for pid in cluster.leftover_pids(n):
+            try:
+                assert secret.encode() not in Path(f"/proc/{pid}/cmdline").read_bytes()
+            except FileNotFoundError:
+                pass
+    out, err = p.finish(120)
     assert p.returncode == 0 and secret not in out + err
     for cmd in (["status"], ["status", "--json"], ["logs"], ["ps"]):
         r = ctl.run(*cmd)

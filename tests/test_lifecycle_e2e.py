@@ -13,6 +13,7 @@ import re
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -33,6 +34,49 @@ TICKER = """\
 """
 
 
+class Running:
+    """A clusterrun process whose output is read as it comes, with bounded waits."""
+
+    def __init__(self, proc: subprocess.Popen[str]) -> None:
+        self.proc = proc
+        self.out: list[str] = []
+        self.err: list[str] = []
+        self._cv = threading.Condition()
+        self._readers = [threading.Thread(target=self._read, args=(f, buf), daemon=True)
+                         for f, buf in ((proc.stdout, self.out), (proc.stderr, self.err))]
+        for t in self._readers:
+            t.start()
+
+    def _read(self, f, buf: list[str]) -> None:
+        for line in f:
+            with self._cv:
+                buf.append(line)
+                self._cv.notify_all()
+        with self._cv:
+            self._cv.notify_all()
+
+    def wait_for(self, needle: str, timeout: float = 120) -> None:
+        """Until a stdout line contains needle (fails the test on timeout or exit)."""
+        with self._cv:
+            self._cv.wait_for(lambda: any(needle in l for l in self.out) or self.proc.poll() is not None,
+                              timeout)
+            assert any(needle in l for l in self.out), f"no {needle!r} in output:\n{''.join(self.err)}"
+
+    def finish(self, timeout: float = 120) -> tuple[str, str]:
+        """Wait for the exit; (stdout, stderr). Kills the process if it overstays."""
+        try:
+            self.proc.wait(timeout)
+        finally:
+            self.proc.kill()
+            for t in self._readers:
+                t.join(10)
+        return "".join(self.out), "".join(self.err)
+
+    @property
+    def returncode(self) -> int | None:
+        return self.proc.returncode
+
+
 class Controller:
     """Runs clusterrun commands the way a user in a shell would, all sharing one CLUSTERRUN_HOME."""
 
@@ -47,9 +91,9 @@ class Controller:
         return subprocess.run(self.argv(*args), env=self.env, cwd=self.tmp, capture_output=True,
                               text=True, timeout=timeout)
 
-    def popen(self, *args: str) -> subprocess.Popen[str]:
-        return subprocess.Popen(self.argv(*args), env=self.env, cwd=self.tmp, text=True,
-                                stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    def start(self, *args: str) -> Running:
+        return Running(subprocess.Popen(self.argv(*args), env=self.env, cwd=self.tmp, text=True,
+                                        stdout=subprocess.PIPE, stderr=subprocess.PIPE))
 
     def status(self, run: str | None = None) -> dict:
         r = self.run("status", *([run] if run else []), "--json")
@@ -185,15 +229,10 @@ def test_no_fail_fast_keeps_the_other_nodes_running(cluster, ctl, tmp_path):
 def test_ctrl_c_tears_every_node_down_and_exits_130(cluster, ctl, tmp_path):
     script = write(tmp_path / "ticker.py", TICKER)
     hosts = hosts_file(tmp_path, cluster.names[:2], nproc_per_node=2)
-    p = ctl.popen("up", str(hosts), str(script), "100000", "0.05")
-    try:
-        for line in p.stdout:
-            if " tick 3 3" in line:
-                break
-        p.send_signal(signal.SIGINT)
-        out, err = p.communicate(timeout=60)
-    finally:
-        p.kill()
+    p = ctl.start("up", str(hosts), str(script), "100000", "0.05")
+    p.wait_for(" tick 3 3")
+    p.proc.send_signal(signal.SIGINT)
+    out, err = p.finish(60)
     assert p.returncode == 130, err
     assert "interrupted" in err
     assert_nothing_left(cluster)
@@ -206,24 +245,16 @@ def test_ssh_session_killed_on_the_node_mid_run_loses_no_line(cluster, ctl, tmp_
     script = write(tmp_path / "ticker.py", TICKER)
     node = cluster.names[1]
     hosts = hosts_file(tmp_path, cluster.names[:2], nproc_per_node=1)
-    p = ctl.popen("up", str(hosts), str(script), "300", "0.02")
-    try:
-        seen = []
-        for line in p.stdout:
-            seen.append(line)
-            if " tick 1 50" in line:
-                break
-        # Kill the sshd process serving our connection on that node (not its listener).
-        sessions = [pid for pid in cluster.leftover_pids(node)
-                    if Path(f"/proc/{pid}/cmdline").read_bytes().startswith(b"sshd")]
-        assert sessions, cluster.describe_pids(cluster.leftover_pids(node))
-        for pid in sessions:
-            os.kill(pid, signal.SIGKILL)
-        out, err = p.communicate(timeout=120)
-    finally:
-        p.kill()
+    p = ctl.start("up", str(hosts), str(script), "300", "0.02")
+    p.wait_for(" tick 1 50")
+    # Kill the sshd process serving our connection on that node (not its listener).
+    sessions = [pid for pid in cluster.leftover_pids(node)
+                if Path(f"/proc/{pid}/cmdline").read_bytes().startswith(b"sshd")]
+    assert sessions, cluster.describe_pids(cluster.leftover_pids(node))
+    for pid in sessions:
+        os.kill(pid, signal.SIGKILL)
+    stdout, err = p.finish(120)
     assert p.returncode == 0, err
-    stdout = "".join(seen) + out
     for rank in (0, 1):
         assert tagged_ticks(stdout, rank) == list(range(300)), f"rank {rank}"
     assert_nothing_left(cluster)
@@ -232,12 +263,10 @@ def test_ssh_session_killed_on_the_node_mid_run_loses_no_line(cluster, ctl, tmp_
 def test_up_killed_outright_the_job_runs_on_and_can_be_followed_and_killed(cluster, ctl, tmp_path):
     script = write(tmp_path / "ticker.py", TICKER)
     hosts = hosts_file(tmp_path, cluster.names[:2], nproc_per_node=1)
-    p = ctl.popen("up", str(hosts), str(script), "150", "0.05")
-    for line in p.stdout:
-        if " tick 1 5" in line:
-            break
-    p.kill()                    # SIGKILL: no chance to clean up
-    p.wait()
+    p = ctl.start("up", str(hosts), str(script), "150", "0.05")
+    p.wait_for(" tick 1 5")
+    p.proc.kill()               # SIGKILL: no chance to clean up
+    p.finish()
     run_id = ctl.run("ps").stdout.splitlines()[1].split()[0]
     assert ctl.status(run_id)["state"] == "running"
     # From a new shell: follow it to its end, every line once and in order.
@@ -248,12 +277,10 @@ def test_up_killed_outright_the_job_runs_on_and_can_be_followed_and_killed(clust
     assert ctl.status(run_id)["state"] == "succeeded"
 
     # And a second run whose `up` is killed is ended by `clusterrun kill` from a new shell.
-    p = ctl.popen("up", str(hosts), str(script), "100000", "0.05")
-    for line in p.stdout:
-        if " tick 1 2" in line:
-            break
-    p.kill()
-    p.wait()
+    p = ctl.start("up", str(hosts), str(script), "100000", "0.05")
+    p.wait_for(" tick 1 2")
+    p.proc.kill()
+    p.finish()
     k = ctl.run("kill")
     assert k.returncode == 0, k.stderr
     assert_nothing_left(cluster)
@@ -262,21 +289,14 @@ def test_up_killed_outright_the_job_runs_on_and_can_be_followed_and_killed(clust
 def test_ctrl_c_on_logs_follow_stops_following_not_the_run(cluster, ctl, tmp_path):
     script = write(tmp_path / "ticker.py", TICKER)
     hosts = hosts_file(tmp_path, cluster.names[:2], nproc_per_node=1)
-    p = ctl.popen("up", str(hosts), str(script), "100000", "0.05")
-    for line in p.stdout:
-        if " tick 1 2" in line:
-            break
-    p.kill()                    # nobody collects the run now: `logs -f` becomes its collector
-    p.wait()
-    f = ctl.popen("logs", "-f")
-    try:
-        for line in f.stdout:
-            if " tick 0 " in line:
-                break
-        f.send_signal(signal.SIGINT)
-        f.communicate(timeout=60)
-    finally:
-        f.kill()
+    p = ctl.start("up", str(hosts), str(script), "100000", "0.05")
+    p.wait_for(" tick 1 2")
+    p.proc.kill()               # nobody collects the run now: `logs -f` becomes its collector
+    p.finish()
+    f = ctl.start("logs", "-f")
+    f.wait_for(" tick 0 ")
+    f.proc.send_signal(signal.SIGINT)
+    f.finish(60)
     assert f.returncode == 130
     assert ctl.status()["state"] == "running"
     assert ctl.run("kill").returncode == 0

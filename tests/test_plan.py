@@ -358,7 +358,6 @@ def test_secret_looking_env_values_are_masked_in_the_dry_run_only():
 from hypothesis import given, settings, strategies as st  # noqa: E402
 
 from clusterrun.errors import ClusterrunError  # noqa: E402
-from clusterrun.plan import master_addr_for  # noqa: E402
 
 _text = st.text(st.characters(blacklist_categories=("Cs",), blacklist_characters="\x00"), max_size=20)
 _host = st.one_of(

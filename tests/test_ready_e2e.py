@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import re
 import sys
-from pathlib import Path
 
 import pytest
 
@@ -33,7 +32,7 @@ def test_check_healthy_nodes(cluster, ctl, tmp_path):
 
     rows = {l.split()[0]: l for l in r.stdout.splitlines() if l.startswith("crt-n")}
     assert set(rows) == set(cluster.names[:2])
-    for name, row in rows.items():
+    for row in rows.values():
         assert torch.__version__ in row and "CPU only" in row and "eth0" in row and row.endswith("ok")
     assert "free" in rows[cluster.names[0]]          # the master port, checked on node 0
 

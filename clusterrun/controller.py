@@ -14,9 +14,9 @@ import time
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
-from .errors import EXIT_INTERRUPTED, UnreachableError
+from .errors import EXIT_INTERRUPTED
 from .plan import NodePlan, Plan
-from .remote import Detached, NodeResult, RemoteJob, kill_job
+from .remote import Detached, NodeResult, RemoteJob
 from .results import exit_code, summary
 from .runs import FINAL_STATES, KILLED, RUNNING, STARTING, RunDir
 from .stream import NodeOutput, Terminal
@@ -184,7 +184,8 @@ class RunController:
 
     def close(self) -> None:
         for job in self.jobs:
-            job.transport.close()
+            if job.transport is not None:
+                job.transport.close()
 
 
 def _stop_quietly(job: RemoteJob, grace: float) -> None:
@@ -194,8 +195,15 @@ def _stop_quietly(job: RemoteJob, grace: float) -> None:
         pass
 
 
-def connect_plan(plan: Plan, opts: ControlOptions) -> list[Transport]:
-    return connect_all([n.host for n in plan.nodes], opts.connect_timeout, opts.accept_new_host_keys)
+def connect_live(run: RunDir, plan: Plan, opts: ControlOptions,
+                 consequence: str = "nothing was done") -> list[Transport | None]:
+    """Connections to the run's nodes in parallel; None for nodes already recorded as ended."""
+    states = run.node_states()
+    live = [n for n in plan.nodes if states.get(n.node_rank, {}).get("state") not in FINAL_STATES]
+    conns = connect_all([n.host for n in live], opts.connect_timeout, opts.accept_new_host_keys,
+                        consequence) if live else []
+    by_rank = dict(zip((n.node_rank for n in live), conns))
+    return [by_rank.get(n.node_rank) for n in plan.nodes]
 
 
 def collect(run: RunDir, term: Terminal, opts: ControlOptions, follow: bool = True,
@@ -214,48 +222,20 @@ def collect(run: RunDir, term: Terminal, opts: ControlOptions, follow: bool = Tr
         if run.ended():
             return exit_code([], False)
         plan = run.plan()
-        ctl = RunController(plan, run, connect_plan(plan, opts), term, opts)
-        try:
-            ctl.launch(start=False, follow=follow)
-            results = ctl.wait()
-            if ctl.interrupted and not opts.interrupt_stops_run:
-                return EXIT_INTERRUPTED
-            if not follow and any(r.state == RUNNING for r in results):
-                return 0
-            return ctl.finish(results)
-        finally:
-            ctl.close()
+        return collect_with(run, plan, connect_live(run, plan, opts), term, opts, follow)
 
 
-def kill_run(run: RunDir, grace: float, opts: ControlOptions) -> list[str]:
-    """TERM then KILL every process of the run on every node; verified. Returns problems."""
-    plan = run.plan()
-    (run.path / "killed").write_text("clusterrun kill")
-    states = run.node_states()
-    nodes = [n for n in plan.nodes if states.get(n.node_rank, {}).get("state") not in FINAL_STATES]
-    if not nodes:
-        return []
+def collect_with(run: RunDir, plan: Plan, transports: Sequence[Transport | None], term: Terminal,
+                 opts: ControlOptions, follow: bool = True) -> int:
+    """Collect with these connections (None for nodes already ended); the caller holds the lock."""
+    ctl = RunController(plan, run, transports, term, opts)
     try:
-        transports = connect_all([n.host for n in nodes], opts.connect_timeout, opts.accept_new_host_keys,
-                                 consequence="nothing was killed")
-    except UnreachableError as e:
-        return [str(e)]
-    problems: list[str] = []
-
-    def one(node: NodePlan, t: Transport) -> None:
-        try:
-            rep = kill_job(node, t, grace)
-        except Exception as e:  # noqa: BLE001
-            problems.append(f"{node.name}: {type(e).__name__}: {e}")
-            return
-        if rep.get("event") != "killed" or rep.get("left"):
-            problems.append(f"{node.name}: {rep}")
-
-    threads = [threading.Thread(target=one, args=(n, t)) for n, t in zip(nodes, transports)]
-    for th in threads:
-        th.start()
-    for th in threads:
-        th.join()
-    for t in transports:
-        t.close()
-    return problems
+        ctl.launch(start=False, follow=follow)
+        results = ctl.wait()
+        if ctl.interrupted and not opts.interrupt_stops_run:
+            return EXIT_INTERRUPTED
+        if not follow and any(r.state == RUNNING for r in results):
+            return 0
+        return ctl.finish(results)
+    finally:
+        ctl.close()

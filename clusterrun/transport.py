@@ -14,6 +14,7 @@ import logging
 import os
 import socket
 import subprocess
+import sys
 import tempfile
 import threading
 import time
@@ -21,7 +22,16 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import IO, Protocol, Sequence
 
-import paramiko
+# paramiko imports invoke (a task runner) only to run `Match exec` lines of an
+# ssh config, and that import is a third of paramiko's; every clusterrun command
+# pays it at start. Import paramiko without it, and fetch it if a config needs it.
+if "invoke" not in sys.modules:
+    sys.modules["invoke"] = None  # type: ignore[assignment]  # makes `import invoke` fail fast
+    try:
+        import paramiko
+    finally:
+        del sys.modules["invoke"]
+import paramiko  # noqa: E402
 
 from .errors import UnreachableError
 from .hostsfile import Host
@@ -157,7 +167,12 @@ def resolve_target(host: Host, config: paramiko.SSHConfig) -> SSHTarget:
     user = None
     if "@" in alias:
         user, alias = alias.split("@", 1)
-    c = config.lookup(alias)
+    try:
+        c = config.lookup(alias)
+    except ImportError:             # a `Match exec` line: it needs invoke after all
+        import invoke
+        paramiko.config.invoke = invoke
+        c = config.lookup(alias)
     user = host.user or user or c.get("user") or getpass.getuser()
     port = host.port or int(c.get("port", 22))
     idents = [host.identity_file] if host.identity_file else list(c.get("identityfile", []))

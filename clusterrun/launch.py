@@ -17,10 +17,10 @@ from .hostsfile import HostsFile, load_hosts
 from .lint import format_finding, lint_paths
 from .plan import LaunchOptions, Plan, make_plan, master_addr_for, render_plan
 from .preflight import auto_port, preflight
-from .runs import RunDir, clusterrun_home, new_run_id
+from .runs import CollectorLock, RunDir, clusterrun_home, new_run_id
 from .stream import Terminal
 from .sync import sync_all
-from .transport import connect_all, load_ssh_config, resolve_target
+from .transport import Transport, connect_all, load_ssh_config, resolve_target
 
 
 @dataclass(frozen=True)
@@ -78,19 +78,7 @@ def up(hosts_path: str, opts: LaunchOptions, up_opts: UpOptions) -> int:
     transports = connect_all(hosts.hosts, hosts.connect_timeout, up_opts.accept_new_host_keys)
     run_id = new_run_id()
     try:
-        asked = master_port(hosts, opts)
-        plan = build_plan(hosts, opts, run_id, transports[0].peer_addr, port=0 if asked == "auto" else None)
-        if up_opts.sync:
-            term.progress(f"syncing {Path.cwd()} to {len(hosts.hosts)} nodes")
-            sent = sync_all(plan, transports, Path.cwd())
-            if sent:
-                term.message("clusterrun: synced " + ", ".join(f"{n} ({k} files)" for n, k in sent.items()))
-        if not up_opts.skip_check or asked == "auto":
-            term.progress(f"checking {len(hosts.hosts)} nodes")
-            free = preflight(plan, transports, opts, asked) if not up_opts.skip_check else \
-                auto_port(plan, transports)
-            if asked == "auto":
-                plan = build_plan(hosts, opts, run_id, transports[0].peer_addr, port=free)
+        plan = prepare(hosts, opts, up_opts, run_id, transports, term)
     except BaseException:
         for t in transports:
             t.close()
@@ -117,6 +105,25 @@ def up(hosts_path: str, opts: LaunchOptions, up_opts: UpOptions) -> int:
         lock.release()
 
 
+def prepare(hosts: HostsFile, opts: LaunchOptions, up_opts: UpOptions, run_id: str,
+            transports: list[Transport], term: Terminal) -> Plan:
+    """Before anything starts: the plan, --sync, the preflight, and an automatic port."""
+    asked = master_port(hosts, opts)
+    plan = build_plan(hosts, opts, run_id, transports[0].peer_addr, port=0 if asked == "auto" else None)
+    if up_opts.sync:
+        term.progress(f"syncing {Path.cwd()} to {len(hosts.hosts)} nodes")
+        sent = sync_all(plan, transports, Path.cwd())
+        if sent:
+            term.message("clusterrun: synced " + ", ".join(f"{n} ({k} files)" for n, k in sent.items()))
+    if up_opts.skip_check and asked != "auto":
+        return plan
+    term.progress(f"checking {len(hosts.hosts)} nodes")
+    free = auto_port(plan, transports) if up_opts.skip_check else preflight(plan, transports, opts, asked)
+    if asked == "auto":
+        plan = build_plan(hosts, opts, run_id, transports[0].peer_addr, port=free)
+    return plan
+
+
 def plural(n: int, word: str) -> str:
     return f"{n} {word}{'' if n == 1 else 's'}"
 
@@ -130,7 +137,7 @@ def lint_warnings(opts: LaunchOptions, term: Terminal) -> None:
             term.message("clusterrun: warning: " + format_finding(f).replace("\n", "\n  "))
 
 
-def _detach(ctl: RunController, run: RunDir, lock, term: Terminal) -> int:
+def _detach(ctl: RunController, run: RunDir, lock: CollectorLock, term: Terminal) -> int:
     """Wait until every node has started, then hand the run to a background collector."""
     ctl.wait_started()
     ctl.detach()

@@ -407,12 +407,21 @@ def kill(job_dir, marker, grace):
     pgid = int(read_text(os.path.join(job_dir, "pgid")) or 0)
     signal_all(pgid, job_pids(marker), signal.SIGTERM)
     deadline = time.monotonic() + grace
-    left = job_pids(marker)
-    while (left or group_alive(pgid)) and time.monotonic() < deadline:
-        time.sleep(0.05)
+    forced = False
+    while True:
         left = job_pids(marker)
-    forced = bool(left) or group_alive(pgid)
-    if forced:
+        if not left and not group_alive(pgid):
+            break
+        if time.monotonic() >= deadline:
+            break
+        # Once the workers (each in a session of its own) are gone, torchrun has
+        # nothing left to shut down: do not wait for its slow exit.
+        if left and all(pgrp_of(pid) == pgid for pid in left):
+            signal_all(0, left, signal.SIGKILL)
+            forced = True
+        time.sleep(0.05)
+    if left or group_alive(pgid):      # the grace period is over
+        forced = True
         deadline = time.monotonic() + 10
         while (left or group_alive(pgid)) and time.monotonic() < deadline:
             signal_all(pgid, left, signal.SIGKILL)
@@ -423,14 +432,39 @@ def kill(job_dir, marker, grace):
     event("killed", forced=forced, left=len(left) + (1 if alive else 0))
 
 
+def pgrp_of(pid):
+    """A process's group, or -1 if it is gone."""
+    try:
+        return proc_stat(pid)[1]
+    except (OSError, ValueError, IndexError):
+        return -1
+
+
+def proc_stat(pid):
+    """State and process group from /proc/PID/stat (the name may hold spaces or ')')."""
+    with open("/proc/%d/stat" % pid, "rb") as f:
+        data = f.read()
+    fields = data[data.rfind(b")") + 2:].split()
+    return fields[0], int(fields[2])
+
+
 def group_alive(pgid):
+    """Whether any process of the group still runs; zombies waiting for init do not count."""
     if not pgid:
         return False
     try:
         os.killpg(pgid, 0)
-        return True
     except OSError as e:
         return e.errno == errno.EPERM
+    for name in os.listdir("/proc"):
+        if name.isdigit():
+            try:
+                state, pgrp = proc_stat(int(name))
+            except (OSError, ValueError, IndexError):
+                continue
+            if pgrp == pgid and state != b"Z":
+                return True
+    return False
 
 
 # --- files ---------------------------------------------------------------------

@@ -189,6 +189,22 @@ def resolve_target(host: Host, config: paramiko.SSHConfig) -> SSHTarget:
 
 
 _known_hosts_lock = threading.Lock()
+_known_hosts_cache: dict[tuple[str, ...], paramiko.HostKeys] = {}
+
+
+def known_hosts(paths: tuple[str, ...], node: str) -> paramiko.HostKeys:
+    """The host keys of these known_hosts files, read once per process."""
+    with _known_hosts_lock:
+        keys = _known_hosts_cache.get(paths)
+        if keys is None:
+            keys = paramiko.HostKeys()
+            for path in paths:
+                try:
+                    keys.load(path)
+                except (OSError, paramiko.SSHException) as e:
+                    raise UnreachableError(f"{node}: cannot read known hosts file {path}: {e}") from None
+            _known_hosts_cache[paths] = keys
+        return keys
 
 
 class _AcceptNew(paramiko.MissingHostKeyPolicy):
@@ -202,6 +218,7 @@ class _AcceptNew(paramiko.MissingHostKeyPolicy):
             os.makedirs(os.path.dirname(self.path), mode=0o700, exist_ok=True)
             with open(self.path, "a") as f:
                 f.write(f"{hostname} {key.get_name()} {key.get_base64()}\n")
+            client._system_host_keys.add(hostname, key.get_name(), key)   # known from now on
 
 
 class SSHProcess:
@@ -271,12 +288,9 @@ def connect_ssh(host: Host, config: paramiko.SSHConfig, timeout: float, accept_n
     t = resolve_target(host, config)
     where = f"{host.name}: {t.user}@{t.hostname}:{t.port}"
     client = paramiko.SSHClient()
-    for path in t.known_hosts:
-        if os.path.exists(path):
-            try:
-                client.load_system_host_keys(path)
-            except (OSError, paramiko.SSHException) as e:
-                raise UnreachableError(f"{host.name}: cannot read known hosts file {path}: {e}") from None
+    # Parsed once per set of files, not once per node: N nodes x K entries adds up.
+    # (paramiko offers no public way to share one HostKeys between clients.)
+    client._system_host_keys = known_hosts(tuple(p for p in t.known_hosts if os.path.exists(p)), host.name)
     if accept_new or t.strict in ("accept-new", "no"):
         client.set_missing_host_key_policy(_AcceptNew(t.known_hosts[0]))
     else:

@@ -38,11 +38,12 @@ def test_bench_quick_streams_every_line_correctly(tmp_path):
     out = tmp_path / "bench.json"
     try:
         r = subprocess.run(
-            [sys.executable, str(BENCH), "--quick", "--json", str(out)],
-            cwd=REPO, stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=420,
+            [sys.executable, str(BENCH), "--quick", "--json", str(out), "--lock-wait", "480"],
+            cwd=REPO, stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=900,
         )
     except subprocess.TimeoutExpired as e:   # the bench tears its cluster down on SIGTERM too
         pytest.fail(f"scripts/bench --quick did not finish in {e.timeout}s:\n{e.stderr or ''}")
+    assert r.returncode != 75, f"another scripts/bench kept its cluster busy:\n{r.stderr}"
     assert out.exists(), f"no JSON report (exit {r.returncode}):\n{r.stdout}\n{r.stderr}"
     report = json.loads(out.read_text())
 

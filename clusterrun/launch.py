@@ -14,7 +14,6 @@ from pathlib import Path
 from .controller import ControlOptions, RunController
 from .errors import UsageError
 from .hostsfile import HostsFile, load_hosts
-from .lint import format_finding, lint_paths
 from .plan import LaunchOptions, Plan, make_plan, master_addr_for, render_plan
 from .preflight import auto_port, preflight
 from .runs import CollectorLock, RunDir, clusterrun_home, new_run_id
@@ -132,6 +131,8 @@ def lint_warnings(opts: LaunchOptions, term: Terminal) -> None:
     """`clusterrun lint` on the script, if it is a file here: findings are warnings."""
     if opts.module or not os.path.isfile(opts.script):
         return
+    from .lint import format_finding, lint_paths  # only here: a large module, not needed otherwise
+
     for f in lint_paths([opts.script]):
         if f.code != "CR000":       # a file Python cannot parse here is the node's to report
             term.message("clusterrun: warning: " + format_finding(f).replace("\n", "\n  "))

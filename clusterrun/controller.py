@@ -12,13 +12,13 @@ import queue
 import threading
 import time
 from dataclasses import dataclass
-from typing import Callable, Sequence
+from typing import Any, Callable, Sequence
 
 from .errors import EXIT_INTERRUPTED
 from .plan import NodePlan, Plan
 from .remote import Detached, NodeResult, RemoteJob
 from .results import exit_code, summary
-from .runs import FINAL_STATES, KILLED, RUNNING, STARTING, RunDir
+from .runs import FAILED_TO_START, FINAL_STATES, KILLED, NOT_STARTED, RUNNING, STARTING, RunDir
 from .stream import NodeOutput, Terminal
 from .transport import Transport, connect_all, connect_node
 
@@ -46,6 +46,7 @@ class RunController:
         self.jobs = [self._job(node, t) for node, t in zip(plan.nodes, transports)]
         self.done: queue.Queue[NodeResult] = queue.Queue()
         self.interrupted = False
+        self.gate: Any = None
 
     def _job(self, node: NodePlan, transport: Transport) -> RemoteJob:
         show = None
@@ -77,11 +78,16 @@ class RunController:
 
     # --- running -----------------------------------------------------------------
 
-    def launch(self, start: bool, follow: bool = True) -> None:
-        """Start (or attach to) every node's job, each in a thread of its own."""
+    def launch(self, start: bool, follow: bool = True, gate: Any = None) -> None:
+        """Start (or attach to) every node's job, each in a thread of its own.
+
+        With a preflight.Gate, each node probes first and starts only if all can."""
+        self.gate = gate
         if start:
             for node in self.plan.nodes:
                 self.set_state(node, STARTING)
+        for job in self.jobs:
+            job.gate = gate
         for job in self.jobs:
             if not start and self.states.get(job.node.node_rank, {}).get("state") in FINAL_STATES:
                 job.output.close()
@@ -104,6 +110,10 @@ class RunController:
             result = NodeResult(job.node, "lost", message=f"{type(e).__name__}: {e}")
         finally:
             job.output.close()
+        if self.gate is not None:       # it ended before its probe: that is its answer
+            why = result.message or result.state
+            self.gate.answer(job.node, f"cannot run {job.node.python}: {why}"
+                             if result.state == FAILED_TO_START else why)
         killed = self.run.path / "killed"
         if killed.exists() and not result.ok:
             result.state, result.stopped = KILLED, True
@@ -151,7 +161,7 @@ class RunController:
                 stopping = True
                 continue
             results.append(r)
-            if r.state == RUNNING:
+            if r.state in (RUNNING, NOT_STARTED):     # caught up; or held back by the preflight
                 continue
             if not r.ok and self.opts.fail_fast and not stopping and not r.stopped:
                 stopping = True

@@ -6,6 +6,7 @@ The same `make_plan` feeds `--dry-run` and the real run.
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -15,7 +16,7 @@ from .controller import ControlOptions, RunController
 from .errors import UsageError
 from .hostsfile import HostsFile, load_hosts
 from .plan import LaunchOptions, Plan, make_plan, master_addr_for, render_plan
-from .preflight import auto_port, preflight
+from .preflight import Gate, auto_port, preflight, preflight_error
 from .runs import CollectorLock, RunDir, clusterrun_home, new_run_id
 from .stream import Terminal
 from .sync import sync_all
@@ -93,9 +94,15 @@ def up(hosts_path: str, opts: LaunchOptions, up_opts: UpOptions) -> int:
     assert lock is not None, "a new run has no collector yet"
     ctl = RunController(plan, run, transports, term, ctl_opts)
     try:
+        checked_in_start = not up_opts.skip_check and master_port(hosts, opts) != "auto"
+        gate = Gate(plan, opts, plan.master_port) if checked_in_start else None
+        ctl.launch(start=True, gate=gate)
+        if gate is not None and not gate.wait():
+            ctl.wait()                  # every node has answered "stop" and ended
+            shutil.rmtree(run.path, ignore_errors=True)
+            raise preflight_error(gate.problems or [])
         term.message(f"clusterrun: run {run_id}: {plural(len(plan.nodes), 'node')}, "
                      f"{plural(plan.world_size, 'rank')} (logs: {run.path})")
-        ctl.launch(start=True)
         if up_opts.detach:
             return _detach(ctl, run, lock, term)
         return ctl.finish(ctl.wait())
@@ -106,7 +113,8 @@ def up(hosts_path: str, opts: LaunchOptions, up_opts: UpOptions) -> int:
 
 def prepare(hosts: HostsFile, opts: LaunchOptions, up_opts: UpOptions, run_id: str,
             transports: list[Transport], term: Terminal) -> Plan:
-    """Before anything starts: the plan, --sync, the preflight, and an automatic port."""
+    """Before anything starts: the plan, --sync, and an automatic port (which needs
+    the preflight first, in a session of its own)."""
     asked = master_port(hosts, opts)
     plan = build_plan(hosts, opts, run_id, transports[0].peer_addr, port=0 if asked == "auto" else None)
     if up_opts.sync:
@@ -114,8 +122,8 @@ def prepare(hosts: HostsFile, opts: LaunchOptions, up_opts: UpOptions, run_id: s
         sent = sync_all(plan, transports, Path.cwd())
         if sent:
             term.message("clusterrun: synced " + ", ".join(f"{n} ({k} files)" for n, k in sent.items()))
-    if up_opts.skip_check and asked != "auto":
-        return plan
+    if asked != "auto":
+        return plan     # the preflight, unless skipped, happens inside the start (Gate)
     term.progress(f"checking {len(hosts.hosts)} nodes")
     free = auto_port(plan, transports) if up_opts.skip_check else preflight(plan, transports, opts, asked)
     if asked == "auto":

@@ -49,6 +49,10 @@ def main(argv):
     mode = spec["mode"]
     job_dir = os.path.expanduser(spec["job_dir"])
     if mode == "start":
+        if spec.get("check"):       # the preflight: answer, then start only if told "go"
+            event("probe", **probe(spec["check"]))
+            if sys.stdin.buffer.readline().strip() != b"go":
+                return 0
         start(spec, job_dir)
         stream(job_dir, {})
     elif mode == "attach":

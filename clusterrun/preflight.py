@@ -6,6 +6,7 @@ GPUs, the interface that reaches MASTER_ADDR, and on the master node its port.
 
 from __future__ import annotations
 
+import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Sequence
@@ -58,33 +59,71 @@ def probe_all(plan: Plan, transports: Sequence[Transport | None], specs: Sequenc
         return list(pool.map(one, range(len(plan.nodes))))
 
 
+def node_problems(node: NodePlan, r: dict[str, Any] | str, opts: LaunchOptions, port: int | str) -> list[str]:
+    """What keeps this node from starting the run, in words."""
+    if isinstance(r, str):
+        return [f"{node.name}: {r}"]
+    problems = []
+    if r.get("script_found") is False:
+        what = "module" if opts.module else "script"
+        problems.append(f"{node.name}: {what} {opts.script!r} not found in {r['cwd']} "
+                        "(copy it there, or use --sync)")
+    if not r.get("torch_found", True):
+        problems.append(f"{node.name}: torch is not installed for {r['executable']} "
+                        "(set `python:` or `setup:` in the hosts file)")
+    if r.get("port_free") is False:
+        problems.append(f"{node.name}: master port {port} is already in use "
+                        "(pick another with --master-port, or `auto`)")
+    return problems
+
+
+def preflight_error(problems: list[str]) -> PreflightError:
+    return PreflightError("preflight failed, nothing was started:\n  " + "\n  ".join(problems)
+                          + "\n(--skip-check skips these checks)")
+
+
 def preflight(plan: Plan, transports: Sequence[Transport], opts: LaunchOptions, port: int | str) -> int | None:
-    """Before anything starts: python runs, the script is there, torch is installed,
-    the master port is free. Raises PreflightError naming every node at fault.
-    Returns the free port node 0 picked when port is "auto"."""
+    """Before anything starts, in a session of its own: python runs, the script is
+    there, torch is installed, the master port is free. Raises PreflightError
+    naming every node at fault. Returns the free port node 0 picked for "auto".
+    (Without "auto", `up` runs the same checks inside the start: see Gate.)"""
     specs = [probe_spec(plan, n, opts.script, opts.module, port, torch=False) for n in plan.nodes]
     results = probe_all(plan, transports, specs)
-    problems = []
-    for node, r in zip(plan.nodes, results):
-        where = f"{node.name}"
-        if isinstance(r, str):
-            problems.append(f"{where}: {r}")
-            continue
-        if r.get("script_found") is False:
-            what = "module" if opts.module else "script"
-            problems.append(f"{where}: {what} {opts.script!r} not found in {r['cwd']} "
-                            "(copy it there, or use --sync)")
-        if not r.get("torch_found", True):
-            problems.append(f"{where}: torch is not installed for {r['executable']} "
-                            "(set `python:` or `setup:` in the hosts file)")
-        if r.get("port_free") is False:
-            problems.append(f"{where}: master port {port} is already in use "
-                            "(pick another with --master-port, or `auto`)")
+    problems = [p for node, r in zip(plan.nodes, results) for p in node_problems(node, r, opts, port)]
     if problems:
-        raise PreflightError("preflight failed, nothing was started:\n  " + "\n  ".join(problems)
-                             + "\n(--skip-check skips these checks)")
+        raise preflight_error(problems)
     first = results[0]
     return first.get("free_port") if isinstance(first, dict) else None
+
+
+class Gate:
+    """The preflight inside the start: each node's agent probes, then waits; once
+    every node has answered, all of them start, or none does."""
+
+    def __init__(self, plan: Plan, opts: LaunchOptions, port: int) -> None:
+        self.plan, self.opts, self.port = plan, opts, port
+        self._answers: dict[int, dict[str, Any] | str] = {}
+        self._cv = threading.Condition()
+        self.problems: list[str] | None = None
+
+    def spec(self, node: NodePlan) -> dict[str, Any]:
+        return probe_spec(self.plan, node, self.opts.script, self.opts.module, self.port, torch=False)
+
+    def answer(self, node: NodePlan, r: dict[str, Any] | str) -> bool:
+        """A node's probe (or why it has none); blocks until all answered: start?"""
+        with self._cv:
+            self._answers.setdefault(node.node_rank, r)
+            self._cv.notify_all()
+            self._cv.wait_for(lambda: len(self._answers) == len(self.plan.nodes))
+            if self.problems is None:
+                self.problems = [p for n in self.plan.nodes
+                                 for p in node_problems(n, self._answers[n.node_rank], self.opts, self.port)]
+            return not self.problems
+
+    def wait(self) -> bool:
+        with self._cv:
+            self._cv.wait_for(lambda: self.problems is not None)
+            return not self.problems
 
 
 def auto_port(plan: Plan, transports: Sequence[Transport]) -> int:

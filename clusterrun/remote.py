@@ -20,7 +20,7 @@ import paramiko
 
 from .errors import UnreachableError
 from .plan import NodePlan, quote_path, shell_prefix
-from .runs import EXITED, FAILED_TO_START, LOST, RUNNING
+from .runs import EXITED, FAILED_TO_START, LOST, NOT_STARTED, RUNNING
 from .stream import NodeOutput
 from .transport import Process, Transport
 
@@ -98,11 +98,15 @@ class RemoteJob:
         self.stopped = False
         self.detached = False
         self.reconnects = 0
+        self.gate: Any = None           # preflight.Gate: probe, then start only if all nodes can
 
     def start_spec(self) -> dict[str, Any]:
         n = self.node
-        return {"mode": "start", "argv": list(n.argv), "env": dict(n.env), "python": n.python,
+        spec = {"mode": "start", "argv": list(n.argv), "env": dict(n.env), "python": n.python,
                 "pick_ifname": list(n.pick_ifname), "master_addr": self.master_addr}
+        if self.gate is not None:
+            spec["check"] = self.gate.spec(n)
+        return spec
 
     def attach_spec(self, follow: bool) -> dict[str, Any]:
         return {"mode": "attach", "offsets": dict(self.output.received), "follow": follow}
@@ -167,7 +171,12 @@ class RemoteJob:
             elif header[:2] == b"S ":
                 ev = json.loads(header[2:])
                 name = ev.pop("event")
-                if name == "started":
+                if name == "probe":
+                    go = self.gate.answer(self.node, ev)
+                    proc.send(b"go\n" if go else b"stop\n")
+                    if not go:
+                        return NodeResult(self.node, NOT_STARTED)
+                elif name == "started":
                     self.on_started(self.node, ev)
                 elif name == "running":      # attach without follow: caught up
                     return NodeResult(self.node, RUNNING)

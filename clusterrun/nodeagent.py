@@ -40,6 +40,7 @@ READ_MAX = 1 << 20          # bytes read from one file per pass
 LINE_MAX = 1 << 20          # a "line" longer than this is passed on in pieces
 DISCOVER_EVERY = 0.2        # seconds between looks for new worker log files
 HEARTBEAT = 5.0             # an idle stream says "H" this often, so a dead link shows
+ALIVE_EVERY = 0.5           # seconds between checks that the job's process group exists
 
 
 def main(argv):
@@ -317,7 +318,7 @@ def stream(job_dir, offsets, follow=True):
     sources = {}
     exit_path = os.path.join(job_dir, "exit.json")
     pgid = int(read_text(os.path.join(job_dir, "pgid")) or 0)
-    next_discover = 0.0
+    next_discover = next_alive_check = 0.0
     last_out = time.monotonic()
     while True:
         now = time.monotonic()
@@ -333,11 +334,15 @@ def stream(job_dir, offsets, follow=True):
             write_out(b"H\n")
             last_out = now
         done = os.path.exists(exit_path)
-        if not done and not group_alive(pgid):
-            done = os.path.exists(exit_path)
-            if not done:
-                finish(job_dir, sources, offsets, "lost", reason="the job's processes are gone")
-                return
+        # A cheap test (no /proc scan) and not on every poll: this loop runs for the
+        # whole training run. A SIGKILLed group shows as gone once init reaps it.
+        if not done and now >= next_alive_check:
+            next_alive_check = now + ALIVE_EVERY
+            if not group_exists(pgid):
+                done = os.path.exists(exit_path)
+                if not done:
+                    finish(job_dir, sources, offsets, "lost", reason="the job's processes are gone")
+                    return
         if done:
             finish(job_dir, sources, offsets, "exit", **json.loads(read_text(exit_path)))
             return
@@ -452,14 +457,21 @@ def proc_stat(pid):
     return fields[0], int(fields[2])
 
 
-def group_alive(pgid):
-    """Whether any process of the group still runs; zombies waiting for init do not count."""
+def group_exists(pgid):
+    """Whether the process group has any member, zombies included (one syscall)."""
     if not pgid:
         return False
     try:
         os.killpg(pgid, 0)
+        return True
     except OSError as e:
         return e.errno == errno.EPERM
+
+
+def group_alive(pgid):
+    """Whether any process of the group still runs; zombies waiting for init do not count."""
+    if not group_exists(pgid):
+        return False
     for name in os.listdir("/proc"):
         if name.isdigit():
             try:

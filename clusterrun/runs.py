@@ -131,14 +131,6 @@ class RunDir:
             return None
         return CollectorLock(fd)
 
-    def wait_lock(self, timeout: float) -> "CollectorLock | None":
-        deadline = time.monotonic() + timeout
-        while True:
-            lock = self.lock()
-            if lock is not None or time.monotonic() >= deadline:
-                return lock
-            time.sleep(0.05)
-
 
 class CollectorLock:
     """An flock the kernel drops if the holder dies, even by SIGKILL."""

@@ -104,10 +104,8 @@ def test_a_silent_node_at_start_is_named_within_the_connect_timeout(cluster, ctl
 
 
 def test_a_node_whose_processes_are_all_killed_ends_the_run(cluster, ctl, tmp_path):
-    script = write(tmp_path / "ticker.py", TICKER)
     victim = cluster.names[1]
-    hosts = hosts_file(tmp_path, cluster.names[:2], nproc_per_node=1)
-    p = ctl.start("up", str(hosts), str(script), "100000", "0.05")
+    p = ctl.ticker(cluster, 2, 100000, 0.05)
     p.wait_for(" tick 1 5")
     # Everything on that node but its sshd listener: job, workers, agent, ssh session.
     for pid in cluster.leftover_pids(victim):
@@ -123,11 +121,9 @@ def test_a_node_whose_processes_are_all_killed_ends_the_run(cluster, ctl, tmp_pa
 
 
 def test_a_network_link_cut_for_seconds_loses_no_line(cluster, ctl, tmp_path):
-    script = write(tmp_path / "ticker.py", TICKER)
     node = cluster.names[1]
     veth = f"crt-v{node.rsplit('n', 1)[1]}"
-    hosts = hosts_file(tmp_path, cluster.names[:2], nproc_per_node=1)
-    p = ctl.start("up", str(hosts), str(script), "250", "0.04")
+    p = ctl.ticker(cluster, 2, 250, 0.04)
     p.wait_for(" tick 1 30")
     subprocess.run(["ip", "link", "set", veth, "down"], check=True)
     try:

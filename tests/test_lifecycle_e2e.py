@@ -95,6 +95,19 @@ class Controller:
         return Running(subprocess.Popen(self.argv(*args), env=self.env, cwd=self.tmp, text=True,
                                         stdout=subprocess.PIPE, stderr=subprocess.PIPE))
 
+    def ticker(self, cluster, nodes: int, n: int, dt: float, nproc: int = 1) -> Running:
+        """`up` of TICKER on the first `nodes` nodes: each rank prints `tick R I` n times."""
+        script = write(self.tmp / "ticker.py", TICKER)
+        hosts = hosts_file(self.tmp, cluster.names[:nodes], nproc_per_node=nproc)
+        return self.start("up", str(hosts), str(script), str(n), str(dt))
+
+    def abandoned_run(self, cluster, after: str) -> None:
+        """A run whose `up` is SIGKILLed once `after` was printed: nobody collects it."""
+        p = self.ticker(cluster, 2, 100000, 0.05)
+        p.wait_for(after)
+        p.proc.kill()
+        p.finish()
+
     def status(self, run: str | None = None) -> dict:
         r = self.run("status", *([run] if run else []), "--json")
         assert r.returncode == 0, r.stderr
@@ -227,9 +240,7 @@ def test_no_fail_fast_keeps_the_other_nodes_running(cluster, ctl, tmp_path):
 
 
 def test_ctrl_c_tears_every_node_down_and_exits_130(cluster, ctl, tmp_path):
-    script = write(tmp_path / "ticker.py", TICKER)
-    hosts = hosts_file(tmp_path, cluster.names[:2], nproc_per_node=2)
-    p = ctl.start("up", str(hosts), str(script), "100000", "0.05")
+    p = ctl.ticker(cluster, 2, 100000, 0.05, nproc=2)
     p.wait_for(" tick 3 3")
     p.proc.send_signal(signal.SIGINT)
     out, err = p.finish(60)
@@ -242,10 +253,8 @@ def test_ctrl_c_tears_every_node_down_and_exits_130(cluster, ctl, tmp_path):
 
 
 def test_ssh_session_killed_on_the_node_mid_run_loses_no_line(cluster, ctl, tmp_path):
-    script = write(tmp_path / "ticker.py", TICKER)
     node = cluster.names[1]
-    hosts = hosts_file(tmp_path, cluster.names[:2], nproc_per_node=1)
-    p = ctl.start("up", str(hosts), str(script), "300", "0.02")
+    p = ctl.ticker(cluster, 2, 300, 0.02)
     p.wait_for(" tick 1 50")
     # Kill the sshd process serving our connection on that node (not its listener).
     sessions = [pid for pid in cluster.leftover_pids(node)
@@ -261,9 +270,7 @@ def test_ssh_session_killed_on_the_node_mid_run_loses_no_line(cluster, ctl, tmp_
 
 
 def test_up_killed_outright_the_job_runs_on_and_can_be_followed_and_killed(cluster, ctl, tmp_path):
-    script = write(tmp_path / "ticker.py", TICKER)
-    hosts = hosts_file(tmp_path, cluster.names[:2], nproc_per_node=1)
-    p = ctl.start("up", str(hosts), str(script), "150", "0.05")
+    p = ctl.ticker(cluster, 2, 150, 0.05)
     p.wait_for(" tick 1 5")
     p.proc.kill()               # SIGKILL: no chance to clean up
     p.finish()
@@ -277,22 +284,14 @@ def test_up_killed_outright_the_job_runs_on_and_can_be_followed_and_killed(clust
     assert ctl.status(run_id)["state"] == "succeeded"
 
     # And a second run whose `up` is killed is ended by `clusterrun kill` from a new shell.
-    p = ctl.start("up", str(hosts), str(script), "100000", "0.05")
-    p.wait_for(" tick 1 2")
-    p.proc.kill()
-    p.finish()
+    ctl.abandoned_run(cluster, after=" tick 1 2")
     k = ctl.run("kill")
     assert k.returncode == 0, k.stderr
     assert_nothing_left(cluster)
 
 
 def test_ctrl_c_on_logs_follow_stops_following_not_the_run(cluster, ctl, tmp_path):
-    script = write(tmp_path / "ticker.py", TICKER)
-    hosts = hosts_file(tmp_path, cluster.names[:2], nproc_per_node=1)
-    p = ctl.start("up", str(hosts), str(script), "100000", "0.05")
-    p.wait_for(" tick 1 2")
-    p.proc.kill()               # nobody collects the run now: `logs -f` becomes its collector
-    p.finish()
+    ctl.abandoned_run(cluster, after=" tick 1 2")   # `logs -f` becomes its collector
     f = ctl.start("logs", "-f")
     f.wait_for(" tick 0 ")
     f.proc.send_signal(signal.SIGINT)

@@ -9,10 +9,11 @@ import click
 from . import __version__
 from .errors import EXIT_INTERRUPTED, ClusterrunError
 from .hostsfile import HostsFileError, parse_env_mapping
-from . import fanout, killing, launch, logs, preflight, status
-from .controller import ControlOptions
 from .plan import LaunchOptions
 from .stream import use_color
+
+# Each command imports its module when it runs: a command pays only for what it
+# uses (`kill` and `ps` never load paramiko; see docs/performance.md).
 
 
 def _run(fn, *args) -> None:
@@ -79,6 +80,8 @@ def up_cmd(module, nproc_per_node, master_port, env, detach, dry_run, sync, skip
         script=script, script_args=tuple(script_args), module=module,
         nproc_per_node=nproc_per_node, master_port=_master_port(master_port), env=_parse_env(env),
     )
+    from . import launch
+
     if dry_run:
         _run(lambda: click.echo(launch.dry_run(hosts, opts)))
     up_opts = launch.UpOptions(fail_fast=not no_fail_fast, accept_new_host_keys=accept_new_host_keys,
@@ -90,8 +93,10 @@ def up_cmd(module, nproc_per_node, master_port, env, detach, dry_run, sync, skip
 up_cmd.name = "up"
 
 
-def _control(no_color: bool = True, accept_new: bool = False) -> ControlOptions:
-    return ControlOptions(color=use_color(no_color=no_color), accept_new_host_keys=accept_new)
+def _control(no_color: bool = True):
+    from .controller import ControlOptions
+
+    return ControlOptions(color=use_color(no_color=no_color))
 
 
 @main.command("logs")
@@ -103,6 +108,8 @@ def _control(no_color: bool = True, accept_new: bool = False) -> ControlOptions:
 @click.option("--no-color", is_flag=True, help="No colours (also: NO_COLOR=1).")
 def logs_cmd(run, ranks, node, follow, tail, no_color) -> None:
     """Print a run's tagged lines (RUN defaults to the latest run)."""
+    from . import logs
+
     _run(logs.logs, run, tuple(ranks), node, follow, tail, _control(no_color))
 
 
@@ -111,12 +118,16 @@ def logs_cmd(run, ranks, node, follow, tail, no_color) -> None:
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 def status_cmd(run, as_json) -> None:
     """Each node's state: starting, running, exited with code, killed, lost."""
+    from . import status
+
     _run(status.status, run, as_json, _control())
 
 
 @main.command("ps")
 def ps_cmd() -> None:
     """List runs, newest first."""
+    from . import status
+
     _run(status.ps)
 
 
@@ -127,7 +138,9 @@ def ps_cmd() -> None:
               help="Seconds between TERM and KILL.")
 def kill_cmd(run, all_runs, grace) -> None:
     """Stop a run (default the latest) on every node; returns once nothing of it is left."""
-    _run(killing.kill, run, all_runs, grace, _control())
+    from . import killing
+
+    _run(killing.kill, run, all_runs, grace)
 
 
 @main.command("check")
@@ -135,6 +148,8 @@ def kill_cmd(run, all_runs, grace) -> None:
 @click.option("--accept-new-host-keys", is_flag=True, help="Trust hosts not yet in known_hosts.")
 def check_cmd(hosts, accept_new_host_keys) -> None:
     """Preflight every node of HOSTS, one row each."""
+    from . import preflight
+
     _run(preflight.check, hosts, accept_new_host_keys)
 
 
@@ -145,6 +160,8 @@ def check_cmd(hosts, accept_new_host_keys) -> None:
 @click.argument("argv", nargs=-1, type=click.UNPROCESSED)
 def exec_cmd(hosts, argv, accept_new_host_keys, no_color) -> None:
     """Run a command on every node of HOSTS: clusterrun exec HOSTS -- CMD [ARGS...]."""
+    from . import fanout
+
     argv = list(argv)
     if argv and argv[0] == "--":
         argv = argv[1:]
@@ -163,7 +180,7 @@ def lint_cmd(scripts) -> None:
 @click.argument("run")
 def collect_cmd(run) -> None:
     """Stream a detached run into its logs (started by `up --detach`)."""
-    from .controller import collect
+    from .controller import ControlOptions, collect
     from .runs import RunDir
     from .stream import Terminal
 

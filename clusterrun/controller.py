@@ -8,15 +8,17 @@ the run's collector lock while they do.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import queue
 import threading
 import time
 from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
+from .control import ControlServer
 from .errors import EXIT_INTERRUPTED
 from .plan import NodePlan, Plan
-from .remote import Detached, NodeResult, RemoteJob
+from .remote import Detached, NodeResult, RemoteJob, confirm_kills
 from .results import exit_code, summary
 from .runs import FAILED_TO_START, FINAL_STATES, KILLED, NOT_STARTED, RUNNING, STARTING, RunDir
 from .stream import NodeOutput, Terminal
@@ -47,6 +49,8 @@ class RunController:
         self.done: queue.Queue[NodeResult] = queue.Queue()
         self.interrupted = False
         self.gate: Any = None
+        self.control: ControlServer | None = None
+        self.finished = threading.Event()       # every node's end is recorded
 
     def _job(self, node: NodePlan, transport: Transport) -> RemoteJob:
         show = None
@@ -83,6 +87,7 @@ class RunController:
 
         With a preflight.Gate, each node probes first and starts only if all can."""
         self.gate = gate
+        self.control = ControlServer.start(self.run, self.kill)
         if start:
             for node in self.plan.nodes:
                 self.set_state(node, STARTING)
@@ -132,8 +137,18 @@ class RunController:
             self._started.wait_for(lambda: self.running_or_done() >= len(self.jobs))
 
     def detach(self) -> None:
+        self._close_control()
         for job in self.jobs:
             job.detach()
+
+    def kill(self, grace: float) -> list[str]:
+        """`clusterrun kill` through this collector: every live node's agent kills its
+        job, then the run's end is recorded. The problems: nodes not confirmed clean."""
+        live = [j for j in self.jobs if self.states.get(j.node.node_rank, {}).get("state") not in FINAL_STATES]
+        problems = confirm_kills([(j.node.name, functools.partial(j.stop, grace)) for j in live])
+        if not self.finished.wait(timeout=grace + 15):
+            problems.append("the run's end was not recorded in time; see `clusterrun status`")
+        return problems
 
     def wait(self) -> list[NodeResult]:
         """Collect every node's result; fail fast; Ctrl-C stops every node."""
@@ -187,12 +202,20 @@ class RunController:
         if all(r.state != RUNNING for r in results) and len(results) == len(self.jobs):
             self.run.write_json("result.json", [dataclasses.asdict(r) | {"node": r.node.name}
                                                 for r in results])
+        self.finished.set()
         if self.opts.report:
             for line in summary(results, self.run):
                 self.term.message(line)
         return exit_code(results, self.interrupted)
 
+    def _close_control(self) -> None:
+        if self.control is not None:
+            self.control.close()
+            self.control = None
+
     def close(self) -> None:
+        self.finished.set()
+        self._close_control()
         for job in self.jobs:
             if job.transport is not None:
                 job.transport.close()

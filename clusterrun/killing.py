@@ -2,19 +2,15 @@
 
 from __future__ import annotations
 
-import threading
-from typing import Any
+import functools
 
-from .controller import ControlOptions, collect_with, connect_live
+from .control import request_kill
 from .errors import UnreachableError
-from .plan import NodePlan
-from .remote import kill_job
 from .runs import RunDir, list_run_ids, runs_root
 from .stream import Terminal
-from .transport import Transport
 
 
-def kill(run_id: str | None, all_runs: bool, grace: float, opts: ControlOptions) -> int:
+def kill(run_id: str | None, all_runs: bool, grace: float) -> int:
     if all_runs:
         runs = [r for r in (RunDir(runs_root() / i) for i in list_run_ids()) if not r.ended()]
     else:
@@ -25,7 +21,7 @@ def kill(run_id: str | None, all_runs: bool, grace: float, opts: ControlOptions)
         if run.ended():
             term.message(f"clusterrun: run {run.run_id} has already ended")
             continue
-        found = kill_run(run, grace, opts)
+        found = kill_run(run, grace)
         problems += found
         if not found:
             term.message(f"clusterrun: killed run {run.run_id}: nothing of it is left on its nodes")
@@ -34,35 +30,30 @@ def kill(run_id: str | None, all_runs: bool, grace: float, opts: ControlOptions)
     return 0
 
 
-def kill_run(run: RunDir, grace: float, opts: ControlOptions) -> list[str]:
+def kill_run(run: RunDir, grace: float) -> list[str]:
     """TERM, then KILL after grace, every process of the run on every live node; verified.
 
-    Returns the problems (nodes not reached or not confirmed clean). With nobody
-    collecting the run (its `up` was killed, its background collector is gone),
-    the same connections then collect its last lines and record its end.
+    Returns the problems (nodes not reached or not confirmed clean). A live
+    collector does it over the connections it holds. With nobody collecting the
+    run (its `up` was killed, its background collector is gone), kill connects
+    itself, and the same connections then collect its last lines and record its end.
     """
     plan = run.plan()
     (run.path / "killed").write_text("clusterrun kill")
+    problems = request_kill(run, grace)
+    if problems is not None:
+        return problems
+    # Only now the SSH side of clusterrun: the path above never loads it.
+    from .controller import ControlOptions, collect_with, connect_live
+    from .remote import confirm_kills, kill_job
+
+    opts = ControlOptions()
     try:
         conns = connect_live(run, plan, opts, consequence="nothing was killed")
     except UnreachableError as e:
         return [str(e)]
-    problems: list[str] = []
-
-    def one(node: NodePlan, t: Transport) -> None:
-        try:
-            rep: dict[str, Any] = kill_job(node, t, grace)
-        except Exception as e:  # noqa: BLE001 - report the node, go on with the others
-            problems.append(f"{node.name}: {type(e).__name__}: {e}")
-            return
-        if rep.get("event") != "killed" or rep.get("left"):
-            problems.append(f"{node.name}: {rep}")
-
-    threads = [threading.Thread(target=one, args=(n, t)) for n, t in zip(plan.nodes, conns) if t]
-    for th in threads:
-        th.start()
-    for th in threads:
-        th.join()
+    problems = confirm_kills([(n.name, functools.partial(kill_job, n, t, grace))
+                              for n, t in zip(plan.nodes, conns) if t])
     lock = run.lock()
     if lock is None:                # a collector is watching: it records the end
         for t in conns:

@@ -19,8 +19,12 @@ Output protocol on stdout (binary, read by clusterrun/remote.py):
                            torchrun's own output, the local rank for a worker
   S <json>\\n              an event: started, exit, lost, killed
   H\\n                     a heartbeat while the job is quiet
-After the final event the agent waits for one line on stdin; "rm" removes the
-job directory (the controller has everything by then).
+Input on stdin, after the spec (start, attach), one command a line:
+  go                      after a "probe" event: start (anything else: do not)
+  kill <grace>            while streaming: kill the job as the kill mode does,
+                          answer with a "killed" event, then stream to the end
+  rm                      after the final event: remove the job directory (the
+                          controller has everything by then)
 """
 
 import errno
@@ -28,6 +32,7 @@ import glob
 import json
 import os
 import re
+import select
 import signal
 import socket
 import struct
@@ -41,6 +46,7 @@ LINE_MAX = 1 << 20          # a "line" longer than this is passed on in pieces
 DISCOVER_EVERY = 0.2        # seconds between looks for new worker log files
 HEARTBEAT = 5.0             # an idle stream says "H" this often, so a dead link shows
 ALIVE_EVERY = 0.5           # seconds between checks that the job's process group exists
+COMMAND_EVERY = 0.05        # seconds between looks at stdin while output keeps coming
 
 
 def main(argv):
@@ -49,18 +55,20 @@ def main(argv):
     spec = json.loads(sys.stdin.buffer.readline())
     mode = spec["mode"]
     job_dir = os.path.expanduser(spec["job_dir"])
+    if mode in ("start", "attach"):
+        commands = Commands()
     if mode == "start":
         if spec.get("check"):       # the preflight: answer, then start only if told "go"
             event("probe", **probe(spec["check"]))
-            if sys.stdin.buffer.readline().strip() != b"go":
+            if commands.next() != b"go":
                 return 0
         start(spec, job_dir)
-        stream(job_dir, {})
+        stream(job_dir, {}, commands, spec.get("marker"))
     elif mode == "attach":
         if not os.path.isdir(job_dir):
             event("lost", reason="no job directory on the node")
             return 0
-        stream(job_dir, spec.get("offsets", {}), spec.get("follow", True))
+        stream(job_dir, spec.get("offsets", {}), commands, spec.get("marker"), spec.get("follow", True))
     elif mode == "kill":
         kill(job_dir, spec["marker"], float(spec.get("grace", 5)))
     elif mode == "probe":
@@ -314,11 +322,53 @@ def read_frames(sources, final=False):
     return frames
 
 
-def stream(job_dir, offsets, follow=True):
+class Commands(object):
+    """Lines from the controller on stdin, read from fd 0 directly so that
+    select() sees every byte that has not been taken yet."""
+
+    def __init__(self):
+        self.buf = self._buffered()
+        self.eof = False
+
+    @staticmethod
+    def _buffered():
+        """What sys.stdin's buffer read ahead of the spec (a command sent early)."""
+        os.set_blocking(0, False)
+        try:
+            return sys.stdin.buffer.read1(1 << 16) or b""
+        except (BlockingIOError, ValueError):
+            return b""
+        finally:
+            os.set_blocking(0, True)
+
+    def next(self, timeout=None):
+        """The next line, stripped; None if none came within timeout; b"" at EOF
+        (with a timeout, EOF just waits it out: the controller may have let go)."""
+        while True:
+            nl = self.buf.find(b"\n")
+            if nl >= 0:
+                line, self.buf = self.buf[:nl], self.buf[nl + 1:]
+                return line.strip()
+            if self.eof:
+                if timeout is None:
+                    line, self.buf = self.buf, b""
+                    return line.strip()
+                time.sleep(timeout)
+                return None
+            if timeout is not None and not select.select([0], [], [], timeout)[0]:
+                return None
+            data = os.read(0, 4096)
+            self.buf += data
+            self.eof = not data
+            if timeout is not None and b"\n" not in self.buf:
+                return None
+
+
+def stream(job_dir, offsets, commands, marker=None, follow=True):
     sources = {}
     exit_path = os.path.join(job_dir, "exit.json")
     pgid = int(read_text(os.path.join(job_dir, "pgid")) or 0)
-    next_discover = next_alive_check = 0.0
+    next_discover = next_alive_check = next_command = 0.0
     last_out = time.monotonic()
     while True:
         now = time.monotonic()
@@ -329,6 +379,9 @@ def stream(job_dir, offsets, follow=True):
         if frames:
             write_out(b"".join(frames))
             last_out = now
+            if now >= next_command:     # a kill must not wait for the output to pause
+                next_command = now + COMMAND_EVERY
+                obey(commands.next(0), job_dir, marker)
             continue
         if now - last_out >= HEARTBEAT:
             write_out(b"H\n")
@@ -341,25 +394,31 @@ def stream(job_dir, offsets, follow=True):
             if not group_exists(pgid):
                 done = os.path.exists(exit_path)
                 if not done:
-                    finish(job_dir, sources, offsets, "lost", reason="the job's processes are gone")
+                    finish(job_dir, sources, offsets, commands, "lost",
+                           reason="the job's processes are gone")
                     return
         if done:
-            finish(job_dir, sources, offsets, "exit", **json.loads(read_text(exit_path)))
+            finish(job_dir, sources, offsets, commands, "exit", **json.loads(read_text(exit_path)))
             return
         if not follow:
             event("running")
             return
-        time.sleep(POLL_IDLE)
+        obey(commands.next(POLL_IDLE), job_dir, marker)     # the idle wait, cut short by a command
 
 
-def finish(job_dir, sources, offsets, name, **fields):
+def obey(command, job_dir, marker):
+    """A command that came while streaming: "kill <grace>" (the stream then runs to its end)."""
+    if command and command.startswith(b"kill ") and marker:
+        kill(job_dir, marker, float(command.split()[1]))
+
+
+def finish(job_dir, sources, offsets, commands, name, **fields):
     discover(job_dir, sources, offsets)
     frames = read_frames(sources, final=True)
     if frames:
         write_out(b"".join(frames))
     event(name, **fields)
-    answer = sys.stdin.buffer.readline().strip()
-    if answer == b"rm":
+    if commands.next() == b"rm":
         remove_tree(job_dir)
 
 

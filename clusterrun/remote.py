@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import base64
 import json
+import queue
 import shlex
+import threading
 import time
 import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import paramiko
 
@@ -99,17 +101,21 @@ class RemoteJob:
         self.detached = False
         self.reconnects = 0
         self.gate: Any = None           # preflight.Gate: probe, then start only if all nodes can
+        self._agent: Process | None = None      # the streaming agent, while there is one
+        self._kill_reports: queue.Queue[dict[str, Any] | None] = queue.Queue()
 
     def start_spec(self) -> dict[str, Any]:
         n = self.node
         spec = {"mode": "start", "argv": list(n.argv), "env": dict(n.env), "python": n.python,
-                "pick_ifname": list(n.pick_ifname), "master_addr": self.master_addr}
+                "pick_ifname": list(n.pick_ifname), "master_addr": self.master_addr,
+                "marker": n.marker}
         if self.gate is not None:
             spec["check"] = self.gate.spec(n)
         return spec
 
     def attach_spec(self, follow: bool) -> dict[str, Any]:
-        return {"mode": "attach", "offsets": dict(self.output.received), "follow": follow}
+        return {"mode": "attach", "offsets": dict(self.output.received), "follow": follow,
+                "marker": self.node.marker}
 
     def run(self, start: bool = True, follow: bool = True) -> NodeResult:
         """Stream until the job ends (or, follow=False, until caught up: state running)."""
@@ -119,9 +125,13 @@ class RemoteJob:
         while True:
             try:
                 proc = start_agent(self.node, self.transport, spec)
+                self._agent = proc
                 try:
                     result = self._read(proc)
                 finally:
+                    self._agent = None
+                    if self.stopped:            # a stop() waiting for this agent: it will not answer
+                        self._kill_reports.put(None)
                     proc.close()
                 if result is not None:
                     result.stopped = self.stopped
@@ -178,6 +188,8 @@ class RemoteJob:
                         return NodeResult(self.node, NOT_STARTED)
                 elif name == "started":
                     self.on_started(self.node, ev)
+                elif name == "killed":       # the answer to stop(): the stream goes on to the end
+                    self._kill_reports.put(ev)
                 elif name == "running":      # attach without follow: caught up
                     return NodeResult(self.node, RUNNING)
                 else:
@@ -213,9 +225,44 @@ class RemoteJob:
         self.transport.close()
 
     def stop(self, grace: float = 5.0) -> dict[str, Any]:
-        """TERM, then KILL after grace, every process of this node's job; confirmed."""
+        """TERM, then KILL after grace, every process of this node's job; confirmed.
+
+        The streaming agent does it when there is one (no new session, no login
+        shell on the node); otherwise the kill mode runs in a session of its own.
+        """
         self.stopped = True
+        agent = self._agent
+        if agent is not None:
+            agent.send(b"kill %r\n" % float(grace))
+            try:
+                report = self._kill_reports.get(timeout=grace + 15)
+            except queue.Empty:
+                report = None
+            if report is not None:
+                report["event"] = "killed"
+                return report
         return kill_job(self.node, self.transport, grace)
+
+
+def confirm_kills(kills: Sequence[tuple[str, Callable[[], dict[str, Any]]]]) -> list[str]:
+    """Run each node's kill in parallel; the problems: nodes not confirmed clean."""
+    problems: list[str] = []
+
+    def one(name: str, kill: Callable[[], dict[str, Any]]) -> None:
+        try:
+            report = kill()
+        except Exception as e:  # noqa: BLE001 - report the node, go on with the others
+            problems.append(f"{name}: {type(e).__name__}: {e}")
+            return
+        if report.get("event") != "killed" or report.get("left"):
+            problems.append(f"{name}: {report}")
+
+    threads = [threading.Thread(target=one, args=k, daemon=True) for k in kills]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return problems
 
 
 def kill_job(node: NodePlan, transport: Transport, grace: float) -> dict[str, Any]:

@@ -6,6 +6,7 @@
     runs/<run id>/logs/node<K>.log torchrun's own lines on node K
     runs/<run id>/result.json      every node's outcome, once the run has ended
     runs/<run id>/collector.lock   held (flock) by the one process streaming the run
+    runs/<run id>/control.sock     where that process takes `kill` requests (control.py)
 
 Exactly one process at a time, the collector, streams a run from its nodes into
 these files: the attached `up`, the background collector of `up --detach`, or a

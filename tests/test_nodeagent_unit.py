@@ -316,3 +316,57 @@ def test_kill_leaves_other_jobs_alone(tmp_path, procs):
     waiter.join(5)
     assert target.returncode is not None
     assert bystander.poll() is None, "a job with another marker must survive"
+
+
+# --- kill while streaming: "kill <grace>" on the streaming agent's stdin ------------------
+
+def attach_agent(job_dir: Path, marker: str) -> subprocess.Popen:
+    """The agent in attach mode, as the node runs it: the loader, then code and spec on stdin."""
+    from clusterrun.remote import _AGENT_LINE, AGENT_LOADER
+
+    p = subprocess.Popen([sys.executable, "-c", AGENT_LOADER], stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+    p.stdin.write(_AGENT_LINE + json.dumps({"mode": "attach", "job_dir": str(job_dir), "marker": marker,
+                                            "offsets": {}, "follow": True}).encode() + b"\n")
+    return p
+
+
+def events(out) -> list[dict]:
+    """Read frames until the agent's final event (lost or exit); the events in order."""
+    seen = []
+    while True:
+        line = out.readline()
+        assert line, f"the agent ended without a final event after {seen}"
+        if line.startswith(b"D "):
+            out.read(int(line.split()[2]))
+        elif line.startswith(b"S "):
+            seen.append(json.loads(line[2:]))
+            if seen[-1]["event"] in ("lost", "exit"):
+                return seen
+
+
+@pytest.mark.parametrize("early", [True, False], ids=["sent-with-the-spec", "sent-while-streaming"])
+def test_a_streaming_agent_kills_its_job_when_told(tmp_path, procs, early):
+    """The collector's kill goes down the stream it already has; one sent before the
+    agent even read its spec (read ahead into Python's stdin buffer) must not get lost."""
+    marker = f"{uuid.uuid4().hex}.0"
+    job = spawn(marker)
+    procs.append(job)
+    (tmp_path / "pgid").write_text(str(job.pid))
+    waiter = reaped(job)
+    agent = attach_agent(tmp_path, marker)
+    procs.append(agent)
+    if not early:
+        agent.stdin.flush()
+        (tmp_path / "launcher.log").write_text("streaming\n")
+        assert agent.stdout.readline() == b"D L 10\n" and agent.stdout.read(10) == b"streaming\n"
+    agent.stdin.write(b"kill 5.0\n")
+    agent.stdin.flush()
+    seen = events(agent.stdout)
+    waiter.join(5)
+    assert seen[0] == {"event": "killed", "forced": False, "left": 0}
+    assert seen[-1]["event"] == "lost"          # no supervisor here to write exit.json
+    assert job.returncode == -signal.SIGTERM
+    agent.stdin.write(b"rm\n")
+    agent.stdin.close()
+    assert agent.wait(10) == 0
+    assert not tmp_path.exists()                # "rm" removed the job directory

@@ -8,12 +8,11 @@ integer, got 'four'``) and exits 2.
 from __future__ import annotations
 
 import difflib
+import functools
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
-
-import yaml
 
 from .errors import HostsFileError
 
@@ -90,8 +89,10 @@ def load_hosts(path: str | Path) -> HostsFile:
         raise HostsFileError(p, "", "is not UTF-8 text (is it a binary file?)") from None
     if "\x00" in text:
         raise HostsFileError(p, "", "is not a text file (contains NUL bytes)")
+    import yaml     # here, not at the top: commands that read no hosts file skip its import
+
     try:
-        data = yaml.load(text, Loader=_StrictLoader)  # noqa: S506 - a SafeLoader subclass
+        data = yaml.load(text, Loader=_strict_loader())  # noqa: S506 - a SafeLoader subclass
     except (ValueError, RecursionError, OverflowError) as e:
         # PyYAML's safe constructors raise these for things like `2001-02-30` or deep nesting.
         raise HostsFileError(p, "", f"not valid YAML: {str(e)[:200] or type(e).__name__}") from None
@@ -103,18 +104,23 @@ def load_hosts(path: str | Path) -> HostsFile:
     return parse_hosts(data, p)
 
 
-class _StrictLoader(yaml.SafeLoader):
-    """SafeLoader that refuses a key given twice (the second would silently win)."""
+@functools.cache
+def _strict_loader() -> type:
+    """A SafeLoader that refuses a key given twice (the second would silently win)."""
+    import yaml
 
-    def construct_mapping(self, node, deep=False):  # type: ignore[override]
-        seen = set()
-        for key_node, _ in node.value:
-            key = self.construct_object(key_node, deep=deep)
-            if isinstance(key, str) and key in seen:
-                raise yaml.constructor.ConstructorError(
-                    None, None, f"key `{key}` is given twice", key_node.start_mark)
-            seen.add(key) if isinstance(key, str) else None
-        return super().construct_mapping(node, deep=deep)
+    class StrictLoader(yaml.SafeLoader):
+        def construct_mapping(self, node, deep=False):  # type: ignore[override]
+            seen = set()
+            for key_node, _ in node.value:
+                key = self.construct_object(key_node, deep=deep)
+                if isinstance(key, str) and key in seen:
+                    raise yaml.constructor.ConstructorError(
+                        None, None, f"key `{key}` is given twice", key_node.start_mark)
+                seen.add(key) if isinstance(key, str) else None
+            return super().construct_mapping(node, deep=deep)
+
+    return StrictLoader
 
 
 def parse_hosts(data: Any, path: str = "<hosts>") -> HostsFile:

@@ -296,7 +296,7 @@ def connect_ssh(host: Host, config: paramiko.SSHConfig, timeout: float, accept_n
     else:
         client.set_missing_host_key_policy(paramiko.RejectPolicy())
     try:
-        sock = _open_socket(t, config, timeout, accept_new)
+        sock = _open_socket(t, host.name, config, timeout, accept_new)
         peer = sock.getpeername()[0] if isinstance(sock, socket.socket) else t.hostname
         client.connect(
             t.hostname, port=t.port, username=t.user, sock=sock,
@@ -337,10 +337,10 @@ def connect_ssh(host: Host, config: paramiko.SSHConfig, timeout: float, accept_n
     return SSHTransport(host.name, client, peer)
 
 
-def _open_socket(t: SSHTarget, config: paramiko.SSHConfig, timeout: float, accept_new: bool):
+def _open_socket(t: SSHTarget, node: str, config: paramiko.SSHConfig, timeout: float, accept_new: bool):
     if t.proxy_jump:
         if "," in t.proxy_jump:
-            raise UnreachableError(f"{t.alias}: ProxyJump through more than one host ({t.proxy_jump}) "
+            raise UnreachableError(f"{node}: ProxyJump through more than one host ({t.proxy_jump}) "
                                    "is not supported yet; use a single jump host")
         jump_host = Host(host=t.proxy_jump, name=t.proxy_jump, nproc_per_node=1)
         jump = connect_ssh(jump_host, config, timeout, accept_new)
@@ -350,10 +350,10 @@ def _open_socket(t: SSHTarget, config: paramiko.SSHConfig, timeout: float, accep
     try:
         return socket.create_connection((t.hostname, t.port), timeout=timeout)
     except socket.gaierror:
-        raise UnreachableError(f"{t.alias}: cannot resolve host name {t.hostname!r}") from None
+        raise UnreachableError(f"{node}: cannot resolve host name {t.hostname!r}") from None
     except ConnectionRefusedError:
         raise UnreachableError(
-            f"{t.alias}: connection refused by {t.hostname}:{t.port} (is sshd running there?)"
+            f"{node}: connection refused by {t.hostname}:{t.port} (is sshd running there?)"
         ) from None
 
 

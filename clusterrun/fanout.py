@@ -6,11 +6,11 @@ import shlex
 import threading
 from typing import Sequence
 
-from .errors import EXIT_JOB_FAILED, UsageError
+from .errors import EXIT_JOB_FAILED, UnreachableError, UsageError
 from .hostsfile import Host, load_hosts
 from .plan import quote_path
 from .stream import Terminal, tag_for, tag_lines
-from .transport import Transport, connect_all
+from .transport import Transport, connect_node, load_ssh_config
 
 READ = 65536
 
@@ -27,45 +27,60 @@ def exec_command(host: Host, argv: Sequence[str]) -> str:
 
 
 def run_exec(hosts_path: str, argv: Sequence[str], color: bool = False, accept_new: bool = False) -> int:
+    """Like pdsh: every node runs the command as soon as it is connected; a node
+    that cannot be reached is named at the end (exit 3), the others still ran."""
     if not argv:
         raise UsageError("exec needs a command: clusterrun exec HOSTS -- CMD [ARGS...]")
     hosts = load_hosts(hosts_path)
     term = Terminal()
-    transports = connect_all(hosts.hosts, hosts.connect_timeout, accept_new)
-    codes: list[int | None] = [None] * len(transports)
+    config = load_ssh_config()
+    codes: list[int | None] = [None] * len(hosts.hosts)
+    unreachable: list[str] = []
     palette = (36, 33, 35, 32, 34, 31)
 
-    def one(i: int, host: Host, t: Transport) -> None:
-        tag = tag_for(host.name, palette[i % len(palette)] if color else 0)
-        proc = t.exec(exec_command(host, argv), merge_stderr=True)
-        pending = b""
-        while True:
-            chunk = proc.read_some(READ)
-            if not chunk:
-                break
-            chunk = pending + chunk
-            cut = chunk.rfind(b"\n") + 1
-            if cut:
-                term.write(tag_lines(tag, chunk[:cut]))
-            pending = chunk[cut:]
-        if pending:
-            term.write(tag_lines(tag, pending + b"\n"))
-        codes[i] = proc.wait()
-        proc.close()
-
-    threads = [threading.Thread(target=one, args=(i, h, t), daemon=True)
-               for i, (h, t) in enumerate(zip(hosts.hosts, transports))]
-    try:
-        for th in threads:
-            th.start()
-        for th in threads:
-            th.join()
-    finally:
-        for t in transports:
+    def one(i: int, host: Host) -> None:
+        try:
+            t = connect_node(host, hosts.connect_timeout, accept_new, config)
+        except UnreachableError as e:
+            unreachable.append(str(e))
+            return
+        try:
+            codes[i] = run_one(t, exec_command(host, argv), term,
+                               tag_for(host.name, palette[i % len(palette)] if color else 0))
+        finally:
             t.close()
-    failed = [(h.name, c) for h, c in zip(hosts.hosts, codes) if c != 0]
+
+    threads = [threading.Thread(target=one, args=(i, h), daemon=True) for i, h in enumerate(hosts.hosts)]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join()
+    failed = [(h.name, c) for h, c in zip(hosts.hosts, codes) if c is not None and c != 0]
     if failed:
-        term.message(f"clusterrun: {shlex.join(argv)} failed on {len(failed)} of {len(codes)} nodes: "
+        ran = sum(c is not None for c in codes)
+        term.message(f"clusterrun: {shlex.join(argv)} failed on {len(failed)} of {ran} nodes: "
                      + ", ".join(f"{n} (exit {c})" for n, c in failed))
-        return EXIT_JOB_FAILED
-    return 0
+    if unreachable:
+        raise UnreachableError(f"cannot reach {len(unreachable)} of {len(codes)} nodes "
+                               "(the command ran on the others):\n  " + "\n  ".join(sorted(unreachable)))
+    return EXIT_JOB_FAILED if failed else 0
+
+
+def run_one(t: Transport, command: str, term: Terminal, tag: bytes) -> int | None:
+    """Run one node's command, its output tagged line by line; its exit code."""
+    proc = t.exec(command, merge_stderr=True)
+    pending = b""
+    while True:
+        chunk = proc.read_some(READ)
+        if not chunk:
+            break
+        chunk = pending + chunk
+        cut = chunk.rfind(b"\n") + 1
+        if cut:
+            term.write(tag_lines(tag, chunk[:cut]))
+        pending = chunk[cut:]
+    if pending:
+        term.write(tag_lines(tag, pending + b"\n"))
+    code = proc.wait()
+    proc.close()
+    return code

@@ -64,6 +64,18 @@ def test_exec_tags_lines_by_node_and_names_failures(cluster, ctl, tmp_path):
     assert not marker.exists()
 
 
+def test_exec_runs_on_the_reachable_nodes_and_names_the_unreachable_one(cluster, ctl, tmp_path):
+    """Like pdsh: one node down does not keep the command from the others; exit 3 says so."""
+    down = {"host": cluster.names[1], "name": "down", "port": 2222}   # nothing listens there
+    hosts = hosts_file(tmp_path, [cluster.names[0], down, cluster.names[2]], connect_timeout=3)
+    r = ctl.run("exec", str(hosts), "--", "hostname", timeout=60)
+    assert r.returncode == 3, r.stdout + r.stderr
+    assert sorted(r.stdout.splitlines()) == [f"[{cluster.names[0]}] {cluster.names[0]}",
+                                             f"[{cluster.names[2]}] {cluster.names[2]}"]
+    assert "cannot reach 1 of 3 nodes (the command ran on the others)" in r.stderr
+    assert "down: " in r.stderr and "refused" in r.stderr
+
+
 def test_env_at_every_level_setup_python_and_workdir_per_host(cluster, ctl, tmp_path):
     wd1 = tmp_path / "work dir one"
     wd2 = tmp_path / "work'dir two"

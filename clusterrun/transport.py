@@ -41,9 +41,6 @@ from .hostsfile import Host
 logging.getLogger("paramiko").addHandler(logging.NullHandler())
 logging.getLogger("paramiko").propagate = False
 
-# curve25519 first: as safe as the post-quantum hybrid default, and much cheaper
-# on a controller that opens dozens of connections at once.
-_KEX_FIRST = "curve25519-sha256"
 
 
 class Process(Protocol):
@@ -397,11 +394,5 @@ def connect_node(host: Host, timeout: float, accept_new: bool = False,
     """One node's transport: local for localhost, else an SSH connection."""
     if host.is_local:
         return LocalTransport(host.name)
-    _prefer_fast_kex()
     return connect_ssh(host, config or load_ssh_config(), timeout, accept_new)
 
-
-def _prefer_fast_kex() -> None:
-    kex = paramiko.Transport._preferred_kex
-    if _KEX_FIRST in paramiko.Transport._kex_info and kex[0] != _KEX_FIRST:
-        paramiko.Transport._preferred_kex = (_KEX_FIRST,) + tuple(k for k in kex if k != _KEX_FIRST)

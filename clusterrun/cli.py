@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import sys
 
 import click
@@ -18,6 +19,11 @@ from .stream import use_color
 
 def _run(fn, *args) -> None:
     """Call into the library; expected errors become a message and an exit code."""
+    # Everything imported so far lives as long as the process: keep it out of
+    # the cyclic garbage collector, whose full passes over paramiko's and
+    # cryptography's objects otherwise cost every command 0.1 s or more.
+    gc.freeze()
+    gc.enable()
     try:
         code = fn(*args)
     except ClusterrunError as e:
@@ -25,6 +31,8 @@ def _run(fn, *args) -> None:
         sys.exit(e.exit_code)
     except KeyboardInterrupt:
         sys.exit(EXIT_INTERRUPTED)
+    finally:
+        gc.freeze()
     sys.exit(code or 0)
 
 

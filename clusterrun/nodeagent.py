@@ -418,7 +418,10 @@ def finish(job_dir, sources, offsets, commands, name, **fields):
     if frames:
         write_out(b"".join(frames))
     event(name, **fields)
-    if commands.next() == b"rm":
+    answer = commands.next()
+    while answer.startswith(b"kill "):     # too late: the job has ended by itself
+        answer = commands.next()
+    if answer == b"rm":
         remove_tree(job_dir)
 
 

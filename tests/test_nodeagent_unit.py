@@ -363,10 +363,25 @@ def test_a_streaming_agent_kills_its_job_when_told(tmp_path, procs, early):
     agent.stdin.flush()
     seen = events(agent.stdout)
     waiter.join(5)
-    assert seen[0] == {"event": "killed", "forced": False, "left": 0}
+    # This fake job leads its own process group, like torchrun: a kill that finds it still
+    # alive right after TERM (and no worker outside the group) KILLs it at once.
+    assert seen[0]["event"] == "killed" and seen[0]["left"] == 0, seen
     assert seen[-1]["event"] == "lost"          # no supervisor here to write exit.json
-    assert job.returncode == -signal.SIGTERM
+    assert job.returncode in (-signal.SIGTERM, -signal.SIGKILL)
     agent.stdin.write(b"rm\n")
     agent.stdin.close()
     assert agent.wait(10) == 0
     assert not tmp_path.exists()                # "rm" removed the job directory
+
+
+def test_a_kill_that_comes_after_the_job_ended_does_not_keep_the_job_directory(tmp_path):
+    """The job exited just as the controller sent `kill`: the agent still takes the `rm`."""
+    (tmp_path / "pgid").write_text("0")
+    (tmp_path / "exit.json").write_text('{"code": 0, "failures": []}')
+    agent = attach_agent(tmp_path, f"{uuid.uuid4().hex}.0")
+    seen = events(agent.stdout)
+    assert seen == [{"event": "exit", "code": 0, "failures": []}]
+    agent.stdin.write(b"kill 5.0\nrm\n")
+    agent.stdin.close()
+    assert agent.wait(10) == 0
+    assert not tmp_path.exists()

@@ -476,9 +476,10 @@ def signal_all(pgid, pids, sig):
 
 def kill(job_dir, marker, grace):
     pgid = int(read_text(os.path.join(job_dir, "pgid")) or 0)
-    signal_all(pgid, job_pids(marker), signal.SIGTERM)
+    left = job_pids(marker)
+    signal_all(pgid, left, signal.SIGTERM)
     deadline = time.monotonic() + grace
-    forced = False
+    forced = had_workers = False
     while True:
         left = job_pids(marker)
         if not left and not group_alive(pgid):
@@ -486,8 +487,11 @@ def kill(job_dir, marker, grace):
         if time.monotonic() >= deadline:
             break
         # Once the workers (each in a session of its own) are gone, torchrun has
-        # nothing left to shut down: do not wait for its slow exit.
-        if left and all(pgrp_of(pid) == pgid for pid in left):
+        # nothing left to shut down: do not wait for its slow exit. (Only once
+        # there were workers: a job that is just its group gets its TERM's chance.)
+        outside = [pid for pid in left if pgrp_of(pid) != pgid]
+        had_workers = had_workers or bool(outside)
+        if left and had_workers and not outside:
             signal_all(0, left, signal.SIGKILL)
             forced = True
         time.sleep(0.05)

@@ -477,9 +477,10 @@ def signal_all(pgid, pids, sig):
 def kill(job_dir, marker, grace):
     pgid = int(read_text(os.path.join(job_dir, "pgid")) or 0)
     left = job_pids(marker)
+    had_workers = any(pgrp_of(pid) != pgid for pid in left)
     signal_all(pgid, left, signal.SIGTERM)
     deadline = time.monotonic() + grace
-    forced = had_workers = False
+    forced = False
     while True:
         left = job_pids(marker)
         if not left and not group_alive(pgid):

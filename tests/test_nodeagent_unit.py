@@ -295,6 +295,22 @@ def test_kill_forces_a_job_that_ignores_term(tmp_path, procs):
     assert nodeagent.job_pids(marker) == []
 
 
+def test_kill_does_not_wait_for_torchrun_once_its_workers_are_gone(tmp_path, procs):
+    """torchrun (the group) shuts down slowly after a TERM; its workers (sessions of their
+    own) die at once. Once they are gone the group is KILLed, long before the grace ends."""
+    marker = f"{uuid.uuid4().hex}.0"
+    torchrun = spawn(marker, "trap '' TERM; exec sleep 60")   # stands in for the slow shutdown
+    worker = spawn(marker)
+    procs += [torchrun, worker]
+    (tmp_path / "pgid").write_text(str(torchrun.pid))
+    waiters = [reaped(torchrun), reaped(worker)]
+    ev = run_kill(tmp_path, marker, grace=600)    # run_kill gives up after 30 s
+    for w in waiters:
+        w.join(5)
+    assert ev == {"event": "killed", "forced": True, "left": 0}
+    assert worker.returncode == -signal.SIGTERM and torchrun.returncode == -signal.SIGKILL
+
+
 def test_kill_finds_marked_processes_outside_the_process_group(tmp_path, procs):
     """torchrun puts workers in sessions of their own: the marker still finds them."""
     marker = f"{uuid.uuid4().hex}.0"

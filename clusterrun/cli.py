@@ -14,7 +14,8 @@ from .plan import LaunchOptions
 from .stream import use_color
 
 # Each command imports its module when it runs: a command pays only for what it
-# uses (`kill` and `ps` never load paramiko; see docs/performance.md).
+# uses (`kill` through a live collector, `lint` and `--help` never load paramiko;
+# see docs/performance.md).
 
 
 def _run(fn, *args) -> None:

@@ -28,7 +28,6 @@ Input on stdin, after the spec (start, attach), one command a line:
 """
 
 import errno
-import glob
 import json
 import os
 import re
@@ -40,10 +39,10 @@ import subprocess
 import sys
 import time
 
-POLL_IDLE = 0.02            # seconds between polls when no file grew
+POLL_IDLE = 0.02            # seconds between polls when no file grew (without inotify)
 READ_MAX = 1 << 20          # bytes read from one file per pass
 LINE_MAX = 1 << 20          # a "line" longer than this is passed on in pieces
-DISCOVER_EVERY = 0.2        # seconds between looks for new worker log files
+DISCOVER_EVERY = 0.2        # seconds between looks for new worker log files (while output flows)
 HEARTBEAT = 5.0             # an idle stream says "H" this often, so a dead link shows
 ALIVE_EVERY = 0.5           # seconds between checks that the job's process group exists
 COMMAND_EVERY = 0.05        # seconds between looks at stdin while output keeps coming
@@ -285,14 +284,79 @@ class Source(object):
             os.lseek(self.fd, offset, os.SEEK_SET)
 
 
-def discover(job_dir, sources, offsets):
+def discover(job_dir, sources, offsets, changes=None):
+    """Open the output files that have appeared: torchrun's own (key "L"), then
+    each local rank's, <job>/torchrun/<run>/attempt_0/<local rank>/stdout.log
+    (--max-restarts=0 makes one attempt). Every directory on the way is watched
+    for new entries, and every file opened for growth."""
     paths = [("L", os.path.join(job_dir, "launcher.log"))]
-    # torchrun runs with --max-restarts=0, so there is one attempt: attempt_0.
-    for p in glob.glob(os.path.join(job_dir, "torchrun", "*", "attempt_0", "*", "stdout.log")):
-        paths.append((p.split(os.sep)[-2], p))
+    entries(job_dir, changes)
+    tdir = os.path.join(job_dir, "torchrun")
+    for run in entries(tdir, changes):
+        entries(os.path.join(tdir, run), changes)
+        attempt = os.path.join(tdir, run, "attempt_0")
+        for rank in entries(attempt, changes):
+            entries(os.path.join(attempt, rank), changes)
+            paths.append((rank, os.path.join(attempt, rank, "stdout.log")))
     for key, path in paths:
         if key not in sources and os.path.exists(path):
             sources[key] = Source(key, path, int(offsets.get(key, 0)))
+            if changes:
+                changes.watch(path, IN_MODIFY)
+
+
+def entries(path, changes):
+    """A directory's names (none while it does not exist). It is watched before it
+    is listed, so an entry made after the listing still wakes the stream."""
+    if changes:
+        changes.watch(path, IN_CREATE | IN_MOVED_TO)
+    try:
+        return os.listdir(path)
+    except OSError:
+        return ()
+
+
+IN_MODIFY, IN_MOVED_TO, IN_CREATE = 0x2, 0x80, 0x100
+
+
+class Changes(object):
+    """inotify, so that a quiet stream sleeps until a file grows or a directory
+    gains an entry, instead of waking every POLL_IDLE to look. Where there is no
+    inotify (not Linux, a libc without it), it is false and the stream polls."""
+
+    def __init__(self):
+        self.fd = None
+        self.watched = set()
+        try:
+            import ctypes
+            libc = ctypes.CDLL(None, use_errno=True)
+            self._add_watch = libc.inotify_add_watch
+            fd = libc.inotify_init1(os.O_NONBLOCK | os.O_CLOEXEC)
+        except (ImportError, OSError, AttributeError):
+            return
+        if fd >= 0:
+            self.fd = fd
+
+    def __bool__(self):
+        return self.fd is not None
+
+    def watch(self, path, mask):
+        if path not in self.watched and self._add_watch(self.fd, os.fsencode(path), mask) >= 0:
+            self.watched.add(path)      # (a path that does not exist yet is tried again later)
+
+    def drain(self):
+        """Take every pending event; whether one of them was a new directory entry."""
+        created = False
+        while True:
+            try:
+                data = os.read(self.fd, 65536)
+            except BlockingIOError:
+                return created
+            at = 0
+            while at < len(data):       # struct inotify_event: wd, mask, cookie, len, name
+                _, mask, _, n = struct.unpack_from("iIII", data, at)
+                created = created or bool(mask & (IN_CREATE | IN_MOVED_TO))
+                at += 16 + n
 
 
 def read_frames(sources, final=False):
@@ -341,9 +405,11 @@ class Commands(object):
         finally:
             os.set_blocking(0, True)
 
-    def next(self, timeout=None):
-        """The next line, stripped; None if none came within timeout; b"" at EOF
-        (with a timeout, EOF just waits it out: the controller may have let go)."""
+    def next(self, timeout=None, wake=None):
+        """The next line, stripped; None if none came within timeout, or if the file
+        descriptor `wake` became readable first; b"" at EOF (with a timeout, EOF just
+        waits it out: the controller may have let go)."""
+        others = [] if wake is None else [wake]
         while True:
             nl = self.buf.find(b"\n")
             if nl >= 0:
@@ -353,9 +419,9 @@ class Commands(object):
                 if timeout is None:
                     line, self.buf = self.buf, b""
                     return line.strip()
-                time.sleep(timeout)
+                select.select(others, [], [], timeout)
                 return None
-            if timeout is not None and not select.select([0], [], [], timeout)[0]:
+            if timeout is not None and 0 not in select.select([0] + others, [], [], timeout)[0]:
                 return None
             data = os.read(0, 4096)
             self.buf += data
@@ -368,12 +434,13 @@ def stream(job_dir, offsets, commands, marker=None, follow=True):
     sources = {}
     exit_path = os.path.join(job_dir, "exit.json")
     pgid = int(read_text(os.path.join(job_dir, "pgid")) or 0)
+    changes = Changes()
     next_discover = next_alive_check = next_command = 0.0
     last_out = time.monotonic()
     while True:
         now = time.monotonic()
         if now >= next_discover:
-            discover(job_dir, sources, offsets)
+            discover(job_dir, sources, offsets, changes)
             next_discover = now + DISCOVER_EVERY
         frames = read_frames(sources)
         if frames:
@@ -403,7 +470,16 @@ def stream(job_dir, offsets, commands, marker=None, follow=True):
         if not follow:
             event("running")
             return
-        obey(commands.next(POLL_IDLE), job_dir, marker)     # the idle wait, cut short by a command
+        # The idle wait, cut short by a command. With inotify it lasts until a file
+        # grows, an entry appears (a rank's log, exit.json) or a check is due;
+        # a quiet job then costs its agent a few wake-ups a second, not 1/POLL_IDLE.
+        if changes:
+            timeout = max(0.0, min(next_alive_check, last_out + HEARTBEAT) - now)
+            obey(commands.next(timeout, changes.fd), job_dir, marker)
+            if changes.drain():
+                next_discover = 0.0
+        else:
+            obey(commands.next(POLL_IDLE), job_dir, marker)
 
 
 def obey(command, job_dir, marker):

@@ -399,3 +399,43 @@ def test_a_kill_that_comes_after_the_job_ended_does_not_keep_the_job_directory(t
     agent.stdin.close()
     assert agent.wait(10) == 0
     assert not tmp_path.exists()
+
+
+# --- waking the quiet stream (inotify) -----------------------------------------------------
+
+def woke(changes: nodeagent.Changes) -> bool:
+    import select
+    return bool(select.select([changes.fd], [], [], 0)[0])
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="inotify is Linux's")
+def test_a_quiet_stream_wakes_for_a_new_rank_log_and_for_output(tmp_path):
+    """discover() watches every directory on the way to the rank logs, including ones
+    that do not exist yet, and each log it opens: torchrun making them, a worker
+    writing, the supervisor's exit.json (written by rename) each wake the agent."""
+    changes = nodeagent.Changes()
+    assert changes, "inotify is on every Linux this runs on"
+    sources: dict = {}
+    nodeagent.discover(str(tmp_path), sources, {}, changes)
+    assert not woke(changes)
+    rank_dir = tmp_path / "torchrun" / "run1_ab12cd" / "attempt_0" / "0"
+    for d in [*reversed(rank_dir.parents[:3]), rank_dir]:     # torchrun makes the tree level by level
+        d.mkdir()
+        assert woke(changes) and changes.drain() is True
+        nodeagent.discover(str(tmp_path), sources, {}, changes)
+    (rank_dir / "stdout.log").write_bytes(b"")
+    assert woke(changes) and changes.drain() is True
+    nodeagent.discover(str(tmp_path), sources, {}, changes)
+    try:
+        assert sorted(sources) == ["0"]
+        assert not woke(changes)
+        with open(rank_dir / "stdout.log", "ab") as f:
+            f.write(b"a line\n")
+        assert woke(changes) and changes.drain() is False      # it grew; nothing new appeared
+        nodeagent.write_atomic(str(tmp_path / "exit.json"), "{}")
+        assert woke(changes) and changes.drain() is True
+        assert not woke(changes)
+    finally:
+        for s in sources.values():
+            os.close(s.fd)
+        os.close(changes.fd)

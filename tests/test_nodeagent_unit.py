@@ -336,13 +336,21 @@ def test_kill_leaves_other_jobs_alone(tmp_path, procs):
 
 # --- kill while streaming: "kill <grace>" on the streaming agent's stdin ------------------
 
-def attach_agent(job_dir: Path, marker: str) -> subprocess.Popen:
-    """The agent in attach mode, as the node runs it: the loader, then code and spec on stdin."""
+def attach_agent(job_dir: Path, marker: str, inotify: bool = True) -> subprocess.Popen:
+    """The agent in attach mode, as the node runs it: the loader, then code and spec on stdin.
+    inotify=False: as on a Python without ctypes, where the stream polls instead."""
+    import base64
+    import zlib
+
     from clusterrun.remote import _AGENT_LINE, AGENT_LOADER
 
+    line = _AGENT_LINE
+    if not inotify:
+        code = b"import sys\nsys.modules['ctypes'] = None\n" + zlib.decompress(base64.b64decode(line))
+        line = base64.b64encode(zlib.compress(code)) + b"\n"
     p = subprocess.Popen([sys.executable, "-c", AGENT_LOADER], stdin=subprocess.PIPE, stdout=subprocess.PIPE)
-    p.stdin.write(_AGENT_LINE + json.dumps({"mode": "attach", "job_dir": str(job_dir), "marker": marker,
-                                            "offsets": {}, "follow": True}).encode() + b"\n")
+    p.stdin.write(line + json.dumps({"mode": "attach", "job_dir": str(job_dir), "marker": marker,
+                                     "offsets": {}, "follow": True}).encode() + b"\n")
     return p
 
 
@@ -439,3 +447,37 @@ def test_a_quiet_stream_wakes_for_a_new_rank_log_and_for_output(tmp_path):
         for s in sources.values():
             os.close(s.fd)
         os.close(changes.fd)
+
+
+@pytest.mark.parametrize("inotify", [True, False], ids=["inotify", "polling"])
+def test_a_quiet_stream_passes_on_new_lines_new_rank_logs_and_the_end(tmp_path, procs, inotify):
+    """Each thing the agent waits for, arriving while it waits: a line, a rank's log
+    made level by level as torchrun does, the exit.json of the job's end."""
+    marker = f"{uuid.uuid4().hex}.0"
+    job = spawn(marker)
+    procs.append(job)
+    (tmp_path / "pgid").write_text(str(job.pid))
+    (tmp_path / "launcher.log").write_bytes(b"")
+    agent = attach_agent(tmp_path, marker, inotify)
+    procs.append(agent)
+    agent.stdin.flush()
+
+    def frame() -> tuple[bytes, bytes]:
+        head = agent.stdout.readline()
+        assert head.startswith(b"D "), head
+        _, key, n = head.split()
+        return key, agent.stdout.read(int(n))
+
+    with open(tmp_path / "launcher.log", "ab") as f:
+        f.write(b"rendezvous\n")
+    assert frame() == (b"L", b"rendezvous\n")
+    rank_dir = tmp_path / "torchrun" / "run1_ab12cd" / "attempt_0" / "1"
+    rank_dir.mkdir(parents=True)
+    (rank_dir / "stdout.log").write_bytes(b"hello from local rank 1\n")
+    assert frame() == (b"1", b"hello from local rank 1\n")
+    nodeagent.write_atomic(str(tmp_path / "exit.json"), '{"code": 0, "failures": []}')
+    head = agent.stdout.readline()
+    assert json.loads(head[2:]) == {"event": "exit", "code": 0, "failures": []}
+    agent.stdin.write(b"rm\n")
+    agent.stdin.close()
+    assert agent.wait(10) == 0

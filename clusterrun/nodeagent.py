@@ -287,8 +287,8 @@ class Source(object):
 def discover(job_dir, sources, offsets, changes=None):
     """Open the output files that have appeared: torchrun's own (key "L"), then
     each local rank's, <job>/torchrun/<run>/attempt_0/<local rank>/stdout.log
-    (--max-restarts=0 makes one attempt). Every directory on the way is watched
-    for new entries, and every file opened for growth."""
+    (--max-restarts=0 makes one attempt); how many are new. Every directory on
+    the way is watched for new entries."""
     paths = [("L", os.path.join(job_dir, "launcher.log"))]
     entries(job_dir, changes)
     tdir = os.path.join(job_dir, "torchrun")
@@ -298,11 +298,12 @@ def discover(job_dir, sources, offsets, changes=None):
         for rank in entries(attempt, changes):
             entries(os.path.join(attempt, rank), changes)
             paths.append((rank, os.path.join(attempt, rank, "stdout.log")))
+    found = 0
     for key, path in paths:
         if key not in sources and os.path.exists(path):
             sources[key] = Source(key, path, int(offsets.get(key, 0)))
-            if changes:
-                changes.watch(path, IN_MODIFY)
+            found += 1
+    return found
 
 
 def entries(path, changes):
@@ -316,13 +317,17 @@ def entries(path, changes):
         return ()
 
 
-IN_MODIFY, IN_MOVED_TO, IN_CREATE = 0x2, 0x80, 0x100
+IN_MODIFY, IN_MOVED_TO, IN_CREATE, IN_Q_OVERFLOW, IN_ONESHOT = 0x2, 0x80, 0x100, 0x4000, 0x80000000
 
 
 class Changes(object):
     """inotify, so that a quiet stream sleeps until a file grows or a directory
     gains an entry, instead of waking every POLL_IDLE to look. Where there is no
-    inotify (not Linux, a libc without it), it is false and the stream polls."""
+    inotify (not Linux, a libc without it), it is false and the stream polls.
+
+    Directories are watched for good. Output files get one-shot watches, armed
+    when the stream falls quiet: the first write wakes it, and the writes while
+    output flows cost the workers nothing (a watched file costs every write)."""
 
     def __init__(self):
         self.fd = None
@@ -344,8 +349,13 @@ class Changes(object):
         if path not in self.watched and self._add_watch(self.fd, os.fsencode(path), mask) >= 0:
             self.watched.add(path)      # (a path that does not exist yet is tried again later)
 
+    def arm(self, paths):
+        for path in paths:
+            self._add_watch(self.fd, os.fsencode(path), IN_MODIFY | IN_ONESHOT)
+
     def drain(self):
-        """Take every pending event; whether one of them was a new directory entry."""
+        """Take every pending event; whether one of them was a new directory entry
+        (or events were lost, which may have hidden one)."""
         created = False
         while True:
             try:
@@ -355,7 +365,7 @@ class Changes(object):
             at = 0
             while at < len(data):       # struct inotify_event: wd, mask, cookie, len, name
                 _, mask, _, n = struct.unpack_from("iIII", data, at)
-                created = created or bool(mask & (IN_CREATE | IN_MOVED_TO))
+                created = created or bool(mask & (IN_CREATE | IN_MOVED_TO | IN_Q_OVERFLOW))
                 at += 16 + n
 
 
@@ -435,17 +445,20 @@ def stream(job_dir, offsets, commands, marker=None, follow=True):
     exit_path = os.path.join(job_dir, "exit.json")
     pgid = int(read_text(os.path.join(job_dir, "pgid")) or 0)
     changes = Changes()
+    armed = False               # the output files' one-shot watches are set
     next_discover = next_alive_check = next_command = 0.0
     last_out = time.monotonic()
     while True:
         now = time.monotonic()
         if now >= next_discover:
-            discover(job_dir, sources, offsets, changes)
+            if discover(job_dir, sources, offsets, changes):
+                armed = False
             next_discover = now + DISCOVER_EVERY
         frames = read_frames(sources)
         if frames:
             write_out(b"".join(frames))
             last_out = now
+            armed = False
             if now >= next_command:     # a kill must not wait for the output to pause
                 next_command = now + COMMAND_EVERY
                 obey(commands.next(0), job_dir, marker)
@@ -471,15 +484,24 @@ def stream(job_dir, offsets, commands, marker=None, follow=True):
             event("running")
             return
         # The idle wait, cut short by a command. With inotify it lasts until a file
-        # grows, an entry appears (a rank's log, exit.json) or a check is due;
-        # a quiet job then costs its agent a few wake-ups a second, not 1/POLL_IDLE.
-        if changes:
+        # grows, an entry appears (a rank's log, exit.json) or a check is due:
+        # a quiet job costs its agent a few wake-ups a second, not 1/POLL_IDLE.
+        if not changes:
+            obey(commands.next(POLL_IDLE), job_dir, marker)
+        elif not armed:
+            changes.arm(src.path for src in sources.values())
+            armed = True                # then read once more: a write before the watch counts
+        else:
             timeout = max(0.0, min(next_alive_check, last_out + HEARTBEAT) - now)
             obey(commands.next(timeout, changes.fd), job_dir, marker)
-            if changes.drain():
-                next_discover = 0.0
-        else:
-            obey(commands.next(POLL_IDLE), job_dir, marker)
+            # A new entry somewhere: look for new files now; else not before
+            # DISCOVER_EVERY (a wake for a write or a check needs no look).
+            next_discover = 0.0 if changes.drain() else time.monotonic() + DISCOVER_EVERY
+            armed = False
+            # Output that trickles in goes out in batches, POLL_IDLE apart at most.
+            rest = last_out + POLL_IDLE - time.monotonic()
+            if rest > 0:
+                obey(commands.next(rest), job_dir, marker)
 
 
 def obey(command, job_dir, marker):

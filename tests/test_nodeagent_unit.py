@@ -419,8 +419,9 @@ def woke(changes: nodeagent.Changes) -> bool:
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="inotify is Linux's")
 def test_a_quiet_stream_wakes_for_a_new_rank_log_and_for_output(tmp_path):
     """discover() watches every directory on the way to the rank logs, including ones
-    that do not exist yet, and each log it opens: torchrun making them, a worker
-    writing, the supervisor's exit.json (written by rename) each wake the agent."""
+    that do not exist yet; the logs get one-shot watches when the stream falls quiet.
+    torchrun making them, a worker's first write, the supervisor's exit.json (written
+    by rename) each wake the agent; the writes after the first wake nobody."""
     changes = nodeagent.Changes()
     assert changes, "inotify is on every Linux this runs on"
     sources: dict = {}
@@ -437,9 +438,15 @@ def test_a_quiet_stream_wakes_for_a_new_rank_log_and_for_output(tmp_path):
     try:
         assert sorted(sources) == ["0"]
         assert not woke(changes)
-        with open(rank_dir / "stdout.log", "ab") as f:
+        changes.arm([sources["0"].path])
+        with open(rank_dir / "stdout.log", "ab", buffering=0) as f:
             f.write(b"a line\n")
-        assert woke(changes) and changes.drain() is False      # it grew; nothing new appeared
+            assert woke(changes) and changes.drain() is False  # it grew; nothing new appeared
+            f.write(b"another line\n")
+            assert not woke(changes), "the watch was one-shot: output that flows costs no events"
+            changes.arm([sources["0"].path])
+            f.write(b"a line after a quiet spell\n")
+            assert woke(changes) and changes.drain() is False
         nodeagent.write_atomic(str(tmp_path / "exit.json"), "{}")
         assert woke(changes) and changes.drain() is True
         assert not woke(changes)

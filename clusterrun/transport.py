@@ -218,6 +218,13 @@ class _AcceptNew(paramiko.MissingHostKeyPolicy):
             client._system_host_keys.add(hostname, key.get_name(), key)   # known from now on
 
 
+class _Transport(paramiko.Transport):
+    # paramiko's transport thread wakes every _active_check_timeout seconds to see
+    # whether it should stop (0.1 by default): ten wake-ups a second per node for
+    # the whole of a run. Closing does not wait for it; keepalives still go out.
+    _active_check_timeout = 1.0
+
+
 class SSHProcess:
     def __init__(self, chan: paramiko.Channel) -> None:
         self._chan = chan
@@ -299,7 +306,7 @@ def connect_ssh(host: Host, config: paramiko.SSHConfig, timeout: float, accept_n
             t.hostname, port=t.port, username=t.user, sock=sock,
             key_filename=list(t.identity_files) or None, timeout=timeout,
             banner_timeout=timeout, auth_timeout=timeout, channel_timeout=timeout,
-            allow_agent=True, look_for_keys=True,
+            allow_agent=True, look_for_keys=True, transport_factory=_Transport,
         )
     except UnreachableError:
         client.close()

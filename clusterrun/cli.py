@@ -58,6 +58,14 @@ def _master_port(value: str | None) -> int | str | None:
     return int(value)
 
 
+def transport_option(f):
+    """--transport, shared by every command that connects from a hosts file."""
+    return click.option(
+        "--transport", type=click.Choice(["paramiko", "openssh"]),
+        help="paramiko (default) or openssh: every session through the system ssh client "
+             "(one ControlMaster per node); overrides the hosts file's `transport:`.")(f)
+
+
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="clusterrun")
 def main() -> None:
@@ -75,12 +83,13 @@ def main() -> None:
 @click.option("--skip-check", is_flag=True, help="Start without the preflight of every node.")
 @click.option("--no-fail-fast", is_flag=True, help="Keep the other nodes running when one fails.")
 @click.option("--accept-new-host-keys", is_flag=True, help="Trust hosts not yet in known_hosts.")
+@transport_option
 @click.option("--no-color", is_flag=True, help="No colours (also: NO_COLOR=1).")
 @click.argument("hosts", type=click.Path(dir_okay=False))
 @click.argument("script")
 @click.argument("script_args", nargs=-1, type=click.UNPROCESSED)
 def up_cmd(module, nproc_per_node, master_port, env, detach, dry_run, sync, skip_check, no_fail_fast, accept_new_host_keys,
-           no_color, hosts, script, script_args) -> None:
+           transport, no_color, hosts, script, script_args) -> None:
     """Start SCRIPT with torchrun on every node of HOSTS and stream every rank's lines.
 
     Options go before HOSTS; everything after SCRIPT is passed to the script.
@@ -92,10 +101,10 @@ def up_cmd(module, nproc_per_node, master_port, env, detach, dry_run, sync, skip
     from . import launch
 
     if dry_run:
-        _run(lambda: click.echo(launch.dry_run(hosts, opts)))
+        _run(lambda: click.echo(launch.dry_run(hosts, opts, transport)))
     up_opts = launch.UpOptions(fail_fast=not no_fail_fast, accept_new_host_keys=accept_new_host_keys,
                                color=use_color(no_color=no_color), detach=detach,
-                               skip_check=skip_check, sync=sync)
+                               skip_check=skip_check, sync=sync, transport=transport)
     _run(launch.up, hosts, opts, up_opts)
 
 
@@ -155,26 +164,28 @@ def kill_cmd(run, all_runs, grace) -> None:
 @main.command("check")
 @click.argument("hosts", type=click.Path(dir_okay=False))
 @click.option("--accept-new-host-keys", is_flag=True, help="Trust hosts not yet in known_hosts.")
-def check_cmd(hosts, accept_new_host_keys) -> None:
+@transport_option
+def check_cmd(hosts, accept_new_host_keys, transport) -> None:
     """Preflight every node of HOSTS, one row each."""
     from . import preflight
 
-    _run(preflight.check, hosts, accept_new_host_keys)
+    _run(preflight.check, hosts, accept_new_host_keys, transport)
 
 
 @main.command("exec", context_settings={"ignore_unknown_options": True, "allow_interspersed_args": False})
 @click.option("--accept-new-host-keys", is_flag=True, help="Trust hosts not yet in known_hosts.")
+@transport_option
 @click.option("--no-color", is_flag=True, help="No colours (also: NO_COLOR=1).")
 @click.argument("hosts", type=click.Path(dir_okay=False))
 @click.argument("argv", nargs=-1, type=click.UNPROCESSED)
-def exec_cmd(hosts, argv, accept_new_host_keys, no_color) -> None:
+def exec_cmd(hosts, argv, accept_new_host_keys, transport, no_color) -> None:
     """Run a command on every node of HOSTS: clusterrun exec HOSTS -- CMD [ARGS...]."""
     from . import fanout
 
     argv = list(argv)
     if argv and argv[0] == "--":
         argv = argv[1:]
-    _run(fanout.run_exec, hosts, argv, use_color(no_color=no_color), accept_new_host_keys)
+    _run(fanout.run_exec, hosts, argv, use_color(no_color=no_color), accept_new_host_keys, transport)
 
 
 @main.command("lint")

@@ -32,7 +32,7 @@ class ControlOptions:
     color: bool = False
     print_lines: bool = True                     # show lines on the terminal (False: logs only)
     show: Callable[[NodePlan, str], bool] | None = None   # which node files to show
-    connect_timeout: float = 10.0
+    connect_timeout: float | None = None    # None: the ssh config's ConnectTimeout, else 10 s
     accept_new_host_keys: bool = False
     interrupt_stops_run: bool = True     # Ctrl-C stops the run (attached up) or just lets go (logs -f)
     report: bool = True                  # print the summary when the run ends
@@ -59,7 +59,7 @@ class RunController:
         out = NodeOutput(node, self.run, self.term if self.opts.print_lines else None,
                          self.opts.color, show)
         reconnect = (lambda: connect_node(node.host, self.opts.connect_timeout,
-                                          self.opts.accept_new_host_keys))
+                                          self.opts.accept_new_host_keys, scope=self.plan.run_id))
         return RemoteJob(node, transport, out, self.plan.master_addr, self._on_started, reconnect)
 
     # --- state -------------------------------------------------------------------
@@ -234,7 +234,7 @@ def connect_live(run: RunDir, plan: Plan, opts: ControlOptions,
     states = run.node_states()
     live = [n for n in plan.nodes if states.get(n.node_rank, {}).get("state") not in FINAL_STATES]
     conns = connect_all([n.host for n in live], opts.connect_timeout, opts.accept_new_host_keys,
-                        consequence) if live else []
+                        consequence, scope=plan.run_id) if live else []
     by_rank = dict(zip((n.node_rank for n in live), conns))
     return [by_rank.get(n.node_rank) for n in plan.nodes]
 

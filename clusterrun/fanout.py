@@ -7,10 +7,10 @@ import threading
 from typing import Sequence
 
 from .errors import EXIT_JOB_FAILED, UnreachableError, UsageError
-from .hostsfile import Host, load_hosts
+from .hostsfile import Host, load_hosts, with_transport
 from .plan import quote_path
 from .stream import Terminal, tag_for, tag_lines
-from .transport import Transport, connect_node, load_ssh_config
+from .transport import Transport, connect_node
 
 READ = 65536
 
@@ -26,27 +26,34 @@ def exec_command(host: Host, argv: Sequence[str]) -> str:
     return " && ".join(parts)
 
 
-def run_exec(hosts_path: str, argv: Sequence[str], color: bool = False, accept_new: bool = False) -> int:
+def run_exec(hosts_path: str, argv: Sequence[str], color: bool = False, accept_new: bool = False,
+             transport: str | None = None) -> int:
     """Like pdsh: every node runs the command as soon as it is connected; a node
     that cannot be reached is named at the end (exit 3), the others still ran."""
     if not argv:
         raise UsageError("exec needs a command: clusterrun exec HOSTS -- CMD [ARGS...]")
-    hosts = load_hosts(hosts_path)
+    hosts = with_transport(load_hosts(hosts_path), transport)
     term = Terminal()
-    config = load_ssh_config()
     codes: list[int | None] = [None] * len(hosts.hosts)
     unreachable: list[str] = []
     palette = (36, 33, 35, 32, 34, 31)
 
     def one(i: int, host: Host) -> None:
+        # Whatever goes wrong on a node is named at the end: a node that did not run
+        # the command never counts as a success.
         try:
-            t = connect_node(host, hosts.connect_timeout, accept_new, config)
+            t = connect_node(host, hosts.connect_timeout, accept_new)
         except UnreachableError as e:
             unreachable.append(str(e))
+            return
+        except Exception as e:  # noqa: BLE001
+            unreachable.append(f"{host.name}: {type(e).__name__}: {e}")
             return
         try:
             codes[i] = run_one(t, exec_command(host, argv), term,
                                tag_for(host.name, palette[i % len(palette)] if color else 0))
+        except Exception as e:  # noqa: BLE001 - e.g. the connection dropped mid-command
+            unreachable.append(f"{host.name}: the command did not complete: {e or type(e).__name__}")
         finally:
             t.close()
 
@@ -56,6 +63,9 @@ def run_exec(hosts_path: str, argv: Sequence[str], color: bool = False, accept_n
     for th in threads:
         th.join()
     failed = [(h.name, c) for h, c in zip(hosts.hosts, codes) if c is not None and c != 0]
+    # A node with no exit status (the connection ended without one) did not succeed either.
+    unreachable += [f"{h.name}: no exit status came back" for h, c in zip(hosts.hosts, codes)
+                    if c is None and not any(u.startswith(h.name + ": ") for u in unreachable)]
     if failed:
         ran = sum(c is not None for c in codes)
         term.message(f"clusterrun: {shlex.join(argv)} failed on {len(failed)} of {ran} nodes: "

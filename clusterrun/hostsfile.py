@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import difflib
 import functools
+import os
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -20,7 +21,7 @@ LOCALHOST = "localhost"
 
 # Keys valid at the top level (as defaults) and per host.
 _SHARED_KEYS = (
-    "nproc_per_node", "user", "port", "identity_file", "python", "workdir", "setup", "env",
+    "nproc_per_node", "user", "port", "identity_file", "python", "workdir", "setup", "env", "transport",
 )
 TOP_KEYS = frozenset(_SHARED_KEYS + ("master_port", "master_addr", "connect_timeout", "hosts"))
 HOST_KEYS = frozenset(_SHARED_KEYS + ("host", "name", "addr"))
@@ -37,6 +38,8 @@ _RANGE_RE = re.compile(r"([^\[\]]*)\[([^\[\]]+)\]([^\[\]]*)")
 _SMALL_INT_RE = re.compile(r"[0-9]{1,6}", re.ASCII)
 
 DEFAULT_CONNECT_TIMEOUT = 10.0
+TRANSPORTS = ("paramiko", "openssh")
+TRANSPORT_ENV = "CLUSTERRUN_TRANSPORT"      # the default transport where the hosts file names none
 
 
 @dataclass(frozen=True)
@@ -54,6 +57,7 @@ class Host:
     workdir: str | None = None
     setup: tuple[str, ...] = ()
     env: Mapping[str, str] = field(default_factory=dict)
+    transport: str = "paramiko"     # paramiko | openssh (every session through the system ssh)
 
     @property
     def is_local(self) -> bool:
@@ -69,7 +73,7 @@ class HostsFile:
     hosts: tuple[Host, ...]
     master_port: int | str = 29500   # an int, or "auto"
     master_addr: str | None = None
-    connect_timeout: float = DEFAULT_CONNECT_TIMEOUT
+    connect_timeout: float | None = None   # None: the ssh config's ConnectTimeout, else the default
 
 
 def load_hosts(path: str | Path) -> HostsFile:
@@ -140,6 +144,12 @@ def parse_hosts(data: Any, path: str = "<hosts>") -> HostsFile:
 
     defaults = _shared_fields(data, path, "")
     defaults.setdefault("nproc_per_node", 1)
+    if "transport" not in defaults:
+        env_default = os.environ.get(TRANSPORT_ENV) or "paramiko"
+        if env_default not in TRANSPORTS:
+            raise HostsFileError(path, "", f"${TRANSPORT_ENV} must be one of {', '.join(TRANSPORTS)}, "
+                                 f"got {env_default!r}")
+        defaults["transport"] = env_default
     hosts: list[Host] = []
     first_seen: dict[str, str] = {}
     for i, entry in enumerate(entries):
@@ -158,10 +168,19 @@ def parse_hosts(data: Any, path: str = "<hosts>") -> HostsFile:
         master_addr = _str(master_addr, path, "master_addr")
         if not _HOST_RE.fullmatch(master_addr):
             raise HostsFileError(path, "master_addr", f"not a host name or address: {master_addr!r}")
-    timeout = data.get("connect_timeout", DEFAULT_CONNECT_TIMEOUT)
-    if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not 0 < timeout <= 600:
+    timeout = data.get("connect_timeout")
+    if timeout is not None and (isinstance(timeout, bool) or not isinstance(timeout, (int, float))
+                                or not 0 < timeout <= 600):
         raise HostsFileError(path, "connect_timeout", f"must be seconds in (0, 600], got {timeout!r}")
-    return HostsFile(path, tuple(hosts), master_port, master_addr, float(timeout))
+    return HostsFile(path, tuple(hosts), master_port, master_addr,
+                     None if timeout is None else float(timeout))
+
+
+def with_transport(hosts: HostsFile, transport: str | None) -> HostsFile:
+    """Every host on `transport` (--transport), or the file as it is."""
+    if transport is None:
+        return hosts
+    return replace(hosts, hosts=tuple(replace(h, transport=transport) for h in hosts.hosts))
 
 
 def _parse_entry(entry: Any, defaults: dict[str, Any], path: str, where: str) -> list[Host]:
@@ -215,6 +234,11 @@ def _shared_fields(d: dict[str, Any], path: str, where: str) -> dict[str, Any]:
             out[key] = _str(d[key], path, at(key))
     if "port" in d:
         out["port"] = _port(d["port"], path, at("port"))
+    if "transport" in d:
+        if d["transport"] not in TRANSPORTS:
+            raise HostsFileError(path, at("transport"), f"must be one of {', '.join(TRANSPORTS)}, "
+                                 f"got {d['transport']!r}")
+        out["transport"] = d["transport"]
     if "setup" in d and d["setup"] is not None:
         setup = d["setup"]
         if isinstance(setup, str):

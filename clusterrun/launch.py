@@ -14,13 +14,13 @@ from pathlib import Path
 
 from .controller import ControlOptions, RunController
 from .errors import UsageError
-from .hostsfile import HostsFile, load_hosts
+from .hostsfile import HostsFile, load_hosts, with_transport
 from .plan import LaunchOptions, Plan, make_plan, master_addr_for, render_plan
 from .preflight import Gate, auto_port, preflight, preflight_error
 from .runs import CollectorLock, RunDir, clusterrun_home, new_run_id
 from .stream import Terminal
 from .sync import sync_all
-from .transport import Transport, connect_all, load_ssh_config, resolve_target
+from .transport import Transport, connect_all
 
 
 @dataclass(frozen=True)
@@ -34,6 +34,7 @@ class UpOptions:
     detach: bool = False
     skip_check: bool = False
     sync: bool = False
+    transport: str | None = None        # --transport: every host on it
 
 
 def master_port(hosts: HostsFile, opts: LaunchOptions) -> int | str:
@@ -56,12 +57,16 @@ def build_plan(hosts: HostsFile, opts: LaunchOptions, run_id: str, connected_add
     )
 
 
-def dry_run(hosts_path: str, opts: LaunchOptions) -> str:
+def dry_run(hosts_path: str, opts: LaunchOptions, transport: str | None = None) -> str:
     """The rank table and every node's exact command; connects to nothing."""
-    hosts = load_hosts(hosts_path)
+    hosts = with_transport(load_hosts(hosts_path), transport)
     first = hosts.hosts[0]
-    # Without connecting, "where ssh reaches node 0" is its HostName from ~/.ssh/config.
-    addr = None if first.is_local else resolve_target(first, load_ssh_config()).hostname
+    # Without connecting, "where ssh reaches node 0" is its HostName as OpenSSH resolves it.
+    addr = None
+    if not first.is_local:
+        from .sshconfig import resolve
+        addr = resolve(first.host, user=first.user, port=first.port, identity_file=first.identity_file,
+                       node=first.name).hostname
     auto = master_port(hosts, opts) == "auto"
     text = render_plan(build_plan(hosts, opts, new_run_id(), addr, port=0 if auto else None))
     if auto:
@@ -71,12 +76,13 @@ def dry_run(hosts_path: str, opts: LaunchOptions) -> str:
 
 
 def up(hosts_path: str, opts: LaunchOptions, up_opts: UpOptions) -> int:
-    hosts = load_hosts(hosts_path)
+    hosts = with_transport(load_hosts(hosts_path), up_opts.transport)
     term = Terminal()
     lint_warnings(opts, term)
     term.progress(f"connecting to {len(hosts.hosts)} nodes")
-    transports = connect_all(hosts.hosts, hosts.connect_timeout, up_opts.accept_new_host_keys)
     run_id = new_run_id()
+    transports = connect_all(hosts.hosts, hosts.connect_timeout, up_opts.accept_new_host_keys,
+                             scope=run_id)
     try:
         plan = prepare(hosts, opts, up_opts, run_id, transports, term)
     except BaseException:

@@ -237,26 +237,38 @@ def parse_failures(text):
 
 
 def interface_to(addr):
-    """The interface this node uses to reach addr (on the master: the one holding it)."""
+    """The interface this node uses to reach addr (on the master: the one holding it);
+    IPv4 or IPv6, whichever the address resolves to first."""
     try:
-        ip = socket.gethostbyname(addr)
-        s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        family, _, _, _, sockaddr = socket.getaddrinfo(addr, 9, 0, socket.SOCK_DGRAM)[0]
+        s = socket.socket(family, socket.SOCK_DGRAM)
         try:
-            s.connect((ip, 9))      # UDP connect sends nothing; it only picks a route
-            src = s.getsockname()[0]
+            s.connect(sockaddr)     # UDP connect sends nothing; it only picks a route
+            src = s.getsockname()[0].split("%")[0]
         finally:
             s.close()
-    except OSError:
+    except (OSError, IndexError):
         return None
     try:
-        out = subprocess.run(["ip", "-o", "-4", "addr", "show"], stdout=subprocess.PIPE,
+        out = subprocess.run(["ip", "-o", "addr", "show"], stdout=subprocess.PIPE,
                              stderr=subprocess.DEVNULL, timeout=5).stdout.decode()
-        for line in out.splitlines():   # "2: eth0    inet 10.0.0.5/24 brd ..."
+        for line in out.splitlines():   # "2: eth0    inet 10.0.0.5/24 brd ..." (or inet6)
             parts = line.split()
             if len(parts) > 3 and parts[3].split("/")[0] == src:
                 return parts[1].split("@")[0]
     except (OSError, subprocess.SubprocessError):
         pass
+    if family == socket.AF_INET6:   # no `ip`: the kernel's table of IPv6 addresses
+        try:
+            packed = socket.inet_pton(socket.AF_INET6, src).hex()
+            with open("/proc/net/if_inet6") as f:
+                for line in f:          # "fd00...0011 02 40 00 80 eth0"
+                    parts = line.split()
+                    if len(parts) == 6 and parts[0] == packed:
+                        return parts[5]
+        except OSError:
+            pass
+        return None
     import fcntl                    # no `ip`: ask the kernel per interface (primary address)
     s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     try:

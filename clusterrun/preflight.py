@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from typing import Any, Sequence
 
 from .errors import EXIT_JOB_FAILED, EXIT_UNREACHABLE, ClusterrunError
-from .hostsfile import load_hosts
+from .hostsfile import load_hosts, with_transport
 from .plan import LaunchOptions, NodePlan, Plan
 from .remote import AgentError, run_agent
 from .transport import Transport, connect_each
@@ -135,11 +135,11 @@ def auto_port(plan: Plan, transports: Sequence[Transport]) -> int:
         raise PreflightError(f"{plan.nodes[0].name}: cannot run {plan.nodes[0].python}: {e}") from None
 
 
-def check(hosts_path: str, accept_new: bool = False) -> int:
+def check(hosts_path: str, accept_new: bool = False, transport: str | None = None) -> int:
     """`clusterrun check HOSTS`: every node in parallel, one row each."""
     from .launch import build_plan  # the same plan `up` would make
 
-    hosts = load_hosts(hosts_path)
+    hosts = with_transport(load_hosts(hosts_path), transport)
     conns = connect_each(hosts.hosts, hosts.connect_timeout, accept_new)
     try:
         first = conns[0][0]

@@ -170,17 +170,3 @@ def test_a_directory_as_hosts_file_exits_2_naming_it(tmp_path):
     r = up("--dry-run", str(tmp_path), "train.py")
     assert r.exit_code == 2
     assert str(tmp_path) in r.output and "directory" in r.output
-
-
-def test_ssh_config_match_exec_still_works_without_invoke_preloaded(tmp_path):
-    """clusterrun imports paramiko without invoke (start-up time); `Match exec` fetches it."""
-    (tmp_path / ".ssh").mkdir()
-    (tmp_path / ".ssh" / "config").write_text(
-        'Match exec "true"\n    User matched\nHost gpu-a\n    HostName 10.0.0.7\n')
-    code = ("from clusterrun.hostsfile import Host\n"
-            "from clusterrun.transport import load_ssh_config, resolve_target\n"
-            "t = resolve_target(Host(host='gpu-a', name='gpu-a', nproc_per_node=1), load_ssh_config())\n"
-            "print(t.hostname, t.user)\n")
-    r = subprocess.run([sys.executable, "-c", code], env={**os.environ, "HOME": str(tmp_path)},
-                       stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=60)
-    assert r.stdout.split() == ["10.0.0.7", "matched"], r.stderr

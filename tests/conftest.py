@@ -2,9 +2,10 @@
 
 The ``cluster`` fixture builds a real N-node SSH test cluster on this machine
 with ``scripts/testcluster`` (one network namespace + own hostname + own sshd
-per node, on a private bridge 10.231.19.0/24) and tears it down at the end of
-the session. It needs root; without root the e2e tests are skipped (or fail
-when ``CI=true``).
+per node, on a private bridge 10.231.19.0/24 with IPv6 addresses too, plus the
+private nodes crt-p1, crt-p2 behind the bastion crt-n1 and crt-q1 behind
+crt-n1 then crt-p1) and tears it down at the end of the session. It needs
+root; without root the e2e tests are skipped (or fail when ``CI=true``).
 
 Environment:
   CLUSTERRUN_TEST_NODES          number of nodes (default 4, max 64)
@@ -42,18 +43,35 @@ def pytest_configure(config: pytest.Config) -> None:
         "e2e: end-to-end test that needs the real SSH test cluster "
         "(root; fixture `cluster`, scripts/testcluster)",
     )
+    config.addinivalue_line(
+        "markers",
+        "transports(*kinds): run this cluster test only on these transports "
+        "(default: paramiko and openssh)",
+    )
 
 
 @dataclasses.dataclass
 class TestCluster:
     """A running test cluster (see scripts/testcluster).
 
-    state:  the testcluster state dir (ssh_config, known_hosts, id_ed25519,
-            nodes.txt, nodes/crt-n<i>/{sshd_config,sshd.pid,sshd.log})
-    nodes:  [(name, addr), ...] from nodes.txt, e.g. ("crt-n1", "10.231.19.11")
-    home:   temporary HOME for the controller, with .ssh/{config,known_hosts,
-            id_ed25519,id_ed25519.pub} (.ssh mode 0700, key 0600) and
-            bin/ssh (wrapper adding -F home/.ssh/config)
+    state:   the testcluster state dir (ssh_config, known_hosts, known_hosts_ca,
+             id_ed25519, id_cert + usercert.pub, host_ca, user_ca, nodes.txt,
+             nodes6.txt, private.txt, nodes/<name>/{sshd_config,sshd.pid,sshd.log});
+             see scripts/testcluster
+    nodes:   [(name, addr), ...] from nodes.txt, e.g. ("crt-n1", "10.231.19.11"):
+             the N public nodes only (``names``/``addrs`` too)
+    home:    temporary HOME for the controller, with .ssh/{config,known_hosts,
+             id_ed25519,id_ed25519.pub} (.ssh mode 0700, keys 0600), plus
+             .ssh/{id_cert,id_cert.pub,usercert.pub} (a key no node authorizes,
+             and its user certificate), .ssh/{host_ca.pub,known_hosts_ca} (the
+             host CA; known_hosts_ca is just its @cert-authority line) and
+             bin/ssh (wrapper adding -F home/.ssh/config). The config has every
+             Host block of STATE/ssh_config: crt-n<i>, crt-n<i>-v6, crt-n1-2222,
+             crt-p1/-p2 (ProxyJump crt-n1), crt-q1 (ProxyJump crt-n1,crt-p1).
+    private: [(name, addr, via), ...] from private.txt, e.g.
+             ("crt-q1", "10.233.19.11", "crt-n1,crt-p1"): the nodes only their
+             bastions reach (``via`` is the ProxyJump list)
+    v6:      {name: IPv6 address} of the public nodes, from nodes6.txt
     """
 
     __test__ = False  # not a test class, despite the name
@@ -62,6 +80,8 @@ class TestCluster:
     nodes: list[tuple[str, str]]
     home: Path
     tmp: Path  # scratch root for per-call CLUSTERRUN_HOME dirs
+    private: list[tuple[str, str, str]] = dataclasses.field(default_factory=list)
+    v6: dict[str, str] = dataclasses.field(default_factory=dict)
     _counter: itertools.count = dataclasses.field(
         default_factory=lambda: itertools.count(1), repr=False
     )
@@ -75,11 +95,37 @@ class TestCluster:
     def addrs(self) -> list[str]:
         return [addr for _, addr in self.nodes]
 
+    @property
+    def prefix(self) -> str:
+        """The cluster's name prefix ("crt" unless CLUSTERRUN_TESTCLUSTER_PREFIX)."""
+        return self.names[0].rsplit("-n", 1)[0]
+
+    @property
+    def private_names(self) -> list[str]:
+        """The nodes behind bastions, e.g. crt-p1, crt-p2, crt-q1."""
+        return [name for name, _, _ in self.private]
+
+    @property
+    def all_names(self) -> list[str]:
+        """Public nodes, then the private ones: every node with an sshd."""
+        return self.names + self.private_names
+
     def addr_of(self, name: str) -> str:
+        """IPv4 address of any node, public or private."""
         for n, addr in self.nodes:
             if n == name:
                 return addr
-        raise KeyError(f"no node {name!r} in {self.names}")
+        for n, addr, _ in self.private:
+            if n == name:
+                return addr
+        raise KeyError(f"no node {name!r} in {self.all_names}")
+
+    def via_of(self, name: str) -> str:
+        """ProxyJump list of a private node, e.g. "crt-n1,crt-p1"."""
+        for n, _, via in self.private:
+            if n == name:
+                return via
+        raise KeyError(f"no private node {name!r} in {self.private_names}")
 
     @property
     def ssh_config(self) -> Path:
@@ -159,14 +205,15 @@ class TestCluster:
         return [p for p in self.ns_pids(name) if p != sshd]
 
     def wait_no_leftovers(self, timeout: float = 10.0) -> dict[str, list[int]]:
-        """Wait (bounded) until no node runs anything but its sshd listener.
+        """Wait (bounded) until no node (private ones included) runs anything
+        but its sshd listener.
 
         Returns {} on success, else {name: [pid, ...]} of what is still
         running (pids with their command lines are easy to print via
         describe_pids)."""
         deadline = time.monotonic() + timeout
         while True:
-            left = {n: pids for n in self.names if (pids := self.leftover_pids(n))}
+            left = {n: pids for n in self.all_names if (pids := self.leftover_pids(n))}
             if not left or time.monotonic() >= deadline:
                 return left
             time.sleep(0.1)
@@ -203,6 +250,28 @@ class TestCluster:
         return self.run_on(name, "hostname", check=True).stdout.strip()
 
 
+# Every test on the real cluster runs once per transport: what a run does must
+# work the same through paramiko and through the system ssh client. A test
+# pins one with `transport:` in its hosts file where only one applies.
+TRANSPORTS = ("paramiko", "openssh")
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    if "cluster" in metafunc.fixturenames:
+        only = metafunc.definition.get_closest_marker("transports")
+        kinds = only.args if only else TRANSPORTS
+        metafunc.fixturenames.append("ssh_transport")
+        metafunc.parametrize("ssh_transport", kinds, ids=kinds)
+
+
+@pytest.fixture(autouse=True)
+def _default_transport(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> None:
+    """CLUSTERRUN_TRANSPORT (the default where a hosts file names none) for this test."""
+    kind = getattr(getattr(request.node, "callspec", None), "params", {}).get("ssh_transport")
+    if kind is not None:
+        monkeypatch.setenv("CLUSTERRUN_TRANSPORT", kind)
+
+
 def _run_testcluster(*args: str, timeout: float) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [str(TESTCLUSTER), *args],
@@ -214,9 +283,12 @@ def _make_home(home: Path, state: Path) -> None:
     ssh_dir = home / ".ssh"
     ssh_dir.mkdir(parents=True, exist_ok=True)
     ssh_dir.chmod(0o700)
-    for name in ("id_ed25519", "id_ed25519.pub", "known_hosts"):
+    for name in ("id_ed25519", "id_ed25519.pub", "known_hosts", "id_cert",
+                 "id_cert.pub", "usercert.pub", "host_ca.pub", "known_hosts_ca"):
         shutil.copyfile(state / name, ssh_dir / name)
+    # ssh refuses private keys that others can read
     (ssh_dir / "id_ed25519").chmod(0o600)
+    (ssh_dir / "id_cert").chmod(0o600)
     # same Host blocks as STATE/ssh_config, but using the copies in home
     config = (state / "ssh_config").read_text()
     config = config.replace(f"{state}/id_ed25519", f"{ssh_dir}/id_ed25519")
@@ -266,6 +338,16 @@ def cluster(tmp_path_factory: pytest.TempPathFactory):
             if line.strip():
                 name, addr = line.split()
                 nodes.append((name, addr))
+        private = []
+        for line in (state / "private.txt").read_text().splitlines():
+            if line.strip():
+                name, addr, via = line.split()
+                private.append((name, addr, via))
+        v6 = {}
+        for line in (state / "nodes6.txt").read_text().splitlines():
+            if line.strip():
+                name, addr = line.split()
+                v6[name] = addr
         home = tmp_path_factory.mktemp("controller-home")
         _make_home(home, state)
         yield TestCluster(
@@ -273,6 +355,8 @@ def cluster(tmp_path_factory: pytest.TempPathFactory):
             nodes=nodes,
             home=home,
             tmp=tmp_path_factory.mktemp("clusterrun-homes"),
+            private=private,
+            v6=v6,
         )
         session_done = True
     finally:

@@ -51,6 +51,7 @@ class RunController:
         self.gate: Any = None
         self.control: ControlServer | None = None
         self.finished = threading.Event()       # every node's end is recorded
+        self.handed_over = False
 
     def _job(self, node: NodePlan, transport: Transport) -> RemoteJob:
         show = None
@@ -137,6 +138,7 @@ class RunController:
             self._started.wait_for(lambda: self.running_or_done() >= len(self.jobs))
 
     def detach(self) -> None:
+        self.handed_over = True     # a background collector takes the connections over
         self._close_control()
         for job in self.jobs:
             job.detach()
@@ -218,7 +220,7 @@ class RunController:
         self._close_control()
         for job in self.jobs:
             if job.transport is not None:
-                job.transport.close()
+                job.transport.close(linger=self.handed_over)
 
 
 def _stop_quietly(job: RemoteJob, grace: float) -> None:

@@ -11,6 +11,7 @@ HostKeyAlias). Every error names the node it is about.
 
 from __future__ import annotations
 
+import copy
 import functools
 import os
 import socket
@@ -126,7 +127,7 @@ class SSHTransport:
     def alive(self) -> bool:
         return self._conn.transport.is_active()
 
-    def close(self) -> None:
+    def close(self, linger: bool = False) -> None:
         self._conn.release()
 
 
@@ -564,10 +565,12 @@ def _plain_from_cert(blob: paramiko.PublicBlob) -> bytes | None:
     return out.asbytes()
 
 
-def _copy_with_cert(key: paramiko.PKey, cert: _Cert) -> paramiko.PKey | None:
+def _copy_with_cert(key: paramiko.PKey, cert: _Cert) -> paramiko.PKey:
     """`key` presenting `cert` (a copy: the plain key is offered on its own as well)."""
-    import copy
-    k = copy.copy(key)
+    if isinstance(key, paramiko.AgentKey):      # (its attribute proxy defeats copy.copy)
+        k: paramiko.PKey = paramiko.AgentKey(key.agent, key.blob, key.comment)
+    else:
+        k = copy.copy(key)
     k.public_blob = cert.blob
     return k
 

@@ -43,7 +43,9 @@ class Transport(Protocol):
 
     def exec(self, command: str, merge_stderr: bool = False) -> Process: ...
     def alive(self) -> bool: ...
-    def close(self) -> None: ...
+    def close(self, linger: bool = False) -> None:
+        """End the connection. linger: another process takes this run's connections
+        over (`up -d`): openssh keeps its master for it a while."""
 
 
 # --- localhost ---------------------------------------------------------------
@@ -112,7 +114,7 @@ class LocalTransport:
     def alive(self) -> bool:
         return True
 
-    def close(self) -> None:
+    def close(self, linger: bool = False) -> None:
         pass
 
 

@@ -607,7 +607,7 @@ def _load_private(path: str, notes: list[str]) -> paramiko.PKey | None:
         return paramiko.PKey.from_path(path)
     except FileNotFoundError:
         return None
-    except paramiko.PasswordRequiredException:
+    except (paramiko.PasswordRequiredException, TypeError):   # (TypeError: cryptography's word for it)
         notes.append(f"{path} is passphrase-protected: add it to your agent (ssh-add {path})")
     except (OSError, ValueError, paramiko.SSHException) as e:
         notes.append(f"{path}: cannot load ({e or type(e).__name__})")

@@ -352,7 +352,11 @@ def _start_master(name: str, ssh: str, path: str, common: list[str], target: str
         message = _last_lines(err.read().decode("utf-8", "replace"))
     if code != 0:
         lower = message.lower()
-        if ("host key is known" in lower or "verification failed" in lower) and not any(
+        if "has changed" in lower or "identification has changed" in lower:
+            message = (f"the host key has CHANGED since it was recorded; refusing to connect (it may "
+                       f"be a different machine, or an attack). ssh says: {message} If the change is "
+                       "expected, remove the old key with ssh-keygen -R")
+        elif ("host key is known" in lower or "verification failed" in lower) and not any(
                 w in lower for w in ("changed", "revoked", "mismatch", "certificate")):
             # ssh says only "Host key verification failed." when it cannot ask
             message = (f"unknown host key ({message}). Trust it with --accept-new-host-keys, or "

@@ -40,6 +40,7 @@ import weakref
 from typing import Callable
 
 from .errors import UnreachableError
+from .transport import LocalProcess
 
 # Control sockets live here; OpenSSH appends ~17 characters while creating one,
 # and a Unix socket path is limited to ~104 bytes, so the path stays short.
@@ -137,8 +138,8 @@ class _Pipe(io.RawIOBase):
         super().close()
 
 
-class OpenSSHProcess:
-    """One `ssh` session process; the same interface as transport.LocalProcess."""
+class OpenSSHProcess(LocalProcess):
+    """One `ssh` session process: a local process whose reads can time out."""
 
     def __init__(self, argv: list[str], merge_stderr: bool = False,
                  on_stall: Callable[[], None] = lambda: None) -> None:
@@ -159,38 +160,9 @@ class OpenSSHProcess:
         self._pipe = _Pipe(r, on_stall)
         self.stdout = io.BufferedReader(self._pipe, READ)
 
-    def read_some(self, n: int) -> bytes:
-        """Whatever output is there (at least one byte), or b"" at the end."""
-        return self.stdout.read1(n)
-
-    def send(self, data: bytes) -> None:
-        try:
-            assert self._p.stdin is not None
-            self._p.stdin.write(data)
-            self._p.stdin.flush()
-        except (BrokenPipeError, ValueError):
-            pass
-
-    def close_stdin(self) -> None:
-        if self._p.stdin:
-            try:
-                self._p.stdin.close()
-            except BrokenPipeError:     # flushing into a session that has ended
-                pass
-
     def set_read_timeout(self, seconds: float | None) -> None:
         """Reads (read_some and .stdout) raise socket.timeout after this long without a byte."""
         self._pipe.timeout = seconds
-
-    def wait(self, timeout: float | None = None) -> int | None:
-        try:
-            return self._p.wait(timeout)
-        except subprocess.TimeoutExpired:
-            return None
-
-    def stderr_text(self) -> str:
-        self._err.seek(0)
-        return self._err.read().decode("utf-8", "replace")
 
     def end(self) -> None:
         """End the session (the master then closes its channel); a reader sees EOF."""

@@ -78,7 +78,10 @@ class LocalProcess:
 
     def close_stdin(self) -> None:
         if self._p.stdin:
-            self._p.stdin.close()
+            try:
+                self._p.stdin.close()
+            except BrokenPipeError:     # flushing into a process that has ended
+                pass
 
     def set_read_timeout(self, seconds: float | None) -> None:
         pass                        # a local pipe does not go silent without the process ending

@@ -250,6 +250,15 @@ class TestCluster:
         return self.run_on(name, "hostname", check=True).stdout.strip()
 
 
+@pytest.fixture
+def ssh_config(cluster):
+    """Prepend Host blocks to the controller's ~/.ssh/config for one test."""
+    path = cluster.home / ".ssh" / "config"
+    original = path.read_text()
+    yield lambda text: path.write_text(text + "\n" + original)
+    path.write_text(original)
+
+
 # Every test on the real cluster runs once per transport: what a run does must
 # work the same through paramiko and through the system ssh client. A test
 # pins one with `transport:` in its hosts file where only one applies.

@@ -29,15 +29,6 @@ def ctl(cluster, tmp_path) -> Controller:
     return Controller(cluster, tmp_path)
 
 
-@pytest.fixture
-def ssh_config(cluster):
-    """Prepend Host blocks to the controller's ~/.ssh/config for one test."""
-    path = cluster.home / ".ssh" / "config"
-    original = path.read_text()
-    yield lambda text: path.write_text(text + "\n" + original)
-    path.write_text(original)
-
-
 def alias(name: str, addr: str, cluster, known_hosts: Path, extra: str = "") -> str:
     return (f"Host {name}\n    HostName {addr}\n    User root\n"
             f"    IdentityFile {cluster.home / '.ssh' / 'id_ed25519'}\n"

@@ -31,15 +31,6 @@ def ctl(cluster, tmp_path) -> Controller:
     return Controller(cluster, tmp_path)
 
 
-@pytest.fixture
-def ssh_config(cluster):
-    """Prepend Host blocks to the controller's ~/.ssh/config for one test."""
-    path = cluster.home / ".ssh" / "config"
-    original = path.read_text()
-    yield lambda text: path.write_text(text + "\n" + original)
-    path.write_text(original)
-
-
 def transport() -> str:
     return os.environ.get("CLUSTERRUN_TRANSPORT", "paramiko")
 
@@ -67,6 +58,13 @@ def exec_hostname(ctl, tmp_path, hosts: list, **top) -> subprocess.CompletedProc
     return ctl.run("exec", str(path), "--", "hostname", timeout=120)
 
 
+def assert_runs_on(ctl, tmp_path, alias: str, hostname: str) -> None:
+    """`exec hostname` on the one node `alias` succeeds there, on the machine `hostname`."""
+    r = exec_hostname(ctl, tmp_path, [alias])
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert r.stdout.splitlines() == [f"[{alias}] {hostname}"]
+
+
 def private(cluster, name: str) -> str:
     return next(addr for n, addr, _ in cluster.private if n == name)
 
@@ -78,9 +76,7 @@ def test_an_included_config_is_honoured(cluster, ctl, tmp_path, ssh_config):
     confd.mkdir()
     (confd / "team.conf").write_text(block("inc-node", cluster, cluster.addrs[1]))
     ssh_config(f"Include {confd}/*.conf\n")
-    r = exec_hostname(ctl, tmp_path, ["inc-node"])
-    assert r.returncode == 0, r.stdout + r.stderr
-    assert r.stdout.splitlines() == [f"[inc-node] {cluster.names[1]}"]
+    assert_runs_on(ctl, tmp_path, "inc-node", cluster.names[1])
 
 
 def test_a_config_openssh_rejects_gets_its_own_message_and_no_traceback(cluster, ctl, tmp_path, ssh_config):
@@ -97,9 +93,7 @@ def test_proxy_command_is_used_to_reach_a_private_node(cluster, ctl, tmp_path, s
     bastion = cluster.names[0]
     ssh_config(block("pc-node", cluster, private(cluster, f"{cluster.prefix}-p1"),
                      f"ProxyCommand ssh -W %h:%p {bastion}"))
-    r = exec_hostname(ctl, tmp_path, ["pc-node"])
-    assert r.returncode == 0, r.stdout + r.stderr
-    assert r.stdout.splitlines() == [f"[pc-node] {cluster.prefix}-p1"]
+    assert_runs_on(ctl, tmp_path, "pc-node", f"{cluster.prefix}-p1")
 
 
 def test_a_failing_proxy_command_is_named_with_its_own_words(cluster, ctl, tmp_path, ssh_config):
@@ -128,9 +122,7 @@ def test_a_training_run_behind_a_bastion(cluster, tmp_path):
 def test_a_chain_of_two_bastions_and_a_run_across_them(cluster, tmp_path, ctl):
     from test_up_e2e import up
     p1, q1 = f"{cluster.prefix}-p1", f"{cluster.prefix}-q1"
-    r = exec_hostname(ctl, tmp_path, [q1])
-    assert r.returncode == 0, r.stdout + r.stderr
-    assert r.stdout.splitlines() == [f"[{q1}] {q1}"]
+    assert_runs_on(ctl, tmp_path, q1, q1)
     script = write(tmp_path / "report.py", REPORT)
     hosts = hosts_file(tmp_path, [p1, q1], nproc_per_node=1)
     r = up(cluster, tmp_path, str(hosts), str(script))
@@ -201,9 +193,7 @@ def test_an_agent_with_more_keys_than_max_auth_tries_and_identities_only(cluster
         shutil.copyfile(str(right) + ".pub", pub)
         ssh_config(block("agent-node", cluster, cluster.addrs[1], f"IdentityAgent {sock}",
                          "IdentitiesOnly yes", f"IdentityFile {pub}"))
-        r = exec_hostname(ctl, tmp_path, ["agent-node"])
-        assert r.returncode == 0, r.stdout + r.stderr
-        assert r.stdout.splitlines() == [f"[agent-node] {cluster.names[1]}"]
+        assert_runs_on(ctl, tmp_path, "agent-node", cluster.names[1])
     finally:
         os.kill(pid, 15)
 
@@ -212,9 +202,7 @@ def test_a_user_certificate_with_its_own_file_name(cluster, ctl, tmp_path, ssh_c
     ssh = cluster.home / ".ssh"
     ssh_config(block("cert-node", cluster, cluster.addrs[2], f"IdentityFile {ssh / 'id_cert'}",
                      f"CertificateFile {ssh / 'usercert.pub'}", "IdentitiesOnly yes"))
-    r = exec_hostname(ctl, tmp_path, ["cert-node"])
-    assert r.returncode == 0, r.stdout + r.stderr
-    assert r.stdout.splitlines() == [f"[cert-node] {cluster.names[2]}"]
+    assert_runs_on(ctl, tmp_path, "cert-node", cluster.names[2])
 
 
 def test_without_its_certificate_the_same_key_is_refused(cluster, ctl, tmp_path, ssh_config):
@@ -275,9 +263,7 @@ def test_host_key_alias_is_the_name_looked_up(cluster, ctl, tmp_path, ssh_config
     known.write_text(f"the-alias {key_of(cluster, cluster.names[1])}\n")
     ssh_config(block("aliased", cluster, cluster.addrs[1], f"UserKnownHostsFile {known}",
                      "HostKeyAlias the-alias"))
-    r = exec_hostname(ctl, tmp_path, ["aliased"])
-    assert r.returncode == 0, r.stdout + r.stderr
-    assert r.stdout.splitlines() == [f"[aliased] {cluster.names[1]}"]
+    assert_runs_on(ctl, tmp_path, "aliased", cluster.names[1])
 
 
 def test_connect_timeout_from_the_ssh_config(cluster, ctl, tmp_path, ssh_config):

@@ -8,7 +8,7 @@ from typing import Sequence
 
 from .errors import EXIT_JOB_FAILED, UnreachableError, UsageError
 from .hostsfile import Host, load_hosts, with_transport
-from .plan import quote_path
+from .plan import quote_path, setup_part
 from .stream import Terminal, tag_for, tag_lines
 from .transport import Transport, connect_node
 
@@ -20,7 +20,7 @@ def exec_command(host: Host, argv: Sequence[str]) -> str:
     parts = []
     if host.workdir:
         parts.append(f"cd {quote_path(host.workdir)}")
-    parts.extend(host.setup)
+    parts.extend(setup_part(s) for s in host.setup if s.strip())
     env = "".join(f"{k}={shlex.quote(v)} " for k, v in host.env.items())
     parts.append(("exec env " + env if env else "exec ") + shlex.join(argv))
     return " && ".join(parts)

@@ -186,12 +186,23 @@ def log_dir_arg(job_dir: str) -> str:
     return f"--log-dir={job_dir}/torchrun"
 
 
+def setup_part(line: str) -> str:
+    """One `setup:` entry as a part of an `A && B && ...` line. A block of several
+    lines (YAML `|`), or a line with a `#` that might start a comment, becomes a
+    brace group ending in a newline, so that neither a line break nor a comment
+    runs into the `&&` that follows. (A group's status is its last command's.)"""
+    text = line.strip("\n")
+    if "\n" in text or "#" in text:
+        return "{ " + text + "\n}"
+    return text
+
+
 def shell_prefix(node: NodePlan) -> str:
     """`cd WORKDIR && SETUP && ` as the node's login shell would run it."""
     parts = []
     if node.workdir:
         parts.append(f"cd {quote_path(node.workdir)}")
-    parts.extend(node.setup)
+    parts.extend(setup_part(s) for s in node.setup if s.strip())
     return "".join(p + " && " for p in parts)
 
 

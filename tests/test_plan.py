@@ -283,6 +283,33 @@ def test_a_real_shell_runs_the_rendered_command_with_exactly_the_planned_argv(tm
     assert not (home / "my project" / "x").exists() and not (home / "my project" / "y").exists()
 
 
+@pytest.mark.parametrize("setup", [
+    "FROM_SETUP=yes; export FROM_SETUP",                                   # one line
+    ["FROM_SETUP=yes", "export FROM_SETUP"],                               # a list
+    "FROM_SETUP=yes\nexport FROM_SETUP\n",                                 # a YAML `|` block
+    "FROM_SETUP=yes  # set it\nif true; then\n  export FROM_SETUP\nfi\n",   # comments, a compound
+    "export FROM_SETUP=yes  # a comment at the end",
+    ["", "FROM_SETUP=yes\n\n", "export FROM_SETUP  # last"],                # empty entries and lines
+])
+def test_every_form_of_setup_runs_in_a_real_shell(tmp_path, argv_recorder, setup):
+    data = {"setup": setup, "python": str(argv_recorder), "hosts": ["localhost"]}
+    (n,) = plan_for(data, LaunchOptions("train.py", ("--x",))).nodes
+    record = tmp_path / "record.json"
+    subprocess.run(["sh", "-c", shell_command(n)], check=True, timeout=30,
+                   env={"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "RECORD_TO": str(record)})
+    got = json.loads(record.read_text())
+    assert got["env"]["FROM_SETUP"] == "yes" and got["argv"][-1] == "--x"
+
+
+def test_a_failing_setup_line_stops_the_launch(tmp_path, argv_recorder):
+    data = {"setup": ["false", "true"], "python": str(argv_recorder), "hosts": ["localhost"]}
+    (n,) = plan_for(data, LaunchOptions("train.py")).nodes
+    record = tmp_path / "record.json"
+    r = subprocess.run(["sh", "-c", shell_command(n)], timeout=30,
+                       env={"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "RECORD_TO": str(record)})
+    assert r.returncode != 0 and not record.exists()
+
+
 def test_regression_a_script_arg_that_looks_like_our_log_dir_is_not_verbatim():
     (n,) = plan_for(["localhost"], LaunchOptions("train.py", ("--log-dir=~/runs",))).nodes
     _, _, argv = split_env(shell_command(n))

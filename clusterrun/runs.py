@@ -54,8 +54,14 @@ class RunDir:
     @classmethod
     def create(cls, run_id: str) -> "RunDir":
         root = runs_root()
-        root.mkdir(parents=True, exist_ok=True, mode=0o700)
-        os.chmod(root.parent, 0o700)
+        # Private where clusterrun makes it; a directory it did not make (a shared
+        # CLUSTERRUN_HOME, /tmp) keeps its mode: each run's own directory is 0700.
+        for d in (root.parent, root):
+            try:
+                d.mkdir(parents=True, mode=0o700)
+                os.chmod(d, 0o700)          # (mkdir's mode is subject to the umask)
+            except FileExistsError:
+                pass
         path = root / run_id
         path.mkdir(mode=0o700)
         (path / "logs").mkdir(mode=0o700)

@@ -155,8 +155,7 @@ class TestCluster:
         env["HOME"] = str(self.home)
         if clusterrun_home is None:
             clusterrun_home = self.tmp / f"clusterrun-home-{next(self._counter)}"
-        clusterrun_home = Path(clusterrun_home)
-        clusterrun_home.mkdir(parents=True, exist_ok=True)
+        clusterrun_home = Path(clusterrun_home)      # clusterrun makes it, as for a user
         env["CLUSTERRUN_HOME"] = str(clusterrun_home)
         env["NO_COLOR"] = "1"
         if ssh_wrapper:

@@ -110,6 +110,21 @@ def test_env_at_every_level_setup_python_and_workdir_per_host(cluster, ctl, tmp_
     assert not (wd1 / "x").exists() and not (wd2 / "x").exists()
 
 
+def test_a_setup_block_with_comments_works_in_up_and_exec(cluster, ctl, tmp_path):
+    block = "export FROM_SETUP=yes  # a comment\nif true; then\n  export D=from-block\nfi\n"
+    hosts = hosts_file(tmp_path, cluster.names[:2], setup=block)
+    r = ctl.run("exec", str(hosts), "--", "sh", "-c", 'echo "$FROM_SETUP $D"')
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert sorted(r.stdout.splitlines()) == [f"[{n}] yes from-block" for n in cluster.names[:2]]
+    script = write(tmp_path / "env.py", """\
+        import os
+        print("SETUP", os.environ["FROM_SETUP"], os.environ["D"])
+    """)
+    r = ctl.run("up", str(hosts), str(script))
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert len([l for l in r.stdout.splitlines() if l.endswith("] SETUP yes from-block")]) == 2
+
+
 def test_sync_copies_a_project_into_per_node_workdirs(cluster, ctl, tmp_path):
     proj = tmp_path / "proj"
     (proj / "pkg").mkdir(parents=True)

@@ -72,7 +72,7 @@ def main() -> None:
     """Launch PyTorch distributed training on your machines over SSH."""
 
 
-@main.command(context_settings={"ignore_unknown_options": True, "allow_interspersed_args": False})
+@main.command("up", context_settings={"ignore_unknown_options": True, "allow_interspersed_args": False})
 @click.option("-m", "--module", is_flag=True, help="SCRIPT is a module (python -m SCRIPT).")
 @click.option("--nproc-per-node", type=click.IntRange(min=1), help="Processes per node, for every node.")
 @click.option("--master-port", metavar="PORT|auto", help="Port of the rendezvous on node 0.")
@@ -107,8 +107,6 @@ def up_cmd(module, nproc_per_node, master_port, env, detach, dry_run, sync, skip
                                skip_check=skip_check, sync=sync, transport=transport)
     _run(launch.up, hosts, opts, up_opts)
 
-
-up_cmd.name = "up"
 
 
 def _control(no_color: bool = True):

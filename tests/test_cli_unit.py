@@ -5,6 +5,7 @@ Only --dry-run and argument errors are exercised: nothing here connects anywhere
 
 from __future__ import annotations
 
+import json
 import os
 import shlex
 import subprocess
@@ -170,3 +171,26 @@ def test_a_directory_as_hosts_file_exits_2_naming_it(tmp_path):
     r = up("--dry-run", str(tmp_path), "train.py")
     assert r.exit_code == 2
     assert str(tmp_path) in r.output and "directory" in r.output
+
+
+OLDEST_CLICK = "8.0.0"      # setup.cfg: click>=8.0
+
+
+def test_every_command_has_its_name_on_the_oldest_click_allowed(tmp_path):
+    """click 8.0/8.1 name a command after its function unless given a name."""
+    target = tmp_path / "click"
+    pip = subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--disable-pip-version-check",
+                          "--target", str(target), f"click=={OLDEST_CLICK}"],
+                         capture_output=True, text=True, timeout=300)
+    if pip.returncode != 0:
+        if os.environ.get("CI") == "true":
+            pytest.fail(f"cannot install click {OLDEST_CLICK}: {pip.stderr[-500:]}")
+        pytest.skip(f"cannot install click {OLDEST_CLICK} (offline?)")
+    code = ("import click, json; from clusterrun.cli import main\n"
+            "print(json.dumps([click.__version__, sorted(main.commands)]))")
+    r = subprocess.run([sys.executable, "-W", "ignore", "-c", code], capture_output=True, text=True,
+                       timeout=60, env={**os.environ, "PYTHONPATH": str(target)})
+    version, commands = json.loads(r.stdout)
+    assert version == OLDEST_CLICK
+    assert commands == ["_collect", "check", "exec", "kill", "lint", "logs", "ps", "status", "up"]
+

@@ -196,13 +196,17 @@ def lint_cmd(scripts) -> None:
 
 @main.command("_collect", hidden=True)
 @click.argument("run")
-def collect_cmd(run) -> None:
+@click.option("--lock-fd", type=int, help="The run's collector lock, inherited locked from `up -d`.")
+@click.option("--connect-timeout", type=float, help="The hosts file's connect_timeout.")
+def collect_cmd(run, lock_fd, connect_timeout) -> None:
     """Stream a detached run into its logs (started by `up --detach`)."""
     from .controller import ControlOptions, collect
-    from .runs import RunDir
+    from .runs import CollectorLock, RunDir
     from .stream import Terminal
 
-    _run(collect, RunDir.find(run), Terminal(), ControlOptions(print_lines=False))
+    held = CollectorLock(lock_fd) if lock_fd is not None else None
+    _run(collect, RunDir.find(run), Terminal(),
+         ControlOptions(print_lines=False, connect_timeout=connect_timeout), True, None, held)
 
 if __name__ == "__main__":  # pragma: no cover
     main()

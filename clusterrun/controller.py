@@ -20,7 +20,7 @@ from .errors import EXIT_INTERRUPTED
 from .plan import NodePlan, Plan
 from .remote import Detached, NodeResult, RemoteJob, confirm_kills
 from .results import exit_code, summary
-from .runs import FAILED_TO_START, FINAL_STATES, KILLED, NOT_STARTED, RUNNING, STARTING, RunDir
+from .runs import FAILED_TO_START, FINAL_STATES, KILLED, NOT_STARTED, RUNNING, STARTING, CollectorLock, RunDir
 from .stream import NodeOutput, Terminal
 from .transport import Transport, connect_all, connect_node
 
@@ -120,10 +120,10 @@ class RunController:
             why = result.message or result.state
             self.gate.answer(job.node, f"cannot run {job.node.python}: {why}"
                              if result.state == FAILED_TO_START else why)
-        killed = self.run.path / "killed"
-        if killed.exists() and not result.ok:
+        killed = self.run.killed_reason()
+        if killed is not None and not result.ok:
             result.state, result.stopped = KILLED, True
-            result.message = killed.read_text().strip()
+            result.message = killed
         if result.state != RUNNING:
             self.set_state(job.node, result.state, code=result.code, message=result.message,
                            stopped=result.stopped,
@@ -173,7 +173,7 @@ class RunController:
                     break
                 self.interrupted = True
                 self.term.message("clusterrun: interrupted: stopping every node (Ctrl-C again to stop waiting)")
-                (self.run.path / "killed").write_text("Ctrl-C")
+                self.run.mark_killed("Ctrl-C")
                 stoppers += self.stop_all({x.node.node_rank for x in results})
                 stopping = True
                 continue
@@ -242,13 +242,14 @@ def connect_live(run: RunDir, plan: Plan, opts: ControlOptions,
 
 
 def collect(run: RunDir, term: Terminal, opts: ControlOptions, follow: bool = True,
-            before: Callable[[], None] | None = None) -> int | None:
+            before: Callable[[], None] | None = None, held: CollectorLock | None = None) -> int | None:
     """Become the run's collector if nobody is: attach to every node and stream.
 
     Returns the exit code once the run ended (follow), or None when another
-    process is already collecting it.
+    process is already collecting it. `held`: the lock, already taken (handed
+    over by `up -d`).
     """
-    lock = run.lock()
+    lock = held or run.lock()
     if lock is None:
         return None
     with lock:

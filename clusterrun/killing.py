@@ -39,7 +39,7 @@ def kill_run(run: RunDir, grace: float) -> list[str]:
     itself, and the same connections then collect its last lines and record its end.
     """
     plan = run.plan()
-    (run.path / "killed").write_text("clusterrun kill")
+    run.mark_killed("clusterrun kill")
     problems = request_kill(run, grace)
     if problems is not None:
         return problems

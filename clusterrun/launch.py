@@ -85,19 +85,19 @@ def up(hosts_path: str, opts: LaunchOptions, up_opts: UpOptions) -> int:
                              scope=run_id)
     try:
         plan = prepare(hosts, opts, up_opts, run_id, transports, term)
+        run = RunDir.create(run_id)
+        lock = run.lock()       # before the plan: commands see the run only once it has a collector
+        assert lock is not None, "a new run has no collector yet"
+        run.write_plan(plan)
     except BaseException:
         for t in transports:
             t.close()
         raise
-    run = RunDir.create(run_id)
-    run.write_plan(plan)
     ctl_opts = ControlOptions(
         fail_fast=up_opts.fail_fast, kill_grace=up_opts.kill_grace, color=up_opts.color,
         print_lines=not up_opts.detach, connect_timeout=hosts.connect_timeout,
         accept_new_host_keys=up_opts.accept_new_host_keys,
     )
-    lock = run.lock()
-    assert lock is not None, "a new run has no collector yet"
     ctl = RunController(plan, run, transports, term, ctl_opts)
     try:
         checked_in_start = not up_opts.skip_check and master_port(hosts, opts) != "auto"
@@ -156,19 +156,24 @@ def _detach(ctl: RunController, run: RunDir, lock: CollectorLock, term: Terminal
     """Wait until every node has started, then hand the run to a background collector."""
     ctl.wait_started()
     ctl.detach()
+    # The collector inherits the locked file itself: the run is never without a
+    # collector, not even for the moment a `status` could take the lock in between.
+    spawn_collector(run, lock, ctl.opts.connect_timeout)
     lock.release()
-    spawn_collector(run)
     term.clear_progress()
     print(run.run_id, flush=True)   # the last line on stdout, like `docker run -d`
     return 0
 
 
-def spawn_collector(run: RunDir) -> None:
-    """`clusterrun _collect RUN` in its own session, outliving this shell."""
+def spawn_collector(run: RunDir, lock: CollectorLock, connect_timeout: float | None) -> None:
+    """`clusterrun _collect RUN` in its own session, outliving this shell, holding
+    the run's collector lock (the same open file: flock belongs to it, not to a process)."""
     log = os.open(run.path / "collector.log", os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+    argv = [sys.executable, "-m", "clusterrun", "_collect", run.run_id, f"--lock-fd={lock.fd}"]
+    if connect_timeout is not None:
+        argv.append(f"--connect-timeout={connect_timeout:g}")
     subprocess.Popen(
-        [sys.executable, "-m", "clusterrun", "_collect", run.run_id],
-        stdin=subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True,
-        env={**os.environ, "CLUSTERRUN_HOME": str(clusterrun_home())},
+        argv, stdin=subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True,
+        pass_fds=(lock.fd,), env={**os.environ, "CLUSTERRUN_HOME": str(clusterrun_home())},
     )
     os.close(log)

@@ -174,10 +174,7 @@ def start(spec, job_dir):
         if ifname:
             for var in spec["pick_ifname"]:
                 env.setdefault(var, ifname)     # set by `setup:` or the node's env: theirs wins
-    # The plan writes paths under the node's home as ~/...; this is where they are.
-    python, log_dir = spec["python"], "--log-dir=%s/torchrun" % spec["job_dir"]
-    argv = [os.path.expanduser(a) if a == python
-            else "--log-dir=%s/torchrun" % job_dir if a == log_dir else a for a in spec["argv"]]
+    argv = job_argv(spec, job_dir)
     pid = os.fork()
     if pid == 0:                    # child: new session, then the supervisor
         try:
@@ -234,6 +231,24 @@ def parse_failures(text):
     ordered = [m for other, m in found if not other] + [m for other, m in found if other]
     return [{"rank": int(m.group(1)), "local_rank": int(m.group(2)), "exitcode": int(m.group(3))}
             for m in ordered]
+
+
+def job_argv(spec, job_dir):
+    """The plan's torchrun argv with its own ~/... paths made real: the python that runs
+    torchrun and the workers, and the --log-dir. The script's arguments after them are
+    the user's, passed as they are, even one that equals one of those."""
+    argv = list(spec["argv"])
+    python = spec["python"]
+    argv[0] = os.path.expanduser(argv[0])
+    log_dir = "--log-dir=%s/torchrun" % spec["job_dir"]
+    if log_dir in argv:
+        argv[argv.index(log_dir)] = "--log-dir=%s/torchrun" % job_dir
+    if "--no-python" in argv:       # the workers' interpreter: the first python after it
+        rest = argv.index("--no-python") + 1
+        if python in argv[rest:]:
+            i = argv.index(python, rest)
+            argv[i] = os.path.expanduser(argv[i])
+    return argv
 
 
 def interface_to(addr):

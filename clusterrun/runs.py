@@ -128,6 +128,18 @@ class RunDir:
     def ended(self) -> bool:
         return (self.path / "result.json").exists()
 
+    def mark_killed(self, why: str) -> None:
+        """Record that the run is being stopped on purpose (kill, Ctrl-C): nodes that end
+        from now on without success were killed, not failed."""
+        (self.path / "killed").write_text(why)
+
+    def killed_reason(self) -> str | None:
+        """What mark_killed recorded, or None."""
+        try:
+            return (self.path / "killed").read_text().strip()
+        except FileNotFoundError:
+            return None
+
     def lock(self) -> "CollectorLock | None":
         """Become this run's collector, or None if another process is it."""
         fd = os.open(self.path / "collector.lock", os.O_RDWR | os.O_CREAT, 0o600)

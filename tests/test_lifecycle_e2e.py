@@ -7,6 +7,7 @@ outright. The workers are plain Python scripts under real torchrun.
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import re
@@ -170,6 +171,47 @@ def test_detach_status_logs_follow_and_logs_after_the_end(cluster, ctl, tmp_path
     assert tagged_ticks(node.stdout, 2) == list(range(40)) and tagged_ticks(node.stdout, 3) == list(range(40))
     assert not tagged_ticks(node.stdout, 0)
     assert_nothing_left(cluster)
+
+
+def test_a_detached_run_keeps_its_collector_when_other_commands_race_the_hand_off(cluster, ctl, tmp_path):
+    """`up -d` hands its collector lock to the background collector; a `status` or `logs`
+    taking the lock at that moment (here: a process grabbing it whenever it can, as a
+    stream of such commands would) must not leave the run without one."""
+    runs = tmp_path / "crhome" / "runs"
+    stop = threading.Event()
+
+    def grab() -> None:
+        deadline = time.monotonic() + 90
+        while not stop.is_set() and time.monotonic() < deadline:
+            for lock in runs.glob("*/collector.lock"):
+                if not (lock.parent / "plan.json").exists():
+                    continue                     # as `status` does: only runs with a plan
+                fd = os.open(lock, os.O_RDWR)
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    time.sleep(0.3)              # a slow status holding it
+                except BlockingIOError:
+                    pass
+                finally:
+                    os.close(fd)
+            time.sleep(0.002)
+
+    grabber = threading.Thread(target=grab, daemon=True)
+    grabber.start()
+    try:
+        script = write(tmp_path / "ticker.py", TICKER)
+        hosts = hosts_file(tmp_path, cluster.names[:2])
+        r = ctl.run("up", "--detach", str(hosts), str(script), "20", "0.1")
+        assert r.returncode == 0, r.stderr
+        run_id = r.stdout.strip().splitlines()[-1]
+        # Only a collector records the end: without one the run would stay "running".
+        ctl.wait_for(lambda: (runs / run_id / "result.json").exists(), "the run's end to be recorded", 90)
+    finally:
+        stop.set()
+        grabber.join(5)
+    assert ctl.status(run_id)["state"] == "succeeded"
+    for rank in (0, 1):
+        assert ticks(ctl.rank_log(run_id, rank), rank) == list(range(20))
 
 
 def test_kill_ends_only_that_run_and_leaves_nothing(cluster, ctl, tmp_path):

@@ -488,3 +488,24 @@ def test_a_quiet_stream_passes_on_new_lines_new_rank_logs_and_the_end(tmp_path, 
     agent.stdin.write(b"rm\n")
     agent.stdin.close()
     assert agent.wait(10) == 0
+
+
+def test_job_argv_expands_only_its_own_paths_not_the_users_arguments(monkeypatch):
+    """The plan's python and --log-dir under ~ are made real on the node; a script
+    argument that happens to equal either is the user's and stays as written."""
+    from clusterrun.hostsfile import parse_hosts
+    from clusterrun.plan import LaunchOptions, make_plan
+
+    monkeypatch.setenv("HOME", "/home/alice")
+    hosts = parse_hosts({"python": "~/venv/bin/python", "hosts": ["gpu-a"]})
+    job_dir = "~/.clusterrun/jobs/r1/0"
+    log_dir = f"--log-dir={job_dir}/torchrun"
+    opts = LaunchOptions("train.py", ("~/venv/bin/python", log_dir, "~/data"))
+    (node,) = make_plan(hosts, opts, run_id="r1", master_addr="10.0.0.1", master_port=29500,
+                        controller_python="/usr/bin/python3", local_home="/tmp/h").nodes
+    spec = {"argv": list(node.argv), "python": node.python, "job_dir": node.job_dir}
+    argv = nodeagent.job_argv(spec, "/home/alice/.clusterrun/jobs/r1/0")
+    assert argv[0] == "/home/alice/venv/bin/python"
+    assert "--log-dir=/home/alice/.clusterrun/jobs/r1/0/torchrun" in argv
+    assert argv[argv.index("train.py") - 2] == "/home/alice/venv/bin/python"   # the workers' python
+    assert argv[-3:] == ["~/venv/bin/python", log_dir, "~/data"]              # the user's, untouched

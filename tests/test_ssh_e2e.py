@@ -152,6 +152,13 @@ def test_proxy_jump_in_every_syntax(cluster, ctl, tmp_path, ssh_config, syntax):
     assert r.stdout.splitlines() == [f"[pj-node] {want}"]
 
 
+def test_a_node_on_another_port_from_the_hosts_file(cluster, ctl, tmp_path):
+    # node 1's sshd listens on 2222 too; known_hosts records it as [addr]:2222
+    r = exec_hostname(ctl, tmp_path, [{"host": cluster.addrs[0], "port": 2222, "name": "on-2222"}])
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert r.stdout.splitlines() == [f"[on-2222] {cluster.names[0]}"]
+
+
 # On openssh each node's ControlMaster runs its own ProxyJump: sharing is the paramiko stack's.
 @pytest.mark.transports("paramiko")
 def test_nodes_behind_one_bastion_share_one_connection_to_it(cluster, ctl, tmp_path, ssh_config):

@@ -49,6 +49,10 @@ COMMAND_EVERY = 0.05        # seconds between looks at stdin while output keeps 
 
 
 def main(argv):
+    # First, the line that tells the controller where the login's output ends and
+    # the agent's frames begin (the newline ends a login line left open).
+    if len(argv) > 1:
+        write_out(b"\nCLUSTERRUN-AGENT " + argv[1].encode() + b"\n")
     # The spec comes on stdin, after the agent's own code: nothing of it (env
     # values included) shows in the node's process list.
     spec = json.loads(sys.stdin.buffer.readline())

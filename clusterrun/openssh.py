@@ -213,7 +213,9 @@ class OpenSSHTransport:
             return self._peer
 
     def _learn_peer(self) -> str:
-        proc = self.exec('echo "$SSH_CONNECTION"')
+        # A line of our own (after a newline that ends a login line left open), so
+        # that nothing a login script prints can be taken for it.
+        proc = self.exec('echo; echo "CLUSTERRUN-PEER $SSH_CONNECTION"')
         try:
             proc.close_stdin()
             proc.set_read_timeout(self._timeout + 30)   # the user's login scripts run first
@@ -223,11 +225,11 @@ class OpenSSHTransport:
             out = b""
         finally:
             proc.close()
-        # The last line that looks like "client port server port": login scripts may print before it.
+        # "CLUSTERRUN-PEER client port server port"
         for line in reversed(out.decode("utf-8", "replace").splitlines()):
             fields = line.split()
-            if len(fields) == 4:
-                return fields[2]
+            if len(fields) == 5 and fields[0] == "CLUSTERRUN-PEER":
+                return fields[3]
         raise UnreachableError(f"{self.name}: cannot tell which address ssh reached "
                                f"(no SSH_CONNECTION in the node's login shell: {out[-200:]!r})")
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import base64
 import json
 import queue
+import secrets
 import shlex
 import threading
 import time
@@ -35,19 +36,44 @@ STALL_TIMEOUT = 30.0
 _AGENT_LINE = base64.b64encode(zlib.compress((Path(__file__).parent / "nodeagent.py").read_bytes(), 9)) + b"\n"
 # What runs on the node: a short loader; the agent's code and spec follow on stdin.
 AGENT_LOADER = "import base64,sys,zlib;exec(zlib.decompress(base64.b64decode(sys.stdin.buffer.readline())))"
+# The agent's first output line: this, then the session's random token (the
+# loader's argument), so that nothing a login prints can be taken for a frame.
+AGENT_MARK = b"CLUSTERRUN-AGENT "
 
 
-def agent_command(node: NodePlan, prefix: str | None = None) -> str:
+def agent_command(node: NodePlan, prefix: str | None = None, token: str = "") -> str:
     """The shell line that runs the node agent: cd, setup, then exec python."""
     prefix = shell_prefix(node) if prefix is None else prefix
-    return prefix + f"exec {quote_path(node.python)} -c {shlex.quote(AGENT_LOADER)}"
+    return prefix + f"exec {quote_path(node.python)} -c {shlex.quote(AGENT_LOADER)} {token}"
 
 
 def start_agent(node: NodePlan, transport: Transport, spec: dict[str, Any],
-                prefix: str | None = None) -> Process:
-    """Run the node agent in one mode; its stdin is then the mode's to use."""
-    proc = transport.exec(agent_command(node, prefix))
+                prefix: str | None = None) -> tuple[Process, bytes]:
+    """Run the node agent in one mode; its stdin is then the mode's to use.
+
+    Returns the process and the line the agent starts its output with: what
+    comes before that line is the login's (a .bashrc banner, conda, setup), never
+    a frame (see read_preamble)."""
+    token = secrets.token_hex(8)
+    proc = transport.exec(agent_command(node, prefix, token))
     proc.send(_AGENT_LINE + json.dumps({"job_dir": node.job_dir, **spec}).encode() + b"\n")
+    return proc, AGENT_MARK + token.encode() + b"\n"
+
+
+def read_preamble(proc: Process, mark: bytes) -> bytes | None:
+    """Read up to the agent's first line: the login's output before it (b"" if none),
+    or None if the session ended first. The agent starts with a newline of its own,
+    which ends a login line left open; it is not part of the login's output."""
+    seen = []
+    while True:
+        line = proc.stdout.readline()
+        if not line:
+            return None
+        if line.endswith(mark):
+            seen.append(line[:-len(mark)])
+            login = b"".join(seen)
+            return login[:-1] if login.endswith(b"\n") else login
+        seen.append(line)
     return proc
 
 
@@ -124,10 +150,10 @@ class RemoteJob:
         delay = 0.25
         while True:
             try:
-                proc = start_agent(self.node, self.transport, spec)
+                proc, mark = start_agent(self.node, self.transport, spec)
                 self._agent = proc
                 try:
-                    result = self._read(proc)
+                    result = self._read(proc, mark)
                 finally:
                     self._agent = None
                     if self.stopped:            # a stop() waiting for this agent: it will not answer
@@ -160,11 +186,16 @@ class RemoteJob:
             lost_since, delay = None, 0.25
             spec = self.attach_spec(follow)
 
-    def _read(self, proc: Process) -> NodeResult | None:
+    def _read(self, proc: Process, mark: bytes) -> NodeResult | None:
         """Frames until the agent's final event; None if the connection broke."""
+        login = read_preamble(proc, mark)   # setup lines may take a while: no limit until the agent speaks
+        if login is None:
+            return self._broken(proc)
+        if login:                       # kept apart from torchrun's lines: it shifts no offset
+            self.output.login(login if login.endswith(b"\n") else login + b"\n")
         out, data = proc.stdout, self.output.data
         readline, read = out.readline, out.read
-        header = readline()             # setup lines may take a while: no limit until the agent speaks
+        header = readline()
         # The agent says something at least every HEARTBEAT seconds; silence far
         # longer than that is a dead link (raises socket.timeout: reconnect).
         proc.set_read_timeout(STALL_TIMEOUT)
@@ -194,8 +225,8 @@ class RemoteJob:
                     return NodeResult(self.node, RUNNING)
                 else:
                     return self._final(proc, name, ev)
-            elif header:                    # e.g. a login script printing: show it, untagged by rank
-                data("L", header if header.endswith(b"\n") else header + b"\n")
+            elif header:                    # not the agent's (it writes only frames): show it apart
+                self.output.login(header if header.endswith(b"\n") else header + b"\n")
             else:
                 return self._broken(proc)
             header = readline()
@@ -276,12 +307,14 @@ class AgentError(Exception):
 
 def run_agent(node: NodePlan, transport: Transport, spec: dict[str, Any]) -> dict[str, Any]:
     """Run a one-shot agent mode (kill, probe) and return its event."""
-    proc = start_agent(node, transport, spec)
+    proc, mark = start_agent(node, transport, spec)
     try:
-        while True:
-            line = proc.stdout.readline()
-            if not line or line.startswith(b"S "):
-                break
+        line = b""
+        if read_preamble(proc, mark) is not None:
+            while True:
+                line = proc.stdout.readline()
+                if not line or line.startswith(b"S "):
+                    break
         code = proc.wait(timeout=30)
         if line.startswith(b"S "):
             return json.loads(line[2:])

@@ -95,6 +95,10 @@ class RunDir:
     def node_log(self, node_rank: int) -> Path:
         return self.logs / f"node{node_rank}.log"
 
+    def login_log(self, node_rank: int) -> Path:
+        """What node K's login printed before the agent, each time one started."""
+        return self.logs / f"node{node_rank}.login.log"
+
     def write_json(self, name: str, data: Any) -> None:
         tmp = self.path / (name + ".tmp")
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)

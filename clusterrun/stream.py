@@ -119,9 +119,22 @@ class NodeOutput:
         if tag is not None:
             self.term.write(tag_lines(tag, chunk))
 
+    def login(self, chunk: bytes) -> None:
+        """Whole lines the node's login printed before the agent (a banner, conda):
+        shown like torchrun's lines and kept in their own log, never in an offset."""
+        route = self._routes.get("login")
+        if route is None:
+            route = self._routes["login"] = self._route("login")
+        tag, log = route
+        log.write(chunk)
+        if tag is not None:
+            self.term.write(tag_lines(tag, chunk))
+
     def _route(self, key: str) -> tuple[bytes | None, BinaryIO]:
-        """key "L" is torchrun's own output; a number is a worker's local rank."""
-        if key == "L":
+        """key "L" is torchrun's own output, "login" the login's; a number is a worker's local rank."""
+        if key == "login":
+            label, path = self.node.name, self.run.login_log(self.node.node_rank)
+        elif key == "L":
             label, path = self.node.name, self.run.node_log(self.node.node_rank)
         else:
             local = int(key)

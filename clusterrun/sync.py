@@ -19,7 +19,7 @@ from typing import Sequence
 
 from .errors import ClusterrunError, UsageError
 from .plan import NodePlan, Plan, quote_path
-from .remote import start_agent
+from .remote import read_preamble, start_agent
 from .transport import Transport
 
 SKIP_DIRS = frozenset({".git", ".hg", ".svn", "__pycache__", ".venv", "venv", "node_modules",
@@ -88,10 +88,10 @@ def sync_node(node: NodePlan, transport: Transport, root: Path, files: list[Loca
     """Bring one node's workdir up to date; returns how many files were sent."""
     assert node.workdir
     wd = quote_path(node.workdir)
-    proc = start_agent(node, transport, {"mode": "sync"}, prefix=f"mkdir -p {wd} && cd {wd} && ")
+    proc, mark = start_agent(node, transport, {"mode": "sync"}, prefix=f"mkdir -p {wd} && cd {wd} && ")
     try:
         proc.send(json.dumps([f.rel for f in files]).encode() + b"\n")
-        line = proc.stdout.readline()
+        line = proc.stdout.readline() if read_preamble(proc, mark) is not None else b""
         try:
             have = json.loads(line)
         except ValueError:

@@ -233,7 +233,7 @@ def test_workdir_tilde_expands_and_the_rest_is_quoted():
     (n,) = plan_for({"workdir": "~/my project", "setup": ["source ~/venv/bin/activate", "ulimit -n 4096"],
                      "hosts": ["gpu-a"]}).nodes
     cmd = shell_command(n)
-    assert cmd.startswith("cd ~/'my project' && source ~/venv/bin/activate && ulimit -n 4096 && env ")
+    assert cmd.startswith("cd ~/'my project' && { source ~/venv/bin/activate && ulimit -n 4096; } </dev/null && env ")
 
 
 @pytest.mark.parametrize("workdir, rendered", [
@@ -336,7 +336,7 @@ localhost          2      1             5  (local, no ssh)
 
 # node 0 (node0)
 # GLOO_SOCKET_IFNAME and NCCL_SOCKET_IFNAME: set on the node to the interface that reaches 10.0.0.1
-ssh -p 2222 -i '~/.ssh/id_ed25519' -l alice gpu-a 'cd ~/'"'"'my project'"'"' && source ~/venv/bin/activate && env NCCL_DEBUG=WARN PYTHONUNBUFFERED=1 CLUSTERRUN_JOB=20260101-000000-abc123.0 ~/venv/bin/python -m torch.distributed.run --nnodes=3 --node-rank=0 --nproc-per-node=3 --master-addr=10.0.0.1 --master-port=29500 --rdzv-backend=static --rdzv-id=20260101-000000-abc123 --max-restarts=0 --log-dir="$HOME"/.clusterrun/jobs/20260101-000000-abc123/0/torchrun --redirects=3 --no-python sh -c '"'"'exec "$0" "$@" 2>&1'"'"' ~/venv/bin/python -u train.py --lr 0.1 --name '"'"'my run'"'"''
+ssh -p 2222 -i '~/.ssh/id_ed25519' -l alice gpu-a 'cd ~/'"'"'my project'"'"' && { source ~/venv/bin/activate; } </dev/null && env NCCL_DEBUG=WARN PYTHONUNBUFFERED=1 CLUSTERRUN_JOB=20260101-000000-abc123.0 ~/venv/bin/python -m torch.distributed.run --nnodes=3 --node-rank=0 --nproc-per-node=3 --master-addr=10.0.0.1 --master-port=29500 --rdzv-backend=static --rdzv-id=20260101-000000-abc123 --max-restarts=0 --log-dir="$HOME"/.clusterrun/jobs/20260101-000000-abc123/0/torchrun --redirects=3 --no-python sh -c '"'"'exec "$0" "$@" 2>&1'"'"' ~/venv/bin/python -u train.py --lr 0.1 --name '"'"'my run'"'"''
 
 # node 1 (gpu-b)
 # GLOO_SOCKET_IFNAME: set on the node to the interface that reaches 10.0.0.1

@@ -293,7 +293,7 @@ def crtuser(cluster, tmp_path):
     afterwards. It may traverse (o+x, not list) the directories on the way to the
     controller's Python, torch and the test's files, as on a machine with a shared
     install; the modes are restored afterwards."""
-    subprocess.run(["userdel", "-r", "crtuser"], capture_output=True)
+    _remove_user("crtuser")
     # "*": no password, but not locked (sshd without PAM refuses locked accounts)
     subprocess.run(["useradd", "-m", "-s", "/bin/bash", "-p", "*", "crtuser"], check=True)
     changed: dict[Path, int] = {}
@@ -309,8 +309,17 @@ def crtuser(cluster, tmp_path):
     finally:
         for d, mode in changed.items():
             d.chmod(mode)
-        subprocess.run(["pkill", "-u", "crtuser"], capture_output=True)
-        subprocess.run(["userdel", "-r", "crtuser"], capture_output=True)
+        _remove_user("crtuser")
+
+
+def _remove_user(name: str) -> None:
+    """Kill the user's processes (bounded wait), then remove the user and its home."""
+    deadline = time.monotonic() + 10
+    while subprocess.run(["pkill", "-KILL", "-u", name], capture_output=True).returncode == 0:
+        if time.monotonic() > deadline:
+            break
+        time.sleep(0.2)
+    subprocess.run(["userdel", "-r", name], capture_output=True)
 
 
 def test_a_run_as_a_non_root_user(cluster, tmp_path, crtuser):
@@ -346,3 +355,49 @@ def test_exec_with_a_dead_node_exits_non_zero_naming_it(cluster, ctl, tmp_path, 
     assert r.returncode == 3, r.stdout + r.stderr
     assert "dead: " in r.stderr and "refused" in r.stderr.lower()
     assert f"[{cluster.names[1]}] {cluster.names[1]}" in r.stdout
+
+
+# --- what a login prints ------------------------------------------------------------
+
+BANNER = ('echo "D is for deploy: welcome to $(hostname)"\n'
+          'echo "S 1 2 3"\n'
+          "printf 'conda: no newline at the end'\n")
+
+
+def test_a_login_banner_is_shown_apart_and_never_taken_for_the_agents_output(cluster, ctl, tmp_path, crtuser):
+    """Lines a .bashrc prints (even ones that look like the agent's frames, one without
+    its newline) and a setup line that reads stdin change nothing in the run; the
+    banner is shown as the node's own lines and kept in its login log."""
+    home = Path(f"/home/{crtuser}")
+    (home / ".bashrc").write_text(BANNER)
+    script = write(tmp_path / "report.py", REPORT)
+    hosts = hosts_file(tmp_path, cluster.names[:2], nproc_per_node=2, user=crtuser,
+                       setup="head -c 10 >/dev/null")      # reads stdin, which carries the agent
+    r = ctl.run("up", str(hosts), str(script))
+    assert r.returncode == 0, r.stdout + r.stderr
+    check_tags(r.stdout, cluster.names[:2], [2, 2])
+    for name in cluster.names[:2]:
+        assert f"[{name}] D is for deploy: welcome to {name}" in r.stdout.splitlines()
+        assert f"[{name}] conda: no newline at the end" in r.stdout.splitlines()
+    (run,) = (tmp_path / "crhome" / "runs").iterdir()
+    assert "D is for deploy" in (run / "logs" / "node0.login.log").read_text()
+    assert "D is for deploy" not in (run / "logs" / "node0.log").read_text()
+
+
+def test_after_a_reattach_a_login_banner_costs_no_line(cluster, ctl, tmp_path, crtuser):
+    (Path(f"/home/{crtuser}") / ".bashrc").write_text(BANNER)
+    script = write(tmp_path / "ticker.py", TICKER)
+    hosts = hosts_file(tmp_path, cluster.names[:2], user=crtuser)
+    p = ctl.start("up", str(hosts), str(script), "60", "0.1")
+    p.wait_for("tick 1 5")
+    p.proc.kill()                                     # nobody collects the run for a while
+    p.finish()
+    r = ctl.run("logs", "-f", timeout=180)            # reattaches, resumes at the offsets
+    assert r.returncode == 0, r.stdout + r.stderr
+    (run,) = (tmp_path / "crhome" / "runs").iterdir()
+    for rank in (0, 1):
+        lines = (run / "logs" / f"rank{rank}.log").read_text().splitlines()
+        assert [l for l in lines if l.startswith("tick")] == [f"tick {rank} {i}" for i in range(60)]
+        assert lines[-1] == f"done {rank}"
+    node_log = (run / "logs" / "node0.log").read_text()
+    assert "conda:" not in node_log and "D is for deploy" not in node_log

@@ -78,12 +78,13 @@ class SSHProcess:
         """Whatever output is there (at least one byte), or b"" at the end (not with .stdout)."""
         return self._chan.recv(n)
 
-    def send(self, data: bytes) -> None:
+    def send(self, data: bytes) -> bool:
         try:
             self._stdin.write(data)
             self._stdin.flush()
+            return True
         except (OSError, EOFError, paramiko.SSHException):
-            pass
+            return False
 
     def close_stdin(self) -> None:
         self._chan.shutdown_write()

@@ -129,6 +129,8 @@ class RemoteJob:
         self.gate: Any = None           # preflight.Gate: probe, then start only if all nodes can
         self._agent: Process | None = None      # the streaming agent, while there is one
         self._kill_reports: queue.Queue[dict[str, Any] | None] = queue.Queue()
+        self._stop_lock = threading.Lock()
+        self._stop_report: tuple[float, dict[str, Any]] | None = None   # (when, report)
 
     def start_spec(self) -> dict[str, Any]:
         n = self.node
@@ -214,7 +216,8 @@ class RemoteJob:
                 name = ev.pop("event")
                 if name == "probe":
                     go = self.gate.answer(self.node, ev)
-                    proc.send(b"go\n" if go else b"stop\n")
+                    if not proc.send(b"go\n" if go else b"stop\n") and go:
+                        return self._broken(proc)   # the answer did not get there: as a dropped link
                     if not go:
                         return NodeResult(self.node, NOT_STARTED)
                 elif name == "started":
@@ -232,12 +235,15 @@ class RemoteJob:
             header = readline()
 
     def _final(self, proc: Process, name: str, ev: dict[str, Any]) -> NodeResult:
-        proc.send(b"rm\n")                  # every byte is in our logs: the node may clean up
+        # Every byte is in our logs: the node may clean up.
+        kept = "" if proc.send(b"rm\n") else (
+            f"its job directory {self.node.job_dir} was left on the node (the connection "
+            "ended before clusterrun could say it may be removed)")
         proc.wait(timeout=10)
         if name == "exit":
             return NodeResult(self.node, EXITED, ev["code"],
-                              [RankFailure(**f) for f in ev.get("failures", [])])
-        return NodeResult(self.node, LOST, message=ev.get("reason", ""))
+                              [RankFailure(**f) for f in ev.get("failures", [])], message=kept)
+        return NodeResult(self.node, LOST, message="; ".join(m for m in (ev.get("reason", ""), kept) if m))
 
     def _broken(self, proc: Process) -> NodeResult | None:
         """EOF before the final event: the agent failed, or the connection did."""
@@ -261,10 +267,22 @@ class RemoteJob:
         The streaming agent does it when there is one (no new session, no login
         shell on the node); otherwise the kill mode runs in a session of its own.
         """
+        # Fail fast and a `kill` may stop a node at the same time: the second caller
+        # waits for the first's stop and gets its report, instead of waiting on the
+        # same answer in vain and then killing again.
+        asked = time.monotonic()
+        with self._stop_lock:
+            done = self._stop_report
+            if done is not None and done[0] >= asked:
+                return done[1]          # stopped while we waited for the lock
+            report = self._stop(grace)
+            self._stop_report = (time.monotonic(), report)
+            return report
+
+    def _stop(self, grace: float) -> dict[str, Any]:
         self.stopped = True
         agent = self._agent
-        if agent is not None:
-            agent.send(b"kill %r\n" % float(grace))
+        if agent is not None and agent.send(b"kill %r\n" % float(grace)):
             try:
                 report = self._kill_reports.get(timeout=grace + 15)
             except queue.Empty:
@@ -272,6 +290,7 @@ class RemoteJob:
             if report is not None:
                 report["event"] = "killed"
                 return report
+        # No streaming agent, or it did not get the kill or answer: a session of its own.
         return kill_job(self.node, self.transport, grace)
 
 

@@ -28,7 +28,8 @@ class Process(Protocol):
 
     stdout: IO[bytes]
 
-    def send(self, data: bytes) -> None: ...
+    def send(self, data: bytes) -> bool:
+        """Write to the command's stdin; False if it could not (the command or link ended)."""
     def set_read_timeout(self, seconds: float | None) -> None: ...
     def close_stdin(self) -> None: ...
     def read_some(self, n: int) -> bytes: ...
@@ -68,13 +69,14 @@ class LocalProcess:
         """Whatever output is there (at least one byte), or b"" at the end."""
         return self.stdout.read1(n)  # type: ignore[attr-defined]
 
-    def send(self, data: bytes) -> None:
+    def send(self, data: bytes) -> bool:
         try:
             assert self._p.stdin is not None
             self._p.stdin.write(data)
             self._p.stdin.flush()
+            return True
         except (BrokenPipeError, ValueError):
-            pass
+            return False
 
     def close_stdin(self) -> None:
         if self._p.stdin:

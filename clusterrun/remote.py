@@ -19,13 +19,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-import paramiko
-
 from .errors import UnreachableError
 from .plan import NodePlan, quote_path, shell_prefix
 from .runs import EXITED, FAILED_TO_START, LOST, NOT_STARTED, RUNNING
 from .stream import NodeOutput
-from .transport import Process, Transport
+from .transport import Process, Transport, link_errors
 
 # How long a node may stay unreachable before it counts as lost.
 RECONNECT_WINDOW = 60.0
@@ -166,7 +164,7 @@ class RemoteJob:
                     return result
             except Detached:
                 raise
-            except (OSError, EOFError, paramiko.SSHException, UnreachableError):
+            except link_errors():
                 if self.detached:
                     raise Detached() from None
             # The connection dropped mid-stream: the job goes on; reconnect and resume.

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import os
 import subprocess
+import sys
 import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -121,6 +122,15 @@ class LocalTransport:
 
     def close(self, linger: bool = False) -> None:
         pass
+
+
+def link_errors() -> tuple[type[BaseException], ...]:
+    """The exceptions that mean a node's connection broke. paramiko's are among them
+    only once paramiko is loaded (nothing else raises them), so that the commands
+    that never connect (`ps`, `status` and `logs` of an ended run) never import it."""
+    paramiko = sys.modules.get("paramiko")
+    base: tuple[type[BaseException], ...] = (OSError, EOFError, UnreachableError)
+    return base + (paramiko.SSHException,) if paramiko is not None else base
 
 
 # --- connecting ----------------------------------------------------------------

@@ -18,9 +18,10 @@ from typing import Any, Callable, Sequence
 from .control import ControlServer
 from .errors import EXIT_INTERRUPTED
 from .plan import NodePlan, Plan
-from .remote import Detached, NodeResult, RemoteJob, confirm_kills
+from .remote import Detached, RemoteJob, confirm_kills
 from .results import exit_code, summary
-from .runs import FAILED_TO_START, FINAL_STATES, KILLED, NOT_STARTED, RUNNING, STARTING, CollectorLock, RunDir
+from .model import FINAL_STATES, NodeResult, NodeState
+from .runs import CollectorLock, RunDir
 from .stream import NodeOutput, Terminal
 from .transport import Transport, connect_all, connect_node
 
@@ -72,14 +73,14 @@ class RunController:
             self.run.write_json("state.json", self.states)
 
     def _on_started(self, node: NodePlan, ev: dict) -> None:
-        self.set_state(node, RUNNING, pgid=ev.get("pgid"), ifname=ev.get("ifname"))
+        self.set_state(node, NodeState.RUNNING, pgid=ev.get("pgid"), ifname=ev.get("ifname"))
         with self._started:
             self._started.notify_all()
-        n = sum(1 for s in self.states.values() if s["state"] != STARTING)
+        n = sum(1 for s in self.states.values() if s["state"] != NodeState.STARTING)
         self.term.progress(f"started {n}/{len(self.plan.nodes)} nodes")
 
     def running_or_done(self) -> int:
-        return sum(1 for s in self.states.values() if s["state"] != STARTING)
+        return sum(1 for s in self.states.values() if s["state"] != NodeState.STARTING)
 
     # --- running -----------------------------------------------------------------
 
@@ -91,7 +92,7 @@ class RunController:
         self.control = ControlServer.start(self.run, self.kill)
         if start:
             for node in self.plan.nodes:
-                self.set_state(node, STARTING)
+                self.set_state(node, NodeState.STARTING)
         for job in self.jobs:
             job.gate = gate
         for job in self.jobs:
@@ -113,18 +114,18 @@ class RunController:
         except Detached:
             return
         except Exception as e:  # noqa: BLE001 - one node's failure must not stop the controller
-            result = NodeResult(job.node, "lost", message=f"{type(e).__name__}: {e}")
+            result = NodeResult(job.node, NodeState.LOST, message=f"{type(e).__name__}: {e}")
         finally:
             job.output.close()
         if self.gate is not None:       # it ended before its probe: that is its answer
             why = result.message or result.state
             self.gate.answer(job.node, f"cannot run {job.node.python}: {why}"
-                             if result.state == FAILED_TO_START else why)
+                             if result.state == NodeState.FAILED_TO_START else why)
         killed = self.run.killed_reason()
         if killed is not None and not result.ok:
-            result.state, result.stopped = KILLED, True
+            result.state, result.stopped = NodeState.KILLED, True
             result.message = killed
-        if result.state != RUNNING:
+        if result.state != NodeState.RUNNING:
             self.set_state(job.node, result.state, code=result.code, message=result.message,
                            stopped=result.stopped,
                            failures=[dataclasses.asdict(f) for f in result.failures])
@@ -178,7 +179,7 @@ class RunController:
                 stopping = True
                 continue
             results.append(r)
-            if r.state in (RUNNING, NOT_STARTED):     # caught up; or held back by the preflight
+            if r.state in (NodeState.RUNNING, NodeState.NOT_STARTED):     # caught up; or held back by the preflight
                 continue
             if not r.ok and self.opts.fail_fast and not stopping and not r.stopped:
                 stopping = True
@@ -201,7 +202,7 @@ class RunController:
 
     def finish(self, results: list[NodeResult]) -> int:
         """Record the outcome, print the summary, and return the exit code."""
-        if all(r.state != RUNNING for r in results) and len(results) == len(self.jobs):
+        if all(r.state != NodeState.RUNNING for r in results) and len(results) == len(self.jobs):
             self.run.write_json("result.json", [dataclasses.asdict(r) | {"node": r.node.name}
                                                 for r in results])
         self.finished.set()
@@ -270,7 +271,7 @@ def collect_with(run: RunDir, plan: Plan, transports: Sequence[Transport | None]
         results = ctl.wait()
         if ctl.interrupted and not opts.interrupt_stops_run:
             return EXIT_INTERRUPTED
-        if not follow and any(r.state == RUNNING for r in results):
+        if not follow and any(r.state == NodeState.RUNNING for r in results):
             return 0
         return ctl.finish(results)
     finally:

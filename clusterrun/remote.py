@@ -15,13 +15,12 @@ import shlex
 import threading
 import time
 import zlib
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from .errors import UnreachableError
 from .plan import NodePlan, quote_path, shell_prefix
-from .runs import EXITED, FAILED_TO_START, LOST, NOT_STARTED, RUNNING
+from .model import NodeResult, NodeState, RankFailure
 from .stream import NodeOutput
 from .transport import Process, Transport, link_errors
 
@@ -73,29 +72,6 @@ def read_preamble(proc: Process, mark: bytes) -> bytes | None:
             return login[:-1] if login.endswith(b"\n") else login
         seen.append(line)
     return proc
-
-
-@dataclass(frozen=True)
-class RankFailure:
-    rank: int
-    local_rank: int
-    exitcode: int
-
-
-@dataclass
-class NodeResult:
-    """How one node's job ended."""
-
-    node: NodePlan
-    state: str                  # a runs.py node state: exited, lost, killed, ...
-    code: int | None = None     # torchrun's exit code
-    failures: list[RankFailure] = field(default_factory=list)
-    message: str = ""
-    stopped: bool = False       # we stopped it (fail fast, Ctrl-C)
-
-    @property
-    def ok(self) -> bool:
-        return self.state == EXITED and self.code == 0
 
 
 class Detached(Exception):
@@ -169,11 +145,11 @@ class RemoteJob:
                     raise Detached() from None
             # The connection dropped mid-stream: the job goes on; reconnect and resume.
             if self.reconnect is None:
-                return NodeResult(self.node, LOST, message="the connection to the node was lost")
+                return NodeResult(self.node, NodeState.LOST, message="the connection to the node was lost")
             now = time.monotonic()
             lost_since = lost_since or now
             if now - lost_since > self.reconnect_window:
-                return NodeResult(self.node, LOST, stopped=self.stopped,
+                return NodeResult(self.node, NodeState.LOST, stopped=self.stopped,
                                   message=f"unreachable for {self.reconnect_window:g}s")
             time.sleep(delay)
             delay = min(delay * 2, 5.0)
@@ -217,13 +193,13 @@ class RemoteJob:
                     if not proc.send(b"go\n" if go else b"stop\n") and go:
                         return self._broken(proc)   # the answer did not get there: as a dropped link
                     if not go:
-                        return NodeResult(self.node, NOT_STARTED)
+                        return NodeResult(self.node, NodeState.NOT_STARTED)
                 elif name == "started":
                     self.on_started(self.node, ev)
                 elif name == "killed":       # the answer to stop(): the stream goes on to the end
                     self._kill_reports.put(ev)
                 elif name == "running":      # attach without follow: caught up
-                    return NodeResult(self.node, RUNNING)
+                    return NodeResult(self.node, NodeState.RUNNING)
                 else:
                     return self._final(proc, name, ev)
             elif header:                    # not the agent's (it writes only frames): show it apart
@@ -239,9 +215,9 @@ class RemoteJob:
             "ended before clusterrun could say it may be removed)")
         proc.wait(timeout=10)
         if name == "exit":
-            return NodeResult(self.node, EXITED, ev["code"],
+            return NodeResult(self.node, NodeState.EXITED, ev["code"],
                               [RankFailure(**f) for f in ev.get("failures", [])], message=kept)
-        return NodeResult(self.node, LOST, message="; ".join(m for m in (ev.get("reason", ""), kept) if m))
+        return NodeResult(self.node, NodeState.LOST, message="; ".join(m for m in (ev.get("reason", ""), kept) if m))
 
     def _broken(self, proc: Process) -> NodeResult | None:
         """EOF before the final event: the agent failed, or the connection did."""
@@ -251,7 +227,7 @@ class RemoteJob:
         if code is None or not self.transport.alive():
             return None
         err = proc.stderr_text().strip()
-        return NodeResult(self.node, FAILED_TO_START, code,
+        return NodeResult(self.node, NodeState.FAILED_TO_START, code,
                           message=err or f"the node agent exited with code {code}")
 
     def detach(self) -> None:

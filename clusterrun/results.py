@@ -6,8 +6,8 @@ import signal
 from typing import Sequence
 
 from .errors import EXIT_INTERRUPTED, EXIT_JOB_FAILED, EXIT_OK
-from .remote import NodeResult
-from .runs import KILLED, RunDir, tail_lines
+from .model import NodeResult, NodeState
+from .runs import RunDir, tail_lines
 
 TAIL = 10   # last lines shown per failing rank
 
@@ -47,9 +47,9 @@ def summary(results: Sequence[NodeResult], run: RunDir, tail: int = TAIL) -> lis
                 lines += [f"  | {t}" for t in tail_lines(run.rank_log(f.rank), tail)]
                 first = first or f"rank {f.rank}"
             continue
-        if r.state == "exited":
+        if r.state == NodeState.EXITED:
             what = f"torchrun {describe_code(r.code if r.code is not None else -1)}"
-        elif r.state == "failed-to-start":
+        elif r.state == NodeState.FAILED_TO_START:
             what = f"could not start: {r.message}"
         else:
             what = f"was lost: {r.message}"
@@ -58,12 +58,12 @@ def summary(results: Sequence[NodeResult], run: RunDir, tail: int = TAIL) -> lis
         first = first or f"node {node.name}"
     for r in results:
         if r.stopped and not r.ok:
-            if r.state == KILLED:
+            if r.state == NodeState.KILLED:
                 why = f" ({r.message})" if r.message else ""
             else:
                 why = f" after {first} failed" if first else ""
             lines.append(f"clusterrun: node {r.node.name} (ranks {r.node.ranks.start}-"
-                         f"{r.node.ranks.stop - 1}) was {'killed' if r.state == KILLED else 'stopped'}{why}")
+                         f"{r.node.ranks.stop - 1}) was {'killed' if r.state == NodeState.KILLED else 'stopped'}{why}")
     return lines
 
 

@@ -28,10 +28,6 @@ from typing import Any
 from .errors import UsageError
 from .plan import Plan, masked, plan_from_dict
 
-# Node states, as `status` shows them.
-STARTING, RUNNING, EXITED, KILLED, LOST, FAILED_TO_START, NOT_STARTED = (
-    "starting", "running", "exited", "killed", "lost", "failed-to-start", "not-started")
-FINAL_STATES = frozenset({EXITED, KILLED, LOST, FAILED_TO_START, NOT_STARTED})
 
 
 def clusterrun_home() -> Path:

@@ -6,22 +6,23 @@ import json
 from typing import Any
 
 from .controller import ControlOptions, collect
-from .runs import EXITED, FINAL_STATES, KILLED, RUNNING, STARTING, RunDir, list_run_ids, runs_root
+from .model import FINAL_STATES, NodeState, RunState
+from .runs import RunDir, list_run_ids, runs_root
 from .results import describe_code
 from .stream import Terminal
 
 
-def run_state(plan_nodes: int, states: dict[int, dict[str, Any]]) -> str:
-    """One word for the run, from its nodes' states."""
-    if len(states) < plan_nodes or any(s["state"] == STARTING for s in states.values()):
-        return STARTING
+def run_state(plan_nodes: int, states: dict[int, dict[str, Any]]) -> RunState:
+    """The run's state, from its nodes' states."""
+    if len(states) < plan_nodes or any(s["state"] == NodeState.STARTING for s in states.values()):
+        return RunState.STARTING
     if any(s["state"] not in FINAL_STATES for s in states.values()):
-        return RUNNING
-    if any(s["state"] == KILLED for s in states.values()):
-        return KILLED
-    if all(s["state"] == EXITED and s.get("code") == 0 for s in states.values()):
-        return "succeeded"
-    return "failed"
+        return RunState.RUNNING
+    if any(s["state"] == NodeState.KILLED for s in states.values()):
+        return RunState.KILLED
+    if all(s["state"] == NodeState.EXITED and s.get("code") == 0 for s in states.values()):
+        return RunState.SUCCEEDED
+    return RunState.FAILED
 
 
 def status_data(run: RunDir, opts: ControlOptions) -> dict[str, Any]:
@@ -33,7 +34,7 @@ def status_data(run: RunDir, opts: ControlOptions) -> dict[str, Any]:
     plan, states = run.plan(), run.node_states()
     nodes = []
     for n in plan.nodes:
-        s = states.get(n.node_rank, {"state": STARTING})
+        s = states.get(n.node_rank, {"state": NodeState.STARTING})
         nodes.append({
             "node": n.name, "host": n.host.host, "node_rank": n.node_rank,
             "ranks": [n.ranks.start, n.ranks.stop - 1], "state": s["state"],
@@ -46,7 +47,7 @@ def status_data(run: RunDir, opts: ControlOptions) -> dict[str, Any]:
 
 def describe_node(n: dict[str, Any]) -> str:
     state = n["state"]
-    if state == EXITED:
+    if state == NodeState.EXITED:
         return describe_code(n["code"])
     if n.get("message"):
         return f"{state}: {n['message']}"
@@ -82,7 +83,7 @@ def ps() -> int:
             print(f"{run_id:<22}  {'unreadable':<10}")
             continue
         state = run_state(len(plan.nodes), run.node_states())
-        if state in (STARTING, RUNNING):
+        if state in (RunState.STARTING, RunState.RUNNING):
             lock = run.lock()
             if lock is not None:    # nobody is watching it; `clusterrun status` looks
                 lock.release()

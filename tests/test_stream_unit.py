@@ -20,7 +20,7 @@ from clusterrun import nodeagent
 from clusterrun.errors import EXIT_INTERRUPTED, EXIT_JOB_FAILED, EXIT_OK
 from clusterrun.hostsfile import parse_hosts
 from clusterrun.plan import LaunchOptions, Plan, make_plan
-from clusterrun.remote import NodeResult, RankFailure
+from clusterrun.model import NodeResult, RankFailure
 from clusterrun.results import exit_code, summary
 from clusterrun.runs import RunDir
 from clusterrun.stream import NodeOutput, Terminal, use_color

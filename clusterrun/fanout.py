@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import shlex
-import threading
 from typing import Sequence
 
 from .errors import EXIT_JOB_FAILED, UnreachableError, UsageError
 from .hostsfile import Host, load_hosts, with_transport
+from .parallel import each
 from .plan import quote_path, setup_part
 from .stream import Terminal, tag_for, tag_lines
 from .transport import Transport, connect_node
@@ -57,11 +57,7 @@ def run_exec(hosts_path: str, argv: Sequence[str], color: bool = False, accept_n
         finally:
             t.close()
 
-    threads = [threading.Thread(target=one, args=(i, h), daemon=True) for i, h in enumerate(hosts.hosts)]
-    for th in threads:
-        th.start()
-    for th in threads:
-        th.join()
+    each(list(enumerate(hosts.hosts)), lambda ih: one(*ih))
     failed = [(h.name, c) for h, c in zip(hosts.hosts, codes) if c is not None and c != 0]
     # A node with no exit status (the connection ended without one) did not succeed either.
     unreachable += [f"{h.name}: no exit status came back" for h, c in zip(hosts.hosts, codes)

@@ -7,13 +7,13 @@ GPUs, the interface that reaches MASTER_ADDR, and on the master node its port.
 from __future__ import annotations
 
 import threading
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
 from .errors import EXIT_JOB_FAILED, EXIT_UNREACHABLE, ClusterrunError
 from .hostsfile import load_hosts, with_transport
 from .plan import LaunchOptions, NodePlan, Plan
+from .parallel import each
 from .remote import AgentError, run_agent
 from .transport import Transport, connect_each
 
@@ -52,11 +52,10 @@ def probe_all(plan: Plan, transports: Sequence[Transport | None], specs: Sequenc
             return run_agent(plan.nodes[i], t, specs[i])
         except AgentError as e:
             return f"cannot run {plan.nodes[i].python}: {e}"
-        except Exception as e:  # noqa: BLE001 - the connection broke: report it for this node
-            return f"{type(e).__name__}: {e}"
 
-    with ThreadPoolExecutor(max_workers=min(64, len(plan.nodes))) as pool:
-        return list(pool.map(one, range(len(plan.nodes))))
+    # An error other than the agent's: the connection broke; report it for this node.
+    return [o.value if o.error is None else f"{type(o.error).__name__}: {o.error}"  # type: ignore[misc]
+            for o in each(range(len(plan.nodes)), one)]
 
 
 def node_problems(node: NodePlan, r: dict[str, Any] | str, opts: LaunchOptions, port: int | str) -> list[str]:

@@ -21,6 +21,7 @@ from typing import Any, Callable, Sequence
 from .errors import UnreachableError
 from .plan import NodePlan, quote_path, shell_prefix
 from .model import NodeResult, NodeState, RankFailure
+from .parallel import each
 from .stream import NodeOutput
 from .transport import Process, Transport, link_errors
 
@@ -271,21 +272,11 @@ class RemoteJob:
 def confirm_kills(kills: Sequence[tuple[str, Callable[[], dict[str, Any]]]]) -> list[str]:
     """Run each node's kill in parallel; the problems: nodes not confirmed clean."""
     problems: list[str] = []
-
-    def one(name: str, kill: Callable[[], dict[str, Any]]) -> None:
-        try:
-            report = kill()
-        except Exception as e:  # noqa: BLE001 - report the node, go on with the others
-            problems.append(f"{name}: {type(e).__name__}: {e}")
-            return
-        if report.get("event") != "killed" or report.get("left"):
-            problems.append(f"{name}: {report}")
-
-    threads = [threading.Thread(target=one, args=k, daemon=True) for k in kills]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    for (name, _), o in zip(kills, each(kills, lambda k: k[1]())):
+        if o.error is not None:             # report the node, the others went on
+            problems.append(f"{name}: {type(o.error).__name__}: {o.error}")
+        elif o.value is None or o.value.get("event") != "killed" or o.value.get("left"):
+            problems.append(f"{name}: {o.value}")
     return problems
 
 

@@ -12,13 +12,13 @@ import fnmatch
 import json
 import os
 import tarfile
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
 from .errors import ClusterrunError, UsageError
 from .plan import NodePlan, Plan, quote_path
+from .parallel import each
 from .remote import read_preamble, start_agent
 from .transport import Transport
 
@@ -134,13 +134,12 @@ def sync_all(plan: Plan, transports: Sequence[Transport], root: Path) -> dict[st
         return {}
     files = project_files(root)
     # Nodes sharing one workdir (a shared home) would race: sync each path once.
-    seen: dict[tuple[str, str], NodePlan] = {}
-    with ThreadPoolExecutor(max_workers=min(32, len(todo))) as pool:
-        futures = {}
-        for node, t in todo:
-            key = (node.host.host, node.workdir or "")
-            if key in seen:
-                continue
-            seen[key] = node
-            futures[node.name] = pool.submit(sync_node, node, t, root, files)
-        return {name: f.result() for name, f in futures.items()}
+    once: dict[tuple[str, str], tuple[NodePlan, Transport]] = {}
+    for node, t in todo:
+        once.setdefault((node.host.host, node.workdir or ""), (node, t))
+    pairs = list(once.values())
+    outcomes = each(pairs, lambda nt: sync_node(nt[0], nt[1], root, files), window=32)
+    for o in outcomes:
+        if o.error is not None:
+            raise o.error
+    return {node.name: o.value for (node, _), o in zip(pairs, outcomes)}

@@ -16,11 +16,11 @@ import subprocess
 import sys
 import tempfile
 import time
-from concurrent.futures import ThreadPoolExecutor
 from typing import IO, Protocol, Sequence
 
 from .errors import UnreachableError
 from .hostsfile import Host
+from .parallel import each
 
 
 
@@ -160,17 +160,20 @@ def connect_each(hosts: Sequence[Host], timeout: float | None, accept_new: bool 
                  scope: str | None = None) -> list[tuple[Transport | None, str, float]]:
     """Connect to every node in parallel: (transport or None, error, seconds) per node."""
 
-    def one(host: Host) -> tuple[Transport | None, str, float]:
+    def one(host: Host) -> tuple[Transport, float]:
         t0 = time.monotonic()
-        try:
-            return connect_node(host, timeout, accept_new, scope), "", time.monotonic() - t0
-        except UnreachableError as e:
-            return None, str(e), time.monotonic() - t0
-        except Exception as e:  # noqa: BLE001 - never a traceback, never a silent success
-            return None, f"{host.name}: {type(e).__name__}: {e}", time.monotonic() - t0
+        return connect_node(host, timeout, accept_new, scope), time.monotonic() - t0
 
-    with ThreadPoolExecutor(max_workers=min(64, len(hosts))) as pool:
-        return list(pool.map(one, hosts))
+    out: list[tuple[Transport | None, str, float]] = []
+    for host, o in zip(hosts, each(hosts, one)):
+        if o.error is None:
+            assert o.value is not None
+            out.append((o.value[0], "", o.value[1]))
+        elif isinstance(o.error, UnreachableError):
+            out.append((None, str(o.error), 0.0))
+        else:                   # never a traceback, never a silent success
+            out.append((None, f"{host.name}: {type(o.error).__name__}: {o.error}", 0.0))
+    return out
 
 
 def connect_all(

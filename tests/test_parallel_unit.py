@@ -1,0 +1,35 @@
+"""Unit: parallel.each, the one way to do a thing on every node."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+from clusterrun.parallel import each
+
+
+def test_results_and_errors_come_back_per_item_in_order():
+    def fn(i: int) -> int:
+        if i % 3 == 0:
+            raise ValueError(f"node {i}")
+        return i * 10
+
+    out = each(range(7), fn)
+    assert [o.value for o in out] == [None, 10, 20, None, 40, 50, None]
+    assert [str(o.error) if o.error else None for o in out] == ["node 0", None, None, "node 3", None,
+                                                                None, "node 6"]
+
+
+def test_no_more_than_the_window_run_at_once():
+    lock, running, peak = threading.Lock(), [0], [0]
+
+    def fn(_: int) -> None:
+        with lock:
+            running[0] += 1
+            peak[0] = max(peak[0], running[0])
+        time.sleep(0.02)
+        with lock:
+            running[0] -= 1
+
+    each(range(40), fn, window=5)
+    assert peak[0] == 5

@@ -22,14 +22,23 @@ def test_results_and_errors_come_back_per_item_in_order():
 
 def test_no_more_than_the_window_run_at_once():
     lock, running, peak = threading.Lock(), [0], [0]
+    go = threading.Event()
 
     def fn(_: int) -> None:
         with lock:
             running[0] += 1
             peak[0] = max(peak[0], running[0])
-        time.sleep(0.02)
+        go.wait(30)                 # every call blocks until the test lets go
         with lock:
             running[0] -= 1
 
-    each(range(40), fn, window=5)
-    assert peak[0] == 5
+    t = threading.Thread(target=each, args=(range(40), fn), kwargs={"window": 5})
+    t.start()
+    deadline = time.monotonic() + 30
+    while running[0] < 5 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    time.sleep(0.2)                 # a sixth call, if the window let one through, would show now
+    assert running[0] == 5 and peak[0] == 5
+    go.set()
+    t.join(30)
+    assert peak[0] == 5 and running[0] == 0

@@ -20,12 +20,12 @@ import shlex
 import shutil
 import socket
 import subprocess
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Sequence
 
 from .errors import UnreachableError
 from .knownhosts import match_pattern_list
+from .parallel import each
 
 SYSTEM_CONFIG = "/etc/ssh/ssh_config"
 DEFAULT_IDENTITY_FILES = (
@@ -142,18 +142,16 @@ def resolve_many(requests: Sequence[tuple[str, str | None, int | None, str | Non
         raise ValueError("one node name per request")
     distinct = list(dict.fromkeys(requests))
 
-    def one(request: tuple[str, str | None, int | None, str | None]) -> SSHTarget | _ConfigError:
-        try:
-            return _resolve(request)
-        except _ConfigError as e:
-            return e
-
-    with ThreadPoolExecutor(max_workers=max(1, min(32, len(distinct)))) as pool:
-        answers = dict(zip(distinct, pool.map(one, distinct)))
+    answers = dict(zip(distinct, each(distinct, _resolve, window=32)))
     results: list[SSHTarget | UnreachableError] = []
     for request, node in zip(requests, node_names):
         answer = answers[request]
-        results.append(UnreachableError(f"{node}: {answer}") if isinstance(answer, _ConfigError) else answer)
+        if answer.error is None:
+            results.append(answer.value)  # type: ignore[arg-type]
+        elif isinstance(answer.error, _ConfigError):
+            results.append(UnreachableError(f"{node}: {answer.error}"))
+        else:
+            raise answer.error
     return results
 
 

@@ -36,6 +36,7 @@ import stat
 import subprocess
 import tempfile
 import threading
+import time
 import weakref
 from typing import Callable
 
@@ -142,7 +143,9 @@ class OpenSSHProcess(LocalProcess):
     """One `ssh` session process: a local process whose reads can time out."""
 
     def __init__(self, argv: list[str], merge_stderr: bool = False,
-                 on_stall: Callable[[], None] = lambda: None) -> None:
+                 on_stall: Callable[[], None] = lambda: None,
+                 link_up: Callable[[], bool] = lambda: True) -> None:
+        self._link_up = link_up
         self._err = tempfile.TemporaryFile()
         r, w = os.pipe()
         try:
@@ -159,6 +162,18 @@ class OpenSSHProcess(LocalProcess):
             os.close(w)
         self._pipe = _Pipe(r, on_stall)
         self.stdout = io.BufferedReader(self._pipe, READ)
+
+    def wait(self, timeout: float | None = None) -> int | None:
+        """The session's exit status. ssh says 255 both for its own failure and for a
+        remote command killed by a signal, and a session can end a moment before the
+        end of its connection shows: after a 255, give that moment (at most 2 s) so
+        that the transport's alive() then tells the two apart."""
+        code = super().wait(timeout)
+        if code == 255:
+            deadline = time.monotonic() + 2.0
+            while self._link_up() and time.monotonic() < deadline:
+                time.sleep(0.05)
+        return code
 
     def set_read_timeout(self, seconds: float | None) -> None:
         """Reads (read_some and .stdout) raise socket.timeout after this long without a byte."""
@@ -242,7 +257,7 @@ class OpenSSHTransport:
         argv = [self._ssh, "-T", "-e", "none", "-o", "ControlMaster=no", "-o", "BatchMode=yes",
                 "-o", "LogLevel=ERROR", "-o", "RemoteCommand=none", *self._common,
                 "--", self._target, command]
-        proc = OpenSSHProcess(argv, merge_stderr, self._on_stall)
+        proc = OpenSSHProcess(argv, merge_stderr, self._on_stall, self.alive)
         self._sessions.add(proc)
         return proc
 

@@ -225,27 +225,11 @@ class RemoteJob:
         if self.detached:
             raise Detached()
         code = proc.wait(timeout=2)
-        if code is None or not self._alive_after(code):
+        if code is None or not self.transport.alive():
             return None
         err = proc.stderr_text().strip()
         return NodeResult(self.node, NodeState.FAILED_TO_START, code,
                           message=err or f"the node agent exited with code {code}")
-
-    def _alive_after(self, code: int) -> bool:
-        """Whether the connection outlived a session that ended without the agent's
-        last word. The system ssh says 255 both for its own failure and for a remote
-        command killed by a signal, and its session can end a moment before the
-        connection's end shows: give that moment (at most 2 s, only for a 255)."""
-        if not self.transport.alive():
-            return False
-        if code != 255:
-            return True
-        deadline = time.monotonic() + 2.0
-        while time.monotonic() < deadline:
-            time.sleep(0.05)
-            if not self.transport.alive():
-                return False
-        return True
 
     def detach(self) -> None:
         """Let go of the node; the job keeps running there."""

@@ -10,7 +10,7 @@ import click
 from . import __version__
 from .errors import EXIT_INTERRUPTED, ClusterrunError
 from .hostsfile import HostsFileError, parse_env_mapping
-from .plan import LaunchOptions
+from .options import LaunchOptions, UpOptions, WatchOptions
 from .stream import use_color
 
 # Each command imports its module when it runs: a command pays only for what it
@@ -102,7 +102,7 @@ def up_cmd(module, nproc_per_node, master_port, env, detach, dry_run, sync, skip
 
     if dry_run:
         _run(lambda: click.echo(launch.dry_run(hosts, opts, transport)))
-    up_opts = launch.UpOptions(fail_fast=not no_fail_fast, accept_new_host_keys=accept_new_host_keys,
+    up_opts = UpOptions(fail_fast=not no_fail_fast, accept_new_host_keys=accept_new_host_keys,
                                color=use_color(no_color=no_color), detach=detach,
                                skip_check=skip_check, sync=sync, transport=transport)
     _run(launch.up, hosts, opts, up_opts)
@@ -110,9 +110,7 @@ def up_cmd(module, nproc_per_node, master_port, env, detach, dry_run, sync, skip
 
 
 def _control(no_color: bool = True):
-    from .controller import ControlOptions
-
-    return ControlOptions(color=use_color(no_color=no_color))
+    return WatchOptions(color=use_color(no_color=no_color))
 
 
 @main.command("logs")
@@ -165,9 +163,9 @@ def kill_cmd(run, all_runs, grace) -> None:
 @transport_option
 def check_cmd(hosts, accept_new_host_keys, transport) -> None:
     """Preflight every node of HOSTS, one row each."""
-    from . import preflight
+    from . import check
 
-    _run(preflight.check, hosts, accept_new_host_keys, transport)
+    _run(check.check, hosts, accept_new_host_keys, transport)
 
 
 @main.command("exec", context_settings={"ignore_unknown_options": True, "allow_interspersed_args": False})
@@ -200,13 +198,13 @@ def lint_cmd(scripts) -> None:
 @click.option("--connect-timeout", type=float, help="The hosts file's connect_timeout.")
 def collect_cmd(run, lock_fd, connect_timeout) -> None:
     """Stream a detached run into its logs (started by `up --detach`)."""
-    from .controller import ControlOptions, collect
+    from .controller import collect
     from .runs import CollectorLock, RunDir
     from .stream import Terminal
 
     held = CollectorLock(lock_fd) if lock_fd is not None else None
     _run(collect, RunDir.find(run), Terminal(),
-         ControlOptions(print_lines=False, connect_timeout=connect_timeout), True, None, held)
+         WatchOptions(print_lines=False, connect_timeout=connect_timeout), True, None, held)
 
 if __name__ == "__main__":  # pragma: no cover
     main()

@@ -12,36 +12,24 @@ import functools
 import queue
 import threading
 import time
-from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
 from .control import ControlServer
 from .errors import EXIT_INTERRUPTED
+from .options import WatchOptions
 from .plan import NodePlan, Plan
 from .remote import Detached, RemoteJob, confirm_kills
 from .results import exit_code, summary
 from .model import FINAL_STATES, NodeResult, NodeState
 from .runs import CollectorLock, RunDir
 from .stream import NodeOutput, Terminal
-from .transport import Transport, connect_all, connect_node
-
-
-@dataclass(frozen=True)
-class ControlOptions:
-    fail_fast: bool = True
-    kill_grace: float = 5.0
-    color: bool = False
-    print_lines: bool = True                     # show lines on the terminal (False: logs only)
-    show: Callable[[NodePlan, str], bool] | None = None   # which node files to show
-    connect_timeout: float | None = None    # None: the ssh config's ConnectTimeout, else 10 s
-    accept_new_host_keys: bool = False
-    interrupt_stops_run: bool = True     # Ctrl-C stops the run (attached up) or just lets go (logs -f)
-    report: bool = True                  # print the summary when the run ends
+from .connect import connect_all, connect_node
+from .transport import Transport
 
 
 class RunController:
     def __init__(self, plan: Plan, run: RunDir, transports: Sequence[Transport], term: Terminal,
-                 opts: ControlOptions) -> None:
+                 opts: WatchOptions) -> None:
         self.plan, self.run, self.term, self.opts = plan, run, term, opts
         self.states: dict[int, dict] = run.node_states()
         self._state_lock = threading.Lock()
@@ -231,7 +219,7 @@ def _stop_quietly(job: RemoteJob, grace: float) -> None:
         pass
 
 
-def connect_live(run: RunDir, plan: Plan, opts: ControlOptions,
+def connect_live(run: RunDir, plan: Plan, opts: WatchOptions,
                  consequence: str = "nothing was done") -> list[Transport | None]:
     """Connections to the run's nodes in parallel; None for nodes already recorded as ended."""
     states = run.node_states()
@@ -242,7 +230,7 @@ def connect_live(run: RunDir, plan: Plan, opts: ControlOptions,
     return [by_rank.get(n.node_rank) for n in plan.nodes]
 
 
-def collect(run: RunDir, term: Terminal, opts: ControlOptions, follow: bool = True,
+def collect(run: RunDir, term: Terminal, opts: WatchOptions, follow: bool = True,
             before: Callable[[], None] | None = None, held: CollectorLock | None = None) -> int | None:
     """Become the run's collector if nobody is: attach to every node and stream.
 
@@ -263,7 +251,7 @@ def collect(run: RunDir, term: Terminal, opts: ControlOptions, follow: bool = Tr
 
 
 def collect_with(run: RunDir, plan: Plan, transports: Sequence[Transport | None], term: Terminal,
-                 opts: ControlOptions, follow: bool = True) -> int:
+                 opts: WatchOptions, follow: bool = True) -> int:
     """Collect with these connections (None for nodes already ended); the caller holds the lock."""
     ctl = RunController(plan, run, transports, term, opts)
     try:

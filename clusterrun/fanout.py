@@ -10,7 +10,8 @@ from .hostsfile import Host, load_hosts, with_transport
 from .parallel import each
 from .plan import quote_path, setup_part
 from .stream import Terminal, tag_for, tag_lines
-from .transport import Transport, connect_node
+from .connect import connect_node
+from .transport import Transport
 
 READ = 65536
 

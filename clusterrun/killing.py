@@ -6,6 +6,7 @@ import functools
 
 from .control import request_kill
 from .errors import UnreachableError
+from .options import WatchOptions
 from .runs import RunDir, list_run_ids, runs_root
 from .stream import Terminal
 
@@ -44,10 +45,10 @@ def kill_run(run: RunDir, grace: float) -> list[str]:
     if problems is not None:
         return problems
     # Only now the SSH side of clusterrun: the path above never loads it.
-    from .controller import ControlOptions, collect_with, connect_live
+    from .controller import collect_with, connect_live
     from .remote import confirm_kills, kill_job
 
-    opts = ControlOptions()
+    opts = WatchOptions()
     try:
         conns = connect_live(run, plan, opts, consequence="nothing was killed")
     except UnreachableError as e:
@@ -61,7 +62,5 @@ def kill_run(run: RunDir, grace: float) -> list[str]:
                 t.close()
         return problems
     with lock:
-        quiet = ControlOptions(**{**opts.__dict__, "print_lines": False, "fail_fast": False,
-                                  "report": False, "interrupt_stops_run": False})
-        collect_with(run, plan, conns, Terminal(), quiet)   # closes the connections
+        collect_with(run, plan, conns, Terminal(), opts.quiet())   # closes the connections
     return problems

@@ -9,32 +9,19 @@ import os
 import shutil
 import subprocess
 import sys
-from dataclasses import dataclass
 from pathlib import Path
 
-from .controller import ControlOptions, RunController
+from .controller import RunController
 from .errors import UsageError
 from .hostsfile import HostsFile, load_hosts, with_transport
-from .plan import LaunchOptions, Plan, make_plan, master_addr_for, render_plan
+from .options import LaunchOptions, UpOptions, WatchOptions
+from .plan import Plan, make_plan, master_addr_for, render_plan
 from .preflight import Gate, auto_port, preflight, preflight_error
 from .runs import CollectorLock, RunDir, clusterrun_home, new_run_id
 from .stream import Terminal
 from .sync import sync_all
-from .transport import Transport, connect_all
-
-
-@dataclass(frozen=True)
-class UpOptions:
-    """How to run, as opposed to what (LaunchOptions)."""
-
-    fail_fast: bool = True
-    accept_new_host_keys: bool = False
-    color: bool = False
-    kill_grace: float = 5.0
-    detach: bool = False
-    skip_check: bool = False
-    sync: bool = False
-    transport: str | None = None        # --transport: every host on it
+from .connect import connect_all
+from .transport import Transport
 
 
 def master_port(hosts: HostsFile, opts: LaunchOptions) -> int | str:
@@ -93,7 +80,7 @@ def up(hosts_path: str, opts: LaunchOptions, up_opts: UpOptions) -> int:
         for t in transports:
             t.close()
         raise
-    ctl_opts = ControlOptions(
+    ctl_opts = WatchOptions(
         fail_fast=up_opts.fail_fast, kill_grace=up_opts.kill_grace, color=up_opts.color,
         print_lines=not up_opts.detach, connect_timeout=hosts.connect_timeout,
         accept_new_host_keys=up_opts.accept_new_host_keys,

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
-from .controller import ControlOptions, collect
+from .controller import collect
 from .errors import EXIT_INTERRUPTED, UsageError
+from .options import WatchOptions
 from .plan import NodePlan, Plan
 from .runs import RunDir
 from .stream import Terminal, tag_for, tag_lines
@@ -46,14 +47,14 @@ def select(run: RunDir, plan: Plan, ranks: tuple[int, ...], node: str | None) ->
 
 
 def logs(run_id: str | None, ranks: tuple[int, ...], node: str | None, follow: bool,
-         tail: int | None, opts: ControlOptions) -> int:
+         tail: int | None, opts: WatchOptions) -> int:
     run = RunDir.find(run_id)
     plan = run.plan()
     files = select(run, plan, ranks, node)
     term = Terminal()
     if not follow:
         if not run.ended():         # bring the logs up to date if nobody else is
-            collect(run, Terminal(), _quiet(opts), follow=False)
+            collect(run, Terminal(), opts.quiet(), follow=False)
         for f in files:
             _print_file(term, f, 0, tail)
         return 0
@@ -66,9 +67,8 @@ def logs(run_id: str | None, ranks: tuple[int, ...], node: str | None, follow: b
 
     # Following is watching: Ctrl-C stops following, never the run; the run's own
     # summary is `up`'s and `status`'s to give.
-    follow_opts = ControlOptions(**{**opts.__dict__, "print_lines": True, "report": False,
-                                    "interrupt_stops_run": False,
-                                    "show": lambda n, key: (n.node_rank, key) in wanted})
+    follow_opts = replace(opts, print_lines=True, report=False, interrupt_stops_run=False,
+                          show=lambda n, key: (n.node_rank, key) in wanted)
     code = collect(run, term, follow_opts, follow=True, before=show_existing)
     if code == EXIT_INTERRUPTED:
         return code
@@ -104,6 +104,3 @@ def _print_file(term: Terminal, f: LogFile, start: int, tail: int | None) -> int
     return start + end
 
 
-def _quiet(opts: ControlOptions) -> ControlOptions:
-    return ControlOptions(**{**opts.__dict__, "print_lines": False, "fail_fast": False, "report": False,
-                             "interrupt_stops_run": False})

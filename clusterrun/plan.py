@@ -7,11 +7,12 @@ the two cannot drift. Nothing here connects, reads the clock or touches disk.
 from __future__ import annotations
 
 import shlex
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Mapping
 
 from .errors import UsageError
 from .hostsfile import Host, HostsFile
+from .options import LaunchOptions
 
 # Workers run as `sh -c 'exec "$0" "$@" 2>&1' python -u SCRIPT ARGS`: the shell
 # replaces itself with the worker, so the process is exactly the user's script,
@@ -22,18 +23,6 @@ MERGE_STDERR = ("sh", "-c", 'exec "$0" "$@" 2>&1')
 # Environment variables clusterrun chooses on the node unless the user set them.
 IFNAME_VARS = ("GLOO_SOCKET_IFNAME", "NCCL_SOCKET_IFNAME")
 JOB_MARKER_VAR = "CLUSTERRUN_JOB"
-
-
-@dataclass(frozen=True)
-class LaunchOptions:
-    """What `clusterrun up` was asked to run, beyond the hosts file."""
-
-    script: str
-    script_args: tuple[str, ...] = ()
-    module: bool = False
-    nproc_per_node: int | None = None        # overrides every host
-    master_port: int | str | None = None     # overrides the hosts file
-    env: Mapping[str, str] = field(default_factory=dict)  # overrides the hosts file
 
 
 @dataclass(frozen=True)

@@ -5,7 +5,8 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from .controller import ControlOptions, collect
+from .controller import collect
+from .options import WatchOptions
 from .model import FINAL_STATES, NodeState, RunState
 from .runs import RunDir, list_run_ids, runs_root
 from .results import describe_code
@@ -25,12 +26,10 @@ def run_state(plan_nodes: int, states: dict[int, dict[str, Any]]) -> RunState:
     return RunState.FAILED
 
 
-def status_data(run: RunDir, opts: ControlOptions) -> dict[str, Any]:
+def status_data(run: RunDir, opts: WatchOptions) -> dict[str, Any]:
     if not run.ended():
         # Nobody may be watching the run (its `up` was killed): look at the nodes.
-        collect(run, Terminal(), ControlOptions(**{**opts.__dict__, "print_lines": False,
-                                                   "fail_fast": False, "report": False,
-                                                   "interrupt_stops_run": False}), follow=False)
+        collect(run, Terminal(), opts.quiet(), follow=False)
     plan, states = run.plan(), run.node_states()
     nodes = []
     for n in plan.nodes:
@@ -54,7 +53,7 @@ def describe_node(n: dict[str, Any]) -> str:
     return state
 
 
-def status(run_id: str | None, as_json: bool, opts: ControlOptions) -> int:
+def status(run_id: str | None, as_json: bool, opts: WatchOptions) -> int:
     data = status_data(RunDir.find(run_id), opts)
     if as_json:
         print(json.dumps(data, indent=1))

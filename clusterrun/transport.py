@@ -1,12 +1,8 @@
-"""Transport: one connection per node, over which every command of a run goes.
+"""Transport: the connection to one node, over which every command of a run goes.
 
-`localhost` nodes run commands as local subprocesses. Every other node is an
-ssh target as OpenSSH understands it, reached on one of two stacks (the host's
-`transport:`): paramiko (`paramikossh`, the default: one connection per node,
-configured by `ssh -G`), or the system ssh client (`openssh`: one ControlMaster
-per node, for what only OpenSSH can do: 2FA prompts, GSSAPI, FIDO keys, host
-certificates). Unknown host keys are refused unless asked to accept new ones; a
-changed host key is always refused.
+What every transport offers (Transport, Process), and the one for `localhost`
+nodes: commands as local subprocesses. The SSH transports are paramikossh.py and
+openssh.py; connect.py picks a node's.
 """
 
 from __future__ import annotations
@@ -15,12 +11,9 @@ import os
 import subprocess
 import sys
 import tempfile
-import time
-from typing import IO, Protocol, Sequence
+from typing import IO, Protocol
 
 from .errors import UnreachableError
-from .hostsfile import Host
-from .parallel import each
 
 
 
@@ -131,65 +124,3 @@ def link_errors() -> tuple[type[BaseException], ...]:
     paramiko = sys.modules.get("paramiko")
     base: tuple[type[BaseException], ...] = (OSError, EOFError, UnreachableError)
     return base + (paramiko.SSHException,) if paramiko is not None else base
-
-
-# --- connecting ----------------------------------------------------------------
-
-def connect_node(host: Host, timeout: float | None, accept_new: bool = False,
-                 scope: str | None = None) -> Transport:
-    """One node's transport: local for localhost, else an SSH connection on the
-    host's stack. `scope` is the run it serves (None: this command only); on the
-    openssh stack a run's ControlMaster outlives the command, so that a detached
-    run's collector and later `logs`/`kill` reuse its authentication."""
-    if host.is_local:
-        return LocalTransport(host.name)
-    if host.transport == "openssh":
-        from .openssh import connect_openssh
-        return connect_openssh(
-            host.name, host.host, user=host.user, port=host.port, identity_file=host.identity_file,
-            timeout=timeout, accept_new=accept_new,
-            scope=scope or f"pid{os.getpid()}", persist=scope is not None)
-    from .paramikossh import connect
-    from .sshconfig import resolve
-    target = resolve(host.host, user=host.user, port=host.port, identity_file=host.identity_file,
-                     node=host.name)
-    return connect(host.name, target, timeout, accept_new)
-
-
-def connect_each(hosts: Sequence[Host], timeout: float | None, accept_new: bool = False,
-                 scope: str | None = None) -> list[tuple[Transport | None, str, float]]:
-    """Connect to every node in parallel: (transport or None, error, seconds) per node."""
-
-    def one(host: Host) -> tuple[Transport, float]:
-        t0 = time.monotonic()
-        return connect_node(host, timeout, accept_new, scope), time.monotonic() - t0
-
-    out: list[tuple[Transport | None, str, float]] = []
-    for host, o in zip(hosts, each(hosts, one)):
-        if o.error is None:
-            assert o.value is not None
-            out.append((o.value[0], "", o.value[1]))
-        elif isinstance(o.error, UnreachableError):
-            out.append((None, str(o.error), 0.0))
-        else:                   # never a traceback, never a silent success
-            out.append((None, f"{host.name}: {type(o.error).__name__}: {o.error}", 0.0))
-    return out
-
-
-def connect_all(
-    hosts: Sequence[Host], timeout: float | None, accept_new: bool = False,
-    consequence: str = "nothing was started", scope: str | None = None,
-) -> list[Transport]:
-    """Connect to every node in parallel; all or nothing.
-
-    Raises UnreachableError naming every node that failed (and closes the rest),
-    so that nothing is started anywhere unless every node is ready.
-    """
-    results = connect_each(hosts, timeout, accept_new, scope)
-    errors = [err for t, err, _ in results if t is None]
-    if errors:
-        for t, _, _ in results:
-            if t is not None:
-                t.close()
-        raise UnreachableError(f"cannot reach every node, {consequence}:\n  " + "\n  ".join(errors))
-    return [t for t, _, _ in results if t is not None]

@@ -494,7 +494,8 @@ def test_job_argv_expands_only_its_own_paths_not_the_users_arguments(monkeypatch
     """The plan's python and --log-dir under ~ are made real on the node; a script
     argument that happens to equal either is the user's and stays as written."""
     from clusterrun.hostsfile import parse_hosts
-    from clusterrun.plan import LaunchOptions, make_plan
+    from clusterrun.options import LaunchOptions
+    from clusterrun.plan import make_plan
 
     monkeypatch.setenv("HOME", "/home/alice")
     hosts = parse_hosts({"python": "~/venv/bin/python", "hosts": ["gpu-a"]})

@@ -17,9 +17,9 @@ import pytest
 
 from clusterrun.errors import UsageError
 from clusterrun.hostsfile import parse_hosts
+from clusterrun.options import LaunchOptions
 from clusterrun.plan import (
     JOB_MARKER_VAR,
-    LaunchOptions,
     Plan,
     make_plan,
     master_addr_for,

@@ -36,7 +36,8 @@ def test_ps_status_and_logs_of_an_ended_run_never_load_paramiko(tmp_path):
     env = {**os.environ, "CLUSTERRUN_HOME": str(tmp_path / "home")}
     code = ("import sys\n"
             "from clusterrun.hostsfile import parse_hosts\n"
-            "from clusterrun.plan import LaunchOptions, make_plan\n"
+            "from clusterrun.options import LaunchOptions\n"
+            "from clusterrun.plan import make_plan\n"
             "from clusterrun.runs import RunDir\n"
             "run = RunDir.create('20260101-000000-abc123')\n"
             "plan = make_plan(parse_hosts({'hosts': ['gpu-a']}), LaunchOptions('t.py'), run_id=run.run_id,\n"

@@ -19,7 +19,8 @@ import pytest
 from clusterrun import nodeagent
 from clusterrun.errors import EXIT_INTERRUPTED, EXIT_JOB_FAILED, EXIT_OK
 from clusterrun.hostsfile import parse_hosts
-from clusterrun.plan import LaunchOptions, Plan, make_plan
+from clusterrun.options import LaunchOptions
+from clusterrun.plan import Plan, make_plan
 from clusterrun.model import NodeResult, RankFailure
 from clusterrun.results import exit_code, summary
 from clusterrun.runs import RunDir

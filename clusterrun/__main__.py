@@ -1,13 +1,10 @@
 """The `clusterrun` command (and `python -m clusterrun`)."""
 
-import gc
+from . import compat
 
 
 def run() -> None:
-    # Start-up allocates a great deal and frees almost nothing: no collector
-    # passes until the command runs (cli._run freezes what is there, then
-    # enables the collector again).
-    gc.disable()
+    compat.gc_off()         # until the command runs (cli._run): see compat.py
     from .cli import main
 
     main()

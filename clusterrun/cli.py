@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import gc
 import sys
 
 import click
 
-from . import __version__
+from . import __version__, compat
 from .errors import EXIT_INTERRUPTED, ClusterrunError
 from .hostsfile import HostsFileError, parse_env_mapping
 from .options import LaunchOptions, UpOptions, WatchOptions
@@ -20,11 +19,7 @@ from .stream import use_color
 
 def _run(fn, *args) -> None:
     """Call into the library; expected errors become a message and an exit code."""
-    # Everything imported so far lives as long as the process: keep it out of
-    # the cyclic garbage collector, whose full passes over paramiko's and
-    # cryptography's objects otherwise cost every command 0.1 s or more.
-    gc.freeze()
-    gc.enable()
+    compat.gc_freeze()      # start-up's objects live as long as the process: compat.py
     try:
         code = fn(*args)
     except ClusterrunError as e:
@@ -33,7 +28,7 @@ def _run(fn, *args) -> None:
     except KeyboardInterrupt:
         sys.exit(EXIT_INTERRUPTED)
     finally:
-        gc.freeze()
+        compat.gc_freeze()
     sys.exit(code or 0)
 
 

@@ -16,24 +16,17 @@ import functools
 import os
 import socket
 import subprocess
-import sys
 import tempfile
 import threading
 import time
 from dataclasses import dataclass
 from typing import Callable
 
-# paramiko imports invoke (a task runner) only to run `Match exec` lines of an
-# ssh config, and that import is a third of paramiko's; every clusterrun command
-# pays it at start. Import paramiko without it (the config is read by `ssh -G`).
-if "invoke" not in sys.modules:
-    sys.modules["invoke"] = None  # type: ignore[assignment]  # makes `import invoke` fail fast
-    try:
-        import paramiko
-    finally:
-        del sys.modules["invoke"]
-import logging  # noqa: E402
+import logging
 
+from . import compat
+
+compat.import_paramiko()        # first: paramiko without invoke (compat.py)
 import paramiko  # noqa: E402
 from paramiko.agent import AgentSSH  # noqa: E402
 
@@ -49,11 +42,7 @@ logging.getLogger("paramiko").propagate = False
 KEEPALIVE = 15                      # seconds between keepalives on every connection
 
 
-class _Transport(paramiko.Transport):
-    # paramiko's transport thread wakes every _active_check_timeout seconds to see
-    # whether it should stop (0.1 by default): ten wake-ups a second per node for
-    # the whole of a run. Closing does not wait for it; keepalives still go out.
-    _active_check_timeout = 1.0
+_Transport = compat.quiet_transport()     # paramiko's, waking once a second when idle
 
 
 class Failed(Exception):
@@ -623,9 +612,7 @@ def _agent(spec: str | None, notes: list[str]) -> AgentSSH | None:
     s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
         s.connect(path)
-        agent = AgentSSH()
-        agent._connect(s)
-        return agent
+        return compat.agent_on(s)
     except (OSError, paramiko.SSHException) as e:
         s.close()
         notes.append(f"agent {path}: {getattr(e, 'strerror', None) or e}")

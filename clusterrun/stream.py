@@ -12,6 +12,7 @@ import sys
 import threading
 from typing import BinaryIO, Callable
 
+from .launcherlog import LauncherFilter
 from .plan import NodePlan
 from .runs import RunDir
 
@@ -96,6 +97,7 @@ class NodeOutput:
         self.show = show
         self._routes: dict[str, tuple[bytes | None, BinaryIO]] = {}
         self._color = _COLORS[node.node_rank % len(_COLORS)] if color else 0
+        self._launcher = LauncherFilter(self._held_back)
         self.received: dict[str, int] = {}
         for key, path in self._paths():
             try:
@@ -117,7 +119,15 @@ class NodeOutput:
         log.write(chunk)
         self.received[key] = self.received.get(key, 0) + len(chunk)
         if tag is not None:
+            if key == "L":
+                chunk = self._launcher.feed(chunk)
+                if not chunk:
+                    return
             self.term.write(tag_lines(tag, chunk))
+
+    def _held_back(self, n: int) -> bytes:
+        return (f"(torchrun's own report of this, {n} lines, is in the node's log: "
+                f"clusterrun logs {self.run.path.name} --node {self.node.name})\n").encode()
 
     def login(self, chunk: bytes) -> None:
         """Whole lines the node's login printed before the agent (a banner, conda):
@@ -147,6 +157,10 @@ class NodeOutput:
         return tag_for(label, self._color), log
 
     def close(self) -> None:
+        route = self._routes.get("L")
+        rest = self._launcher.flush()
+        if route is not None and route[0] is not None and rest:
+            self.term.write(tag_lines(route[0], rest))
         for _, log in self._routes.values():
             log.close()
         self._routes.clear()

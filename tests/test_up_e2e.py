@@ -155,6 +155,19 @@ def test_failing_rank_is_named_with_its_exit_code_and_last_lines(cluster, tmp_pa
     assert f"[{cluster.names[1]} g3 l1] ValueError: shard 3 is corrupt" in r.stdout.splitlines()
     # The other node was torn down rather than left hanging in the barrier.
     assert any(l.startswith(f"clusterrun: node {cluster.names[0]} ") and "stopped" in l for l in err), r.stderr
+    # torchrun's own report of it (its traceback, the box, closing signals) stays in each
+    # node's log; the terminal gets one line per node saying where.
+    run_id = next(l.split()[2].rstrip(":") for l in err if l.startswith("clusterrun: run "))
+    for name in cluster.names[:2]:
+        torchruns = [l for l in r.stdout.splitlines() if l.startswith(f"[{name}] ")]
+        for noise in ("ChildFailedError", "SignalException", "Root Cause", "closing signal", "Traceback"):
+            assert not [l for l in torchruns if noise in l], r.stdout
+        pointer = [l for l in torchruns if l.startswith(f"[{name}] (torchrun's own report")]
+        assert len(pointer) == 1 and pointer[0].endswith(f"clusterrun logs {run_id} --node {name})"), r.stdout
+    node_log = subprocess.run([sys.executable, "-m", "clusterrun", "logs", run_id, "--node", cluster.names[1]],
+                              env=cluster.env(clusterrun_home=tmp_path / "crhome"), capture_output=True,
+                              text=True, timeout=60)
+    assert "ChildFailedError" in node_log.stdout and "Root Cause" in node_log.stdout, node_log.stdout
     assert_nothing_left(cluster)
 
 

@@ -20,8 +20,11 @@ from .options import LaunchOptions
 # a rank's prints and its traceback exactly as the process wrote them.
 MERGE_STDERR = ("sh", "-c", 'exec "$0" "$@" 2>&1')
 
-# Environment variables clusterrun chooses on the node unless the user set them.
-IFNAME_VARS = ("GLOO_SOCKET_IFNAME", "NCCL_SOCKET_IFNAME")
+# The interface each communication library binds to, chosen on the node (the one that
+# reaches MASTER_ADDR) unless the user set it: gloo, NCCL, and TensorPipe, which
+# torch.distributed.rpc uses and which otherwise takes the address the node's hostname
+# resolves to, or 127.0.0.1 when it does not resolve. torch 2.x reads all three.
+IFNAME_VARS = ("GLOO_SOCKET_IFNAME", "NCCL_SOCKET_IFNAME", "TP_SOCKET_IFNAME")
 JOB_MARKER_VAR = "CLUSTERRUN_JOB"
 
 

@@ -149,16 +149,16 @@ def test_job_marker_cannot_be_overridden_by_the_user():
 
 
 def test_socket_ifname_picked_on_the_node_only_when_the_user_did_not_set_it():
-    both = {"GLOO_SOCKET_IFNAME": "eth1", "NCCL_SOCKET_IFNAME": "ib0"}
+    every = {"GLOO_SOCKET_IFNAME": "eth1", "NCCL_SOCKET_IFNAME": "ib0", "TP_SOCKET_IFNAME": "eth1"}
     a, b, c = plan_for({"hosts": [
-        "a", {"host": "b", "env": {"NCCL_SOCKET_IFNAME": "ib0"}}, {"host": "c", "env": both},
+        "a", {"host": "b", "env": {"NCCL_SOCKET_IFNAME": "ib0"}}, {"host": "c", "env": every},
     ]}).nodes
-    assert a.pick_ifname == ("GLOO_SOCKET_IFNAME", "NCCL_SOCKET_IFNAME")
-    assert b.pick_ifname == ("GLOO_SOCKET_IFNAME",)
+    assert a.pick_ifname == ("GLOO_SOCKET_IFNAME", "NCCL_SOCKET_IFNAME", "TP_SOCKET_IFNAME")
+    assert b.pick_ifname == ("GLOO_SOCKET_IFNAME", "TP_SOCKET_IFNAME")
     assert c.pick_ifname == ()
-    (d,) = plan_for(["d"], LaunchOptions("t.py", env=both)).nodes
+    (d,) = plan_for(["d"], LaunchOptions("t.py", env=every)).nodes
     assert d.pick_ifname == ()
-    assert {k: d.env[k] for k in both} == both
+    assert {k: d.env[k] for k in every} == every
 
 
 # --- MASTER_ADDR ---------------------------------------------------------------------
@@ -335,15 +335,15 @@ gpu-b              1      2           3-4  gpu-b
 localhost          2      1             5  (local, no ssh)
 
 # node 0 (node0)
-# GLOO_SOCKET_IFNAME and NCCL_SOCKET_IFNAME: set on the node to the interface that reaches 10.0.0.1
+# GLOO_SOCKET_IFNAME and NCCL_SOCKET_IFNAME and TP_SOCKET_IFNAME: set on the node to the interface that reaches 10.0.0.1
 ssh -p 2222 -i '~/.ssh/id_ed25519' -l alice gpu-a 'cd ~/'"'"'my project'"'"' && { source ~/venv/bin/activate; } </dev/null && env NCCL_DEBUG=WARN PYTHONUNBUFFERED=1 CLUSTERRUN_JOB=20260101-000000-abc123.0 ~/venv/bin/python -m torch.distributed.run --nnodes=3 --node-rank=0 --nproc-per-node=3 --master-addr=10.0.0.1 --master-port=29500 --rdzv-backend=static --rdzv-id=20260101-000000-abc123 --max-restarts=0 --log-dir="$HOME"/.clusterrun/jobs/20260101-000000-abc123/0/torchrun --redirects=3 --no-python sh -c '"'"'exec "$0" "$@" 2>&1'"'"' ~/venv/bin/python -u train.py --lr 0.1 --name '"'"'my run'"'"''
 
 # node 1 (gpu-b)
-# GLOO_SOCKET_IFNAME: set on the node to the interface that reaches 10.0.0.1
+# GLOO_SOCKET_IFNAME and TP_SOCKET_IFNAME: set on the node to the interface that reaches 10.0.0.1
 ssh gpu-b 'env NCCL_DEBUG=WARN NCCL_SOCKET_IFNAME=ib0 PYTHONUNBUFFERED=1 CLUSTERRUN_JOB=20260101-000000-abc123.1 /usr/bin/python3 -m torch.distributed.run --nnodes=3 --node-rank=1 --nproc-per-node=2 --master-addr=10.0.0.1 --master-port=29500 --rdzv-backend=static --rdzv-id=20260101-000000-abc123 --max-restarts=0 --log-dir="$HOME"/.clusterrun/jobs/20260101-000000-abc123/1/torchrun --redirects=3 --no-python sh -c '"'"'exec "$0" "$@" 2>&1'"'"' /usr/bin/python3 -u train.py --lr 0.1 --name '"'"'my run'"'"''
 
 # node 2 (localhost)
-# GLOO_SOCKET_IFNAME and NCCL_SOCKET_IFNAME: set on the node to the interface that reaches 10.0.0.1
+# GLOO_SOCKET_IFNAME and NCCL_SOCKET_IFNAME and TP_SOCKET_IFNAME: set on the node to the interface that reaches 10.0.0.1
 env NCCL_DEBUG=WARN PYTHONUNBUFFERED=1 CLUSTERRUN_JOB=20260101-000000-abc123.2 /usr/bin/python3 -m torch.distributed.run --nnodes=3 --node-rank=2 --nproc-per-node=1 --master-addr=10.0.0.1 --master-port=29500 --rdzv-backend=static --rdzv-id=20260101-000000-abc123 --max-restarts=0 --log-dir=/tmp/crh/jobs/20260101-000000-abc123/2/torchrun --redirects=3 --no-python sh -c 'exec "$0" "$@" 2>&1' /usr/bin/python3 -u train.py --lr 0.1 --name 'my run'"""
 
 

@@ -129,6 +129,34 @@ def test_arguments_arrive_literally_and_nothing_runs_in_a_shell(cluster, tmp_pat
     assert not marker.exists()
 
 
+def test_an_rpc_job_across_two_nodes_runs_with_no_extra_env(cluster, tmp_path):
+    """torch.distributed.rpc (TensorPipe) binds where the node's hostname resolves unless told
+    an interface; here, as on many clusters, the hostname does not resolve to the node."""
+    script = write(tmp_path / "rpc.py", """\
+        import os, socket
+        import torch.distributed.rpc as rpc
+
+        def where(asker):
+            return f"{socket.gethostname()} answered {asker}"
+
+        rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+        rpc.init_rpc(f"worker{rank}", rank=rank, world_size=world)
+        peer = (rank + 1) % world
+        print(f"RPC {rank} -> {peer}: " + rpc.rpc_sync(f"worker{peer}", where, args=(rank,)), flush=True)
+        rpc.shutdown()
+    """)
+    hosts = hosts_file(tmp_path, cluster.names[:2], nproc_per_node=2)
+    r = up(cluster, tmp_path, str(hosts), str(script))
+    assert r.returncode == 0, r.stdout + r.stderr
+    node_of = {0: cluster.names[0], 1: cluster.names[0], 2: cluster.names[1], 3: cluster.names[1]}
+    for rank in range(4):
+        peer = (rank + 1) % 4
+        line = f"[{node_of[rank]} g{rank} l{rank % 2}] RPC {rank} -> {peer}: {node_of[peer]} answered {rank}"
+        assert line in r.stdout.splitlines(), r.stdout
+    assert "127.0.0.1" not in r.stdout + r.stderr
+    assert_nothing_left(cluster)
+
+
 def test_failing_rank_is_named_with_its_exit_code_and_last_lines(cluster, tmp_path):
     script = write(tmp_path / "fail.py", """\
         import sys, time

@@ -48,9 +48,13 @@ class RunState(_Word):
 
 @dataclass(frozen=True)
 class RankFailure:
+    """A rank that did not exit 0, as its node recorded it."""
+
     rank: int
     local_rank: int
-    exitcode: int
+    exitcode: int | None            # negative: killed by that signal; None: not known
+    exit_time: float | None = None  # the node's clock (time.time()) when it ended
+    stopped: bool = False           # clusterrun's stop had reached the node by then
 
 
 @dataclass
@@ -62,7 +66,7 @@ class NodeResult:
     code: int | None = None     # torchrun's exit code
     failures: list[RankFailure] = field(default_factory=list)
     message: str = ""
-    stopped: bool = False       # we stopped it (fail fast, Ctrl-C)
+    stopped: bool = False       # our stop reached its job before it ended (fail fast, Ctrl-C)
 
     @property
     def ok(self) -> bool:

@@ -37,6 +37,7 @@ import socket
 import struct
 import subprocess
 import sys
+import threading
 import time
 
 POLL_IDLE = 0.02            # seconds between polls when no file grew (without inotify)
@@ -205,20 +206,154 @@ def supervise(job_dir, argv, env):
     # supervisor alive through a group TERM so it can record torchrun's exit.
     for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
         signal.signal(sig, lambda *_: None)
+    watch = None
     try:
         proc = subprocess.Popen(argv, env=env, stdin=0, stdout=1, stderr=2)
     except OSError as e:
         os.write(2, ("clusterrun: cannot run %s: %s\n" % (argv[0], e.strerror)).encode())
         code = 127
     else:
+        watch = RankWatch(proc.pid)
+        watch.start()
         code = proc.wait()
+        watch.finish()
     try:
         with open(os.path.join(job_dir, "launcher.log"), "rb") as f:
-            failures = parse_failures(f.read()[-(1 << 20):].decode("utf-8", "replace"))
+            reported = parse_failures(f.read()[-(1 << 20):].decode("utf-8", "replace"))
     except OSError:
-        failures = []
-    write_atomic(os.path.join(job_dir, "exit.json"), json.dumps({"code": code, "failures": failures}))
+        reported = []
+    stop_time = read_text(os.path.join(job_dir, STOPPED))
+    failures = rank_outcomes(watch.ranks if watch else {}, reported, float(stop_time) if stop_time else None)
+    write_atomic(os.path.join(job_dir, "exit.json"), json.dumps({"code": code, "failures": failures,
+                                                                "stop_time": float(stop_time) if stop_time else None}))
     os._exit(0)
+
+
+# --- each rank's end -------------------------------------------------------------
+
+STOPPED = "stopped"         # in the job dir: when clusterrun's stop reached the node (time.time())
+
+
+class RankWatch(threading.Thread):
+    """When each worker (a child of torchrun) ended, and how, seen from the supervisor.
+
+    A pidfd per worker wakes the thread the moment it exits, while torchrun has not
+    yet reaped it, so its wait status is still in /proc/PID/stat. (Without pidfd,
+    Python < 3.9 or Linux < 5.3, the workers are looked at every 0.1 s.) New workers
+    are looked for every DISCOVER_EVERY seconds until torchrun ends.
+    """
+
+    def __init__(self, torchrun_pid):
+        threading.Thread.__init__(self, name="rank-watch", daemon=True)
+        self.torchrun = torchrun_pid
+        self.ranks = {}         # pid -> {"rank", "local_rank", "exit_time", "status"}
+        self._wake_r, self._wake_w = os.pipe()
+        self._done = False
+
+    def finish(self):
+        self._done = True
+        os.write(self._wake_w, b"x")
+        self.join(2.0)
+
+    def run(self):
+        fds = {}                # pidfd (or -pid without pidfd) -> pid
+        while not self._done:
+            self._discover(fds)
+            if hasattr(os, "pidfd_open"):
+                ready = select.select([self._wake_r] + [fd for fd in fds if fd >= 0], [], [],
+                                      DISCOVER_EVERY)[0]
+            else:
+                ready = select.select([self._wake_r], [], [], 0.1)[0]
+                ready += [key for key, pid in fds.items() if key < 0 and _gone(pid)]
+            for key in ready:
+                if key != self._wake_r:
+                    self._ended(fds.pop(key))
+                    if key >= 0:
+                        os.close(key)
+        for pid in fds.values():    # torchrun has ended: so have they
+            self._ended(pid)
+
+    def _discover(self, fds):
+        known = set(self.ranks)
+        for pid in _children(self.torchrun):
+            if pid in known:
+                continue
+            env = _environ(pid)
+            if b"RANK" not in env or b"LOCAL_RANK" not in env:
+                continue
+            self.ranks[pid] = {"rank": int(env[b"RANK"]), "local_rank": int(env[b"LOCAL_RANK"]),
+                               "exit_time": None, "status": None}
+            try:
+                fds[os.pidfd_open(pid)] = pid
+            except (AttributeError, OSError):
+                fds[-pid] = pid
+
+    def _ended(self, pid):
+        r = self.ranks[pid]
+        if r["exit_time"] is None:
+            r["exit_time"] = time.time()
+            r["status"] = _wait_status(pid)
+
+
+def _children(pid):
+    out = []
+    try:
+        for task in os.listdir("/proc/%d/task" % pid):
+            with open("/proc/%d/task/%s/children" % (pid, task)) as f:
+                out += [int(c) for c in f.read().split()]
+    except (OSError, ValueError):
+        pass
+    return out
+
+
+def _environ(pid):
+    try:
+        with open("/proc/%d/environ" % pid, "rb") as f:
+            return dict(kv.split(b"=", 1) for kv in f.read().split(b"\0") if b"=" in kv)
+    except OSError:
+        return {}
+
+
+def _gone(pid):
+    try:
+        return proc_stat(pid)[0] == b"Z"
+    except (OSError, ValueError, IndexError):
+        return True
+
+
+def _wait_status(pid):
+    """A zombie's exit code (its raw wait status, field 52 of /proc/PID/stat), or None if reaped."""
+    try:
+        with open("/proc/%d/stat" % pid, "rb") as f:
+            data = f.read()
+        fields = data[data.rfind(b")") + 2:].split()
+        if fields[0] != b"Z":
+            return None
+        status = int(fields[49])
+    except (OSError, ValueError, IndexError):
+        return None
+    return -(status & 0x7F) if status & 0x7F else status >> 8
+
+
+def rank_outcomes(watched, reported, stop_time):
+    """Every rank that did not exit 0: its code (or None if unknown), when it ended, and
+    whether clusterrun's stop had reached the node by then. In order of exit time."""
+    codes = dict((f["rank"], f["exitcode"]) for f in reported)
+    out = []
+    seen = set()
+    for r in watched.values():
+        seen.add(r["rank"])
+        code = r["status"] if r["status"] is not None else codes.get(r["rank"])
+        stopped = stop_time is not None and (r["exit_time"] is None or r["exit_time"] >= stop_time)
+        if code == 0 or (code is None and not stopped and r["rank"] not in codes):
+            continue
+        out.append({"rank": r["rank"], "local_rank": r["local_rank"], "exitcode": code,
+                    "exit_time": r["exit_time"], "stopped": stopped})
+    for f in reported:              # a rank torchrun reports that was never seen running
+        if f["rank"] not in seen:
+            out.append(dict(f, exit_time=None, stopped=stop_time is not None))
+    out.sort(key=lambda f: (f["exit_time"] is None, f["exit_time"] or 0))
+    return out
 
 
 _FAILURE_RE = re.compile(r"rank\s*:\s*(\d+)\s*\(local_rank:\s*(\d+)\)\s*\n\s*exitcode\s*:\s*(-?\d+)")
@@ -604,6 +739,12 @@ def signal_all(pgid, pids, sig):
 
 
 def kill(job_dir, marker, grace):
+    stopped = os.path.join(job_dir, STOPPED)
+    try:
+        if not os.path.exists(stopped):     # the first stop's time: ranks that end later were stopped
+            write_atomic(stopped, repr(time.time()))
+    except OSError:
+        pass
     pgid = int(read_text(os.path.join(job_dir, "pgid")) or 0)
     left = job_pids(marker)
     had_workers = any(pgrp_of(pid) != pgid for pid in left)

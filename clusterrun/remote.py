@@ -137,7 +137,8 @@ class RemoteJob:
                         self._kill_reports.put(None)
                     proc.close()
                 if result is not None:
-                    result.stopped = self.stopped
+                    if result.state != NodeState.EXITED:    # else the node says whether the stop came first
+                        result.stopped = self.stopped
                     return result
             except Detached:
                 raise
@@ -217,7 +218,8 @@ class RemoteJob:
         proc.wait(timeout=10)
         if name == "exit":
             return NodeResult(self.node, NodeState.EXITED, ev["code"],
-                              [RankFailure(**f) for f in ev.get("failures", [])], message=kept)
+                              [RankFailure(**f) for f in ev.get("failures", [])], message=kept,
+                              stopped=ev.get("stop_time") is not None)
         return NodeResult(self.node, NodeState.LOST, message="; ".join(m for m in (ev.get("reason", ""), kept) if m))
 
     def _broken(self, proc: Process) -> NodeResult | None:

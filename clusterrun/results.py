@@ -6,7 +6,8 @@ import signal
 from typing import Sequence
 
 from .errors import EXIT_INTERRUPTED, EXIT_JOB_FAILED, EXIT_OK
-from .model import NodeResult, NodeState
+from .model import NodeResult, NodeState, RankFailure
+from .plan import NodePlan
 from .runs import RunDir, tail_lines
 
 TAIL = 10   # last lines shown per failing rank
@@ -26,27 +27,52 @@ def describe_code(code: int) -> str:
     return f"exited with code {code}"
 
 
-def summary(results: Sequence[NodeResult], run: RunDir, tail: int = TAIL) -> list[str]:
-    """One line per failing rank, first failure first, each followed by its last lines.
+def describe_ranks(ranks: Sequence[int]) -> str:
+    """`rank 2`, `ranks 2-5`, or `ranks 0, 3` (sorted)."""
+    ranks = sorted(ranks)
+    if len(ranks) == 1:
+        return f"rank {ranks[0]}"
+    if ranks == list(range(ranks[0], ranks[-1] + 1)):
+        return f"ranks {ranks[0]}-{ranks[-1]}"
+    return "ranks " + ", ".join(map(str, ranks))
 
-    `results` is in the order the nodes finished, so the first failing node
-    comes first; torchrun lists a node's root-cause rank first.
-    """
-    lines: list[str] = []
-    first: str | None = None
+
+_STOP_SIGNALS = (-signal.SIGTERM, -signal.SIGKILL)
+
+
+def _by_torchrun(f: RankFailure, node_failures: Sequence[RankFailure]) -> bool:
+    """Ended by its own node's torchrun, which stops the other local workers when one fails."""
+    return f.exitcode in _STOP_SIGNALS and any(
+        o is not f and not o.stopped and o.exitcode not in _STOP_SIGNALS
+        and (o.exit_time or 0) <= (f.exit_time or 0) for o in node_failures)
+
+
+def summary(results: Sequence[NodeResult], run: RunDir, tail: int = TAIL) -> list[str]:
+    """What went wrong, from the facts each node recorded: every rank that failed on its
+    own, in the order they ended (each with its last lines), then nodes that failed as a
+    whole, then what was stopped, and by whom. Nothing is called stopped unless it was."""
+    own: list[tuple[RankFailure, NodePlan]] = []
+    collateral: list[tuple[RankFailure, NodePlan]] = []
+    whole: list[NodeResult] = []
     for r in results:
-        if r.ok or r.stopped:
+        if r.ok or r.state == NodeState.KILLED:
             continue
+        for f in r.failures:
+            if not f.stopped:
+                (collateral if _by_torchrun(f, r.failures) else own).append((f, r.node))
+        if not r.failures and not r.stopped:
+            whole.append(r)
+    own.sort(key=lambda fn: (fn[0].exit_time is None, fn[0].exit_time or 0))
+    first = f"rank {own[0][0].rank}" if own else (f"node {whole[0].node.name}" if whole else None)
+    if whole and own and results.index(whole[0]) < min(results.index(_result(results, n)) for _, n in own):
+        first = f"node {whole[0].node.name}"     # a node that failed before any rank did
+    lines: list[str] = []
+    for f, node in own:
+        what = describe_code(f.exitcode) if f.exitcode is not None else "exited (its code was not recorded)"
+        lines.append(f"clusterrun: rank {f.rank} ({node.name}, local rank {f.local_rank}) {what}")
+        lines += [f"  | {t}" for t in tail_lines(run.rank_log(f.rank), tail)]
+    for r in whole:
         node = r.node
-        if r.failures:
-            for f in r.failures:
-                what = describe_code(f.exitcode)
-                if first and f.exitcode in (-signal.SIGTERM, -signal.SIGKILL):
-                    what = f"was stopped ({signal.Signals(-f.exitcode).name}) after {first} failed"
-                lines.append(f"clusterrun: rank {f.rank} ({node.name}, local rank {f.local_rank}) {what}")
-                lines += [f"  | {t}" for t in tail_lines(run.rank_log(f.rank), tail)]
-                first = first or f"rank {f.rank}"
-            continue
         if r.state == NodeState.EXITED:
             what = f"torchrun {describe_code(r.code if r.code is not None else -1)}"
         elif r.state == NodeState.FAILED_TO_START:
@@ -55,16 +81,24 @@ def summary(results: Sequence[NodeResult], run: RunDir, tail: int = TAIL) -> lis
             what = f"was lost: {r.message}"
         lines.append(f"clusterrun: node {node.name} (node_rank {node.node_rank}) {what}")
         lines += [f"  | {t}" for t in tail_lines(run.node_log(node.node_rank), tail)]
-        first = first or f"node {node.name}"
+    after = f" after {first} failed" if first else ""
+    for f, node in collateral:
+        lines.append(f"clusterrun: rank {f.rank} ({node.name}, local rank {f.local_rank}) was stopped "
+                     f"({signal.Signals(-f.exitcode).name}){after}")
     for r in results:
-        if r.stopped and not r.ok:
-            if r.state == NodeState.KILLED:
-                why = f" ({r.message})" if r.message else ""
-            else:
-                why = f" after {first} failed" if first else ""
-            lines.append(f"clusterrun: node {r.node.name} (ranks {r.node.ranks.start}-"
-                         f"{r.node.ranks.stop - 1}) was {'killed' if r.state == NodeState.KILLED else 'stopped'}{why}")
+        if r.state == NodeState.KILLED and not r.ok:
+            why = f" ({r.message})" if r.message else ""
+            lines.append(f"clusterrun: node {r.node.name} ({describe_ranks(r.node.ranks)}) was killed{why}")
+        elif r.stopped and not r.ok:
+            failed_first = {f.rank for f in r.failures if not f.stopped}
+            ranks = [g for g in r.node.ranks if g not in failed_first]
+            if ranks:
+                lines.append(f"clusterrun: node {r.node.name} ({describe_ranks(ranks)}) was stopped{after}")
     return lines
+
+
+def _result(results: Sequence[NodeResult], node: NodePlan) -> NodeResult:
+    return next(r for r in results if r.node is node)
 
 
 def exit_code(results: Sequence[NodeResult], interrupted: bool) -> int:

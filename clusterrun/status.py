@@ -63,7 +63,8 @@ def status(run_id: str | None, as_json: bool, opts: WatchOptions) -> int:
     w = max(4, *(len(n["node"]) for n in data["nodes"]))
     print(f"{'node':<{w}}  node_rank  ranks      state")
     for n in data["nodes"]:
-        ranks = f"{n['ranks'][0]}-{n['ranks'][1]}"
+        first, last = n["ranks"]
+        ranks = str(first) if first == last else f"{first}-{last}"
         print(f"{n['node']:<{w}}  {n['node_rank']:>9}  {ranks:<9}  {describe_node(n)}")
     return 0
 

@@ -510,3 +510,57 @@ def test_job_argv_expands_only_its_own_paths_not_the_users_arguments(monkeypatch
     assert "--log-dir=/home/alice/.clusterrun/jobs/r1/0/torchrun" in argv
     assert argv[argv.index("train.py") - 2] == "/home/alice/venv/bin/python"   # the workers' python
     assert argv[-3:] == ["~/venv/bin/python", log_dir, "~/data"]              # the user's, untouched
+
+
+# --- each rank's end, recorded on the node (issue 13) --------------------------------
+
+FAKE_TORCHRUN = r"""
+import os, subprocess, sys, time
+kids = [
+    subprocess.Popen([sys.executable, "-c", "import time, sys; time.sleep(0.3); sys.exit(3)"],
+                     env={**os.environ, "RANK": "5", "LOCAL_RANK": "0"}),
+    subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"],
+                     env={**os.environ, "RANK": "6", "LOCAL_RANK": "1"}),
+]
+while kids[0].poll() is None:       # torchrun's monitor: a look every 0.1 s
+    time.sleep(0.1)
+kids[1].terminate()                 # then it ends the node's other workers
+kids[1].wait()
+"""
+
+
+def test_rank_watch_records_when_and_how_each_worker_ended():
+    """The supervisor sees each worker's end: the order, and the status torchrun is about to
+    reap. (A worker torchrun ends itself it reaps at once: that status may be gone first;
+    torchrun's own report has it then.)"""
+    torchrun = subprocess.Popen([sys.executable, "-c", FAKE_TORCHRUN])
+    watch = nodeagent.RankWatch(torchrun.pid)
+    watch.start()
+    assert torchrun.wait(timeout=30) == 0
+    watch.finish()
+    ranks = {r["rank"]: r for r in watch.ranks.values()}
+    assert set(ranks) == {5, 6}
+    assert (ranks[5]["local_rank"], ranks[5]["status"]) == (0, 3)
+    assert ranks[6]["local_rank"] == 1 and ranks[6]["status"] in (-15, None)
+    assert ranks[5]["exit_time"] < ranks[6]["exit_time"]
+
+
+def watched(rank, local, t, status):
+    return {"rank": rank, "local_rank": local, "exit_time": t, "status": status}
+
+
+def test_rank_outcomes_in_order_of_exit_and_stopped_only_after_the_stop():
+    ranks = {1: watched(0, 0, 10.0, 0), 2: watched(1, 1, 10.2, 1), 3: watched(2, 2, 10.1, 1),
+             4: watched(3, 3, 12.5, -15)}
+    out = nodeagent.rank_outcomes(ranks, [], stop_time=12.0)
+    assert [(f["rank"], f["exitcode"], f["stopped"]) for f in out] == [(2, 1, False), (1, 1, False), (3, -15, True)]
+
+
+def test_rank_outcomes_take_torchruns_codes_when_a_status_was_missed():
+    ranks = {1: watched(0, 0, 10.0, None), 2: watched(1, 1, 10.5, None)}
+    reported = [{"rank": 0, "local_rank": 0, "exitcode": 7}]
+    out = nodeagent.rank_outcomes(ranks, reported, stop_time=None)
+    assert [(f["rank"], f["exitcode"], f["stopped"]) for f in out] == [(0, 7, False)]
+    # ...and a rank torchrun reports that was never seen running still counts.
+    out = nodeagent.rank_outcomes({}, reported, stop_time=None)
+    assert [(f["rank"], f["exitcode"], f["exit_time"]) for f in out] == [(0, 7, None)]

@@ -279,8 +279,6 @@ def test_summary_names_the_failing_rank_then_its_last_lines_then_the_ranks_it_to
         "  | x1 line 18",
         "  | x1 line 19",
         "clusterrun: rank 3 (nodeX, local rank 0) was stopped (SIGTERM) after rank 4 failed",
-        "  | x0 line 0",
-        "  | x0 line 1",
         "clusterrun: node nodeW (ranks 0-2) was stopped after rank 4 failed",
     ]
     assert exit_code(results, interrupted=False) == EXIT_JOB_FAILED == 1
@@ -335,3 +333,44 @@ def test_exit_codes(plan):
     assert exit_code(lost, interrupted=False) == 1
     assert exit_code(ok, interrupted=True) == EXIT_INTERRUPTED == 130
     assert exit_code(failed, interrupted=True) == 130
+
+
+def test_summary_lists_every_rank_that_failed_on_its_own_in_the_order_they_ended(plan, run):
+    """Ranks on two nodes fail by themselves within 30 ms; the report that arrives first
+    (node X's) is not the first failure. Nobody was stopped, and nobody is called so."""
+    w, x = plan.nodes
+    results = [
+        NodeResult(x, "exited", 1, [RankFailure(3, 0, 1, exit_time=100.030)]),
+        NodeResult(w, "exited", 1, [RankFailure(2, 2, 1, exit_time=100.000),
+                                    RankFailure(0, 0, 1, exit_time=100.010)]),
+    ]
+    assert summary(results, run) == [
+        "clusterrun: rank 2 (nodeW, local rank 2) exited with code 1",
+        "clusterrun: rank 0 (nodeW, local rank 0) exited with code 1",
+        "clusterrun: rank 3 (nodeX, local rank 0) exited with code 1",
+    ]
+
+
+def test_summary_calls_stopped_only_the_ranks_the_stop_reached(plan, run):
+    """Node W got the stop, but its rank 1 had already failed by itself."""
+    w, x = plan.nodes
+    results = [
+        NodeResult(x, "exited", 1, [RankFailure(4, 1, 7, exit_time=50.0)]),
+        NodeResult(w, "exited", 1, [RankFailure(1, 1, 1, exit_time=50.2),
+                                    RankFailure(0, 0, None, exit_time=51.0, stopped=True),
+                                    RankFailure(2, 2, -15, exit_time=51.0, stopped=True)], stopped=True),
+    ]
+    assert summary(results, run) == [
+        "clusterrun: rank 4 (nodeX, local rank 1) exited with code 7",
+        "clusterrun: rank 1 (nodeW, local rank 1) exited with code 1",
+        "clusterrun: node nodeW (ranks 0, 2) was stopped after rank 4 failed",
+    ]
+
+
+def test_summary_says_rank_not_ranks_for_one_process(run):
+    hosts = parse_hosts({"hosts": ["a:1", "b:1"]})
+    a, b = make_plan(hosts, LaunchOptions("t.py"), run_id=RUN_ID, master_addr="10.0.0.1", master_port=1,
+                     controller_python="python3", local_home="/tmp/crh").nodes
+    lines = summary([NodeResult(b, "exited", 1, [RankFailure(1, 0, 2, exit_time=1.0)]),
+                     NodeResult(a, "exited", -15, stopped=True)], run)
+    assert lines[-1] == "clusterrun: node a (rank 0) was stopped after rank 1 failed"

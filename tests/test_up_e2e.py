@@ -157,6 +157,38 @@ def test_an_rpc_job_across_two_nodes_runs_with_no_extra_env(cluster, tmp_path):
     assert_nothing_left(cluster)
 
 
+def test_ranks_that_all_fail_on_their_own_are_all_named_and_none_is_called_stopped(cluster, tmp_path):
+    """Every rank exits with its own code at about the same moment: the summary names each
+    one as failed, first failure first, and agrees with `status --json`."""
+    script = write(tmp_path / "allfail.py", """\
+        import os
+        import torch.distributed as dist
+        dist.init_process_group("gloo")
+        dist.barrier()
+        os._exit(10 + dist.get_rank())
+    """)
+    hosts = hosts_file(tmp_path, cluster.names[:2], nproc_per_node=2)
+    r = up(cluster, tmp_path, str(hosts), str(script))
+    assert r.returncode == 1, r.stdout + r.stderr
+    named = [l for l in r.stderr.splitlines() if l.startswith("clusterrun: rank ")]
+    node_of = {0: cluster.names[0], 1: cluster.names[0], 2: cluster.names[1], 3: cluster.names[1]}
+    assert sorted(named) == sorted(f"clusterrun: rank {g} ({node_of[g]}, local rank {g % 2}) exited with code {10 + g}"
+                                   for g in range(4)), r.stderr
+    assert "stopped" not in r.stderr, r.stderr
+    run_id = next(l.split()[2].rstrip(":") for l in r.stderr.splitlines() if l.startswith("clusterrun: run "))
+    st = subprocess.run([sys.executable, "-m", "clusterrun", "status", "--json", run_id],
+                        env=cluster.env(clusterrun_home=tmp_path / "crhome"), capture_output=True, text=True,
+                        timeout=60)
+    data = json.loads(st.stdout)
+    assert data["state"] == "failed"
+    failures = sorted((f["rank"], f["exitcode"], f["stopped"]) for n in data["nodes"] for f in n["failures"])
+    assert failures == [(g, 10 + g, False) for g in range(4)]
+    # The summary's order is the order the nodes recorded.
+    times = {f["rank"]: f["exit_time"] for n in data["nodes"] for f in n["failures"]}
+    assert [int(l.split()[2]) for l in named] == sorted(times, key=times.get)
+    assert_nothing_left(cluster)
+
+
 def test_failing_rank_is_named_with_its_exit_code_and_last_lines(cluster, tmp_path):
     script = write(tmp_path / "fail.py", """\
         import sys, time
@@ -181,8 +213,11 @@ def test_failing_rank_is_named_with_its_exit_code_and_last_lines(cluster, tmp_pa
     tail = list(itertools.takewhile(lambda l: l.startswith("  | "), err[first + 1:]))
     assert tail[-3:] == ["  | rank 3 starting", "  | loading shard 3", "  | ValueError: shard 3 is corrupt"]
     assert f"[{cluster.names[1]} g3 l1] ValueError: shard 3 is corrupt" in r.stdout.splitlines()
-    # The other node was torn down rather than left hanging in the barrier.
-    assert any(l.startswith(f"clusterrun: node {cluster.names[0]} ") and "stopped" in l for l in err), r.stderr
+    # The other node did not hang in the barrier: each of its ranks either failed by itself
+    # (its peer closed the connection) or was stopped, and the summary says which.
+    others = [l for l in err if l.startswith("clusterrun: ") and f"{cluster.names[0]}" in l
+              and "failed: stopping" not in l]
+    assert others and all(l.endswith("after rank 3 failed") or "exited with code" in l for l in others), r.stderr
     # torchrun's own report of it (its traceback, the box, closing signals) stays in each
     # node's log; the terminal gets one line per node saying where.
     run_id = next(l.split()[2].rstrip(":") for l in err if l.startswith("clusterrun: run "))

@@ -106,6 +106,10 @@ class RemoteJob:
         self._kill_reports: queue.Queue[dict[str, Any] | None] = queue.Queue()
         self._stop_lock = threading.Lock()
         self._stop_report: tuple[float, dict[str, Any]] | None = None   # (when, report)
+        # A stop that no streaming agent has received (there was none: the session was
+        # still opening, or the link was down): the next agent this job runs kills at once.
+        self._undelivered_stop: float | None = None
+        self._awaiting_report = False
 
     def start_spec(self) -> dict[str, Any]:
         n = self.node
@@ -130,10 +134,10 @@ class RemoteJob:
                 proc, mark = start_agent(self.node, self.transport, spec)
                 self._agent = proc
                 try:
-                    result = self._read(proc, mark)
+                    result = self._read(proc, mark, starting=spec["mode"] == "start")
                 finally:
                     self._agent = None
-                    if self.stopped:            # a stop() waiting for this agent: it will not answer
+                    if self._awaiting_report:   # a stop() waiting for this agent: it will not answer
                         self._kill_reports.put(None)
                     proc.close()
                 if result is not None:
@@ -164,11 +168,13 @@ class RemoteJob:
             lost_since, delay = None, 0.25
             spec = self.attach_spec(follow)
 
-    def _read(self, proc: Process, mark: bytes) -> NodeResult | None:
+    def _read(self, proc: Process, mark: bytes, starting: bool) -> NodeResult | None:
         """Frames until the agent's final event; None if the connection broke."""
         login = read_preamble(proc, mark)   # setup lines may take a while: no limit until the agent speaks
         if login is None:
             return self._broken(proc)
+        if not starting:                    # an attach streams at once: it can take a stop now
+            self._pass_stop_on(proc)
         if login:                       # kept apart from torchrun's lines: it shifts no offset
             self.output.login(login if login.endswith(b"\n") else login + b"\n")
         out, data = proc.stdout, self.output.data
@@ -191,13 +197,15 @@ class RemoteJob:
                 ev = json.loads(header[2:])
                 name = ev.pop("event")
                 if name == "probe":
-                    go = self.gate.answer(self.node, ev)
+                    go = self.gate.answer(self.node, ev) and not self.stopped
                     if not proc.send(b"go\n" if go else b"stop\n") and go:
                         return self._broken(proc)   # the answer did not get there: as a dropped link
                     if not go:
+                        self._stop_never_started()
                         return NodeResult(self.node, NodeState.NOT_STARTED)
                 elif name == "started":
                     self.on_started(self.node, ev)
+                    self._pass_stop_on(proc)
                 elif name == "killed":       # the answer to stop(): the stream goes on to the end
                     self._kill_reports.put(ev)
                 elif name == "running":      # attach without follow: caught up
@@ -209,6 +217,18 @@ class RemoteJob:
             else:
                 return self._broken(proc)
             header = readline()
+
+    def _pass_stop_on(self, proc: Process) -> None:
+        """A stop that reached no agent: this one kills the job as soon as it streams."""
+        grace = self._undelivered_stop
+        if grace is not None and proc.send(b"kill %r\n" % grace):
+            self._undelivered_stop = None
+
+    def _stop_never_started(self) -> None:
+        """Held back before it started (the preflight, or a stop): a waiting stop is done."""
+        self._undelivered_stop = None
+        if self._awaiting_report:
+            self._kill_reports.put({"event": "killed", "forced": False, "left": 0})
 
     def _final(self, proc: Process, name: str, ev: dict[str, Any]) -> NodeResult:
         # Every byte is in our logs: the node may clean up.
@@ -258,17 +278,36 @@ class RemoteJob:
 
     def _stop(self, grace: float) -> dict[str, Any]:
         self.stopped = True
+        while not self._kill_reports.empty():      # an answer nobody waited for (a stop passed on)
+            self._kill_reports.get_nowait()
         agent = self._agent
         if agent is not None and agent.send(b"kill %r\n" % float(grace)):
-            try:
-                report = self._kill_reports.get(timeout=grace + 15)
-            except queue.Empty:
-                report = None
+            report = self._await_report(grace)
             if report is not None:
-                report["event"] = "killed"
                 return report
         # No streaming agent, or it did not get the kill or answer: a session of its own.
-        return kill_job(self.node, self.transport, grace)
+        # The job may also be about to start (its session still opening) or to be
+        # re-attached (its link down): the next agent kills it as soon as it streams.
+        self._undelivered_stop = float(grace)
+        try:
+            return kill_job(self.node, self.transport, grace)
+        except link_errors():       # no session now: the re-attach passes the stop on
+            report = self._await_report(grace + RECONNECT_WINDOW)
+            if report is None:
+                raise
+            return report
+
+    def _await_report(self, timeout: float) -> dict[str, Any] | None:
+        self._awaiting_report = True
+        try:
+            report = self._kill_reports.get(timeout=timeout + 15)
+        except queue.Empty:
+            return None
+        finally:
+            self._awaiting_report = False
+        if report is not None:
+            report["event"] = "killed"
+        return report
 
 
 def confirm_kills(kills: Sequence[tuple[str, Callable[[], dict[str, Any]]]]) -> list[str]:

@@ -297,10 +297,6 @@ def test_without_fail_fast_the_other_nodes_run_on_to_their_own_end(fake_run):
     assert b"[nodeW g0 l0] step 2\n" in c.screen.text
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "bug: RemoteJob.stop() during a reconnect finds no streaming agent, runs the kill mode "
-    "on the lost connection (refused), and RemoteJob.run then re-attaches without passing "
-    "the stop on: the node's job is never killed and fail fast waits for its natural end"))
 def test_fail_fast_also_stops_a_node_that_is_reconnecting(fake_run):
     def after_reconnect(p: FakeProcess) -> None:
         assert p.spec is not None
@@ -330,7 +326,7 @@ def test_fail_fast_also_stops_a_node_that_is_reconnecting(fake_run):
     waiter = threading.Thread(target=lambda: out.append(c.ctl.wait()), daemon=True)
     waiter.start()
     fail_rank_3(c.session("nodeX"))
-    wait_until(lambda: c.transports["nodeW"].refused, timeout=2)    # (today: its stop went nowhere)
+    wait_until(lambda: c.transports["nodeW"].refused, timeout=2)    # its kill mode could not run
     release.set()
 
     waiter.join(0.5)
@@ -340,10 +336,6 @@ def test_fail_fast_also_stops_a_node_that_is_reconnecting(fake_run):
     assert {r.node.name: r.stopped for r in out[0]} == {"nodeX": False, "nodeW": True, "nodeY": True}
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "bug: RemoteJob.stop() before the node's agent session is open (its exec still in "
-    "flight) runs the kill mode on a job that does not exist yet; RemoteJob.run then "
-    "starts the job anyway and nothing stops it: fail fast waits for its natural end"))
 def test_fail_fast_also_stops_a_node_whose_session_is_still_opening(fake_run):
     opening, opened = threading.Event(), threading.Event()
 
@@ -371,7 +363,7 @@ def test_fail_fast_also_stops_a_node_whose_session_is_still_opening(fake_run):
     waiter = threading.Thread(target=lambda: out.append(c.ctl.wait()), daemon=True)
     waiter.start()
     fail_rank_3(c.session("nodeX"))
-    wait_until(lambda: w.processes, timeout=2)      # (today: its stop ran the kill mode)
+    wait_until(lambda: w.processes, timeout=2)      # its stop ran the kill mode, before the job
     opened.set()
 
     waiter.join(0.5)

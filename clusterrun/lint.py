@@ -12,18 +12,23 @@ one machine and breaks on several:
 - CR003 warning  a shuffling DistributedSampler, an epoch loop, and no
                  ``set_epoch()`` anywhere: every epoch sees the same order
 - CR004 error    a literal ``rank=`` / ``world_size=`` in ``init_process_group``
+                 (not with an explicit ``init_method=`` or ``store=``)
 - CR005 warning  an NCCL object collective while ``torch.cuda.set_device()`` is
                  never called, so every process of a node uses cuda:0
+- CR006 error    torch.distributed.launch's ``--local_rank`` argument used as the
+                 device: torchrun does not pass it, so it keeps its default
 
 Precision comes first: a value counts as "the global rank" only when its origin
-is visible in the file (``dist.get_rank()``, ``os.environ["RANK"]``, or a
-variable assigned only from those in the same or an enclosing scope). A
-variable merely *named* ``rank`` is not flagged. See docs/lint.md.
+is visible in the file (``dist.get_rank()``, ``os.environ["RANK"]``, a variable
+assigned only from those in the same or an enclosing scope, or a parameter of a
+function every call of which, in this file, passes such a value). A variable
+merely *named* ``rank`` is not flagged. See docs/lint.md.
 """
 
 from __future__ import annotations
 
 import ast
+import builtins
 import copy
 import os
 import tokenize
@@ -60,6 +65,12 @@ _SAMPLER_PARAMS = ("dataset", "num_replicas", "rank", "shuffle", "seed", "drop_l
 _OBJECT_COLLECTIVES = frozenset(_DIST + n for n in (
     "all_gather_object", "gather_object", "broadcast_object_list", "scatter_object_list"))
 _LOCAL_RANK_EXPR = "int(os.environ['LOCAL_RANK'])"
+_LOCAL_RANK_DEFAULT = "int(os.environ.get('LOCAL_RANK', 0))"
+# Calls that choose the current device (CR001 sinks; any of them silences CR005).
+_SET_DEVICE = frozenset({"torch.cuda.set_device", "torch.cuda.device",
+                         "torch.accelerator.set_device_index", "torch.accelerator.set_device_idx",
+                         "torch.accelerator.device_index"})
+_SET_DEVICE_NAMES = frozenset({"set_device", "set_device_index", "set_device_idx"})
 _SHOW_LIMIT = 72
 
 
@@ -85,6 +96,7 @@ class _Origin:
     line: int
     via_variable: bool   # True: reached through a variable (name the assignment)
     value: int | None = None   # for _INT
+    argv: str | None = None    # read from a --local_rank argument: "args.local_rank"
 
 
 @dataclass
@@ -93,6 +105,8 @@ class _Binding:
     scope: "_Scope"            # where `value` is evaluated
     line: int
     is_import: bool = False
+    function: ast.AST | None = None    # the def this binding is
+    param_of: ast.AST | None = None    # the def this binding is a parameter of
 
 
 class _Scope:
@@ -147,6 +161,9 @@ class _Module:
         self._memo: dict[tuple[int, int], _Origin | None] = {}
         self._busy: set[tuple[int, int]] = set()
         self._bad_indexes: set[int] = set()
+        self._calls: dict[int, list[ast.Call]] = {}
+        self._busy_params: set[int] = set()
+        self._defined: set[str] | None = None
         self.argparse_local_rank: ast.AST | None = None
         self.nodes: list[ast.AST] = []       # every node, once (ast.walk order)
         for node in ast.walk(tree):
@@ -211,7 +228,7 @@ class _Module:
     # -- scopes and bindings ---------------------------------------------------
 
     def _bind(self, scope: _Scope, key: str, value: ast.expr | None, line: int,
-              is_import: bool = False) -> None:
+              is_import: bool = False, function: ast.AST | None = None) -> None:
         base = key.split(".")[0]
         where = scope
         if base in scope.globals:
@@ -221,7 +238,7 @@ class _Module:
             while s is not None and s.kind in ("class", "comprehension"):
                 s = s.parent
             where = s or scope.module()
-        where.bindings.setdefault(key, []).append(_Binding(value, scope, line, is_import))
+        where.bindings.setdefault(key, []).append(_Binding(value, scope, line, is_import, function))
 
     def _bind_target(self, target: ast.AST, value: ast.expr | None, scope: _Scope, line: int,
                      handled: set[int]) -> None:
@@ -253,12 +270,14 @@ class _Module:
             node, scope = stack.pop()
             self.scope_of[id(node)] = scope
             if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda)):
-                if not isinstance(node, ast.Lambda):
-                    self._bind(scope, node.name, None, node.lineno)
+                named = not isinstance(node, ast.Lambda)
+                if named:
+                    self._bind(scope, node.name, None, node.lineno, function=node)
                 inner = _Scope("function", scope)
                 a = node.args
                 for arg in a.posonlyargs + a.args + a.kwonlyargs + [x for x in (a.vararg, a.kwarg) if x]:
-                    inner.bindings.setdefault(arg.arg, []).append(_Binding(None, inner, node.lineno))
+                    inner.bindings.setdefault(arg.arg, []).append(
+                        _Binding(None, inner, node.lineno, param_of=node if named else None))
                 push([node.body] if isinstance(node, ast.Lambda) else node.body, inner)
                 # Decorators and defaults are evaluated where the function is defined.
                 push(getattr(node, "decorator_list", []) + a.defaults
@@ -321,16 +340,39 @@ class _Module:
     # -- what a value is -------------------------------------------------------
 
     def _env_name(self, node: ast.AST) -> str | None:
-        """``os.environ["X"]``, ``os.environ.get("X", d)``, ``os.getenv("X")`` -> "X"."""
-        if isinstance(node, ast.Subscript) and self.qual(node.value) == "os.environ":
+        """``os.environ["X"]``, ``os.environ.get("X", d)``, ``os.getenv("X")`` -> "X"
+        (also from a copy of the environment, see _is_environ)."""
+        if isinstance(node, ast.Subscript) and self._is_environ(node.value):
             s = node.slice
             if isinstance(s, ast.Constant) and isinstance(s.value, str):
                 return s.value
-        if isinstance(node, ast.Call) and self.call_qual(node) in ("os.environ.get", "os.getenv") \
-                and node.args and isinstance(node.args[0], ast.Constant) \
-                and isinstance(node.args[0].value, str):
+        if isinstance(node, ast.Call) and node.args and isinstance(node.args[0], ast.Constant) \
+                and isinstance(node.args[0].value, str) \
+                and (self.call_qual(node) == "os.getenv"
+                     or (isinstance(node.func, ast.Attribute) and node.func.attr == "get"
+                         and self._is_environ(node.func.value))):
             return node.args[0].value
         return None
+
+    def _is_environ(self, node: ast.AST, depth: int = 0) -> bool:
+        """``os.environ``, or a variable assigned only a copy of it:
+        ``{k: os.environ[k] for k in (...)}``, ``dict(os.environ)``, ``os.environ.copy()``."""
+        if self.qual(node) == "os.environ":
+            return True
+        if isinstance(node, ast.DictComp) and len(node.generators) == 1:
+            target, value = node.generators[0].target, node.value
+            return isinstance(target, ast.Name) and isinstance(value, ast.Subscript) \
+                and self.qual(value.value) == "os.environ" \
+                and all(isinstance(n, ast.Name) and n.id == target.id for n in (node.key, value.slice))
+        if isinstance(node, ast.Call) and not node.keywords:
+            q = self.call_qual(node)
+            return (q == "os.environ.copy" and not node.args) or (
+                q == "dict" and len(node.args) == 1 and self.qual(node.args[0]) == "os.environ")
+        if isinstance(node, ast.Name) and depth < 4:
+            bindings = self.lookup(node.id, self.scope_of.get(id(node), self.module_scope))
+            return bool(bindings) and all(b.value is not None and self._is_environ(b.value, depth + 1)
+                                          for b in bindings)
+        return False
 
     def origin(self, node: ast.AST | None, scope: _Scope) -> _Origin | None:
         """What `node` is known to hold (global rank, local rank, ...), or None."""
@@ -381,7 +423,8 @@ class _Module:
             if isinstance(node, ast.Attribute) and node.attr == "local_rank" \
                     and self.argparse_local_rank is not None:
                 a = self.argparse_local_rank
-                return _Origin(_LOCAL, f"{_show(a)}, line {a.lineno}", a.lineno, True)
+                return _Origin(_LOCAL, f"{_show(a)}, line {a.lineno}", a.lineno, True,
+                               argv=_show(node))
             return None
         # `rank = None` is a placeholder until the real assignment: not a value.
         placeholders = [b for b in bindings if isinstance(b.value, ast.Constant) and b.value.value is None]
@@ -389,16 +432,87 @@ class _Module:
             bindings = [b for b in bindings if b not in placeholders]
         kinds = []
         for b in bindings:
-            o = self.origin(b.value, b.scope) if b.value is not None else None
+            if b.value is not None:
+                o = self.origin(b.value, b.scope)
+            else:
+                o = self._param_origin(b, key) if b.param_of is not None else None
             if o is None:
                 return None                     # one assignment we cannot follow: unknown
             kinds.append(o)
         if len({o.kind for o in kinds}) != 1 or len({o.value for o in kinds}) != 1:
             return None
         first = bindings[0]
-        assert first.value is not None
-        return _Origin(kinds[0].kind, f"{key} = {_show(first.value)}, line {first.line}",
-                       first.line, True, kinds[0].value)
+        source = kinds[0].source if first.value is None else \
+            f"{key} = {_show(first.value)}, line {first.line}"
+        argv = kinds[0].argv if all(o.argv for o in kinds) else None
+        return _Origin(kinds[0].kind, source, first.line, True, kinds[0].value, argv)
+
+    def _param_origin(self, b: _Binding, name: str) -> _Origin | None:
+        """A parameter's value, when every call of its function is in this file and
+        passes the same kind of value (a plain function: not a method, not decorated)."""
+        func = b.param_of
+        if not isinstance(func, (ast.FunctionDef, ast.AsyncFunctionDef)) or func.decorator_list \
+                or (b.scope.parent is not None and b.scope.parent.kind == "class") \
+                or id(func) in self._busy_params:
+            return None
+        a = func.args
+        positional = [x.arg for x in a.posonlyargs + a.args]
+        calls = self._calls_of(func)
+        origins: list[_Origin] = []
+        self._busy_params.add(id(func))         # a recursive call: unknown, not a loop
+        try:
+            for call in calls:
+                value = self._argument(call, positional, name)
+                o = self.origin(value, self.scope_of.get(id(value), self.module_scope)) \
+                    if value is not None else None
+                if o is None:
+                    return None
+                origins.append(o)
+        finally:
+            self._busy_params.discard(id(func))
+        if not origins or len({(o.kind, o.value) for o in origins}) != 1:
+            return None
+        o, call = origins[0], calls[0]
+        source = f"{name} from {self._short(call)}, line {call.lineno}" \
+            + (f"; {o.source}" if o.via_variable else "")
+        argv = o.argv if all(x.argv for x in origins) else None
+        return _Origin(o.kind, source, call.lineno, True, o.value, argv)
+
+    def _calls_of(self, func: ast.FunctionDef | ast.AsyncFunctionDef) -> list[ast.Call]:
+        """Every call of `func` in this file; none when its name is used any other
+        way (handed to mp.spawn, stored, ...) or is bound to anything else too."""
+        if id(func) not in self._calls:
+            bindings = self.lookup(func.name, self.scope_of.get(id(func), self.module_scope))
+            calls: list[ast.Call] = []
+            if len(bindings) == 1 and bindings[0].function is func:
+                for n in self.nodes:
+                    if not (isinstance(n, ast.Name) and n.id == func.name
+                            and self.lookup(n.id, self.scope_of.get(id(n), self.module_scope)) is bindings):
+                        continue
+                    call = self.parent.get(id(n))
+                    if not (isinstance(call, ast.Call) and call.func is n):
+                        calls = []
+                        break
+                    calls.append(call)
+            self._calls[id(func)] = calls
+        return self._calls[id(func)]
+
+    @staticmethod
+    def _argument(call: ast.Call, positional: list[str], name: str) -> ast.expr | None:
+        """What `call` passes for the parameter `name`; None if it cannot be told."""
+        for k in call.keywords:
+            if k.arg == name:
+                return k.value
+        if name in positional:
+            i = positional.index(name)
+            if len(call.args) > i and not any(isinstance(a, ast.Starred) for a in call.args[:i + 1]):
+                return call.args[i]
+        return None
+
+    @staticmethod
+    def _short(call: ast.Call) -> str:
+        shown = _show(call)
+        return shown if len(shown) <= _SHOW_LIMIT else f"{_show(call.func)}(...)"
 
     def _local_rank_name(self, scope: _Scope, before: int) -> str:
         """A variable already holding the local rank, to suggest; else the env read."""
@@ -420,11 +534,15 @@ class _Module:
     def run(self) -> list[Finding]:
         reported_strings: set[int] = set()
         device_sinks = []
+        argv_devices: list[ast.AST] = []        # devices taken from a --local_rank argument
         for node in self.nodes:
             if isinstance(node, ast.Call):
-                bad = self._device_sink(node, reported_strings)
+                uses = self._device_sink(node, reported_strings)
+                bad = [u for u in uses if u[2].kind == _GLOBAL]
                 if bad:
                     device_sinks.append((node, bad))
+                if any(o.argv for _, _, o in uses):
+                    argv_devices.append(node)
                 self._check_sampler(node)
                 self._check_init(node)
         # Every global rank used as a device, so that a fix for DDP(m.to(rank),
@@ -432,18 +550,26 @@ class _Module:
         self._bad_indexes = {id(index) for _, bad in device_sinks for index, _, _ in bad}
         for call, bad in device_sinks:
             self._report_device_sink(call, bad)
-        self._check_device_strings(reported_strings)
+        self._check_device_strings(reported_strings, argv_devices)
         self._check_object_collectives()
+        self._check_launch_argument(argv_devices)
         return sorted(set(self.findings), key=lambda f: (f.line, f.col, f.code, f.message))
 
     # CR001 ----------------------------------------------------------------------
 
     def _device_index(self, node: ast.AST) -> ast.AST | None:
         """The index X inside a CUDA device name built from it: ``f"cuda:{X}"``,
-        ``"cuda:" + str(X)``, ``"cuda:%d" % X``, ``"cuda:{}".format(X)``."""
+        ``"cuda:" + str(X)``, ``"cuda:%d" % X``, ``"cuda:{}".format(X)``, and
+        ``f"{acc}:{X}"`` with ``acc`` from ``torch.accelerator.current_accelerator()``."""
         if isinstance(node, ast.JoinedStr) and len(node.values) == 2:
             head, fv = node.values
             if isinstance(head, ast.Constant) and head.value == "cuda:" \
+                    and isinstance(fv, ast.FormattedValue) and fv.format_spec is None:
+                return fv.value
+        if isinstance(node, ast.JoinedStr) and len(node.values) == 3:
+            acc, colon, fv = node.values
+            if isinstance(acc, ast.FormattedValue) and self._is_accelerator(acc.value) \
+                    and isinstance(colon, ast.Constant) and colon.value == ":" \
                     and isinstance(fv, ast.FormattedValue) and fv.format_spec is None:
                 return fv.value
         if isinstance(node, ast.BinOp) and isinstance(node.left, ast.Constant):
@@ -462,14 +588,23 @@ class _Module:
             return node.args[0]
         return None
 
-    def _global_rank(self, node: ast.AST | None, scope: _Scope) -> _Origin | None:
-        o = self.origin(node, scope)
-        return o if o is not None and o.kind == _GLOBAL else None
+    def _is_accelerator(self, node: ast.AST, depth: int = 0) -> bool:
+        """``torch.accelerator.current_accelerator()`` or its ``.type``, directly or
+        through variables assigned only that."""
+        if isinstance(node, ast.Attribute) and node.attr == "type":
+            node = node.value
+        if isinstance(node, ast.Call):
+            return self.call_qual(node) == "torch.accelerator.current_accelerator"
+        if isinstance(node, ast.Name) and depth < 4:
+            bindings = self.lookup(node.id, self.scope_of.get(id(node), self.module_scope))
+            return bool(bindings) and all(b.value is not None and self._is_accelerator(b.value, depth + 1)
+                                          for b in bindings)
+        return False
 
     def _device_sink(self, call: ast.Call, reported_strings: set[int]
                      ) -> list[tuple[ast.AST, ast.keyword | None, _Origin]]:
-        """The global ranks `call` uses as a device index, with the keyword each
-        was passed as (None: positional) and where it came from."""
+        """The values of known origin `call` uses as a device index, with the keyword
+        each was passed as (None: positional) and where it came from."""
         q = self.call_qual(call) or ""
         scope = self.scope_of.get(id(call), self.module_scope)
         kw = {k.arg: k for k in call.keywords if k.arg}
@@ -483,11 +618,12 @@ class _Module:
                 candidates.append((call.args[i], None))
 
         method = call.func.attr if isinstance(call.func, ast.Attribute) else None
-        if q in ("torch.cuda.set_device", "torch.cuda.device"):
+        if q in _SET_DEVICE:
             pos_or_kw(0, "device")
         elif q == "torch.device":
             typ = kw["type"].value if "type" in kw else (call.args[0] if call.args else None)
-            if isinstance(typ, ast.Constant) and typ.value == "cuda":
+            if (isinstance(typ, ast.Constant) and typ.value == "cuda") \
+                    or (typ is not None and self._is_accelerator(typ)):
                 pos_or_kw(1, "index")
             elif len(call.args) == 1 and not call.keywords:
                 candidates.append((call.args[0], None))     # torch.device(3) is cuda:3
@@ -509,17 +645,17 @@ class _Module:
         elif q.startswith("torch.") and "device" in kw:
             candidates.append((kw["device"].value, kw["device"]))
 
-        bad: list[tuple[ast.AST, ast.keyword | None, _Origin]] = []
+        uses: list[tuple[ast.AST, ast.keyword | None, _Origin]] = []
         for expr, keyword in candidates:
             index = self._device_index(expr)
             if index is not None:
                 reported_strings.add(id(expr))
             else:
                 index = expr
-            o = self._global_rank(index, scope)
+            o = self.origin(index, scope)
             if o is not None:
-                bad.append((index, keyword, o))
-        return bad
+                uses.append((index, keyword, o))
+        return uses
 
     def _report_device_sink(self, call: ast.Call,
                             bad: list[tuple[ast.AST, ast.keyword | None, _Origin]]) -> None:
@@ -532,7 +668,7 @@ class _Module:
                  f"on every node but the first it names a GPU past the node's own",
                  f"use the local rank: {fixed}")
 
-    def _check_device_strings(self, reported: set[int]) -> None:
+    def _check_device_strings(self, reported: set[int], argv_devices: list[ast.AST]) -> None:
         for node in self.nodes:
             if id(node) in reported or not isinstance(node, (ast.JoinedStr, ast.BinOp, ast.Call)):
                 continue
@@ -540,8 +676,10 @@ class _Module:
             if index is None or self._is_printed(node):
                 continue
             scope = self.scope_of.get(id(node), self.module_scope)
-            o = self._global_rank(index, scope)
-            if o is None:
+            o = self.origin(index, scope)
+            if o is not None and o.argv:
+                argv_devices.append(node)
+            if o is None or o.kind != _GLOBAL:
                 continue
             fixed = _show(self._replaced(node, [index], self._local_rank_name(scope, node.lineno)))
             self.add(node, "CR001", ERROR,
@@ -606,13 +744,13 @@ class _Module:
 
     # CR002, CR003 ----------------------------------------------------------------------
 
-    def _sampler_var(self, call: ast.Call) -> str:
+    def _sampler_var(self, call: ast.Call) -> str | None:
         parent = self.parent.get(id(call))
         if isinstance(parent, (ast.Assign, ast.AnnAssign)):
             targets = parent.targets if isinstance(parent, ast.Assign) else [parent.target]
             if len(targets) == 1 and _key(targets[0]):
-                return _show(targets[0])
-        return "sampler"
+                return _key(targets[0])
+        return None
 
     @staticmethod
     def _rebuilt(call: ast.Call, params: tuple[str, ...], keep_positional: int,
@@ -669,13 +807,41 @@ class _Module:
         shuffle = arg(3, "shuffle")
         if isinstance(shuffle, ast.Constant) and shuffle.value is False:
             return
-        if self._has_loop() and not self._mentions_set_epoch():
-            var = self._sampler_var(call)
+        if self._has_loop() and not self._mentions_set_epoch() and not self._handed_off(call):
+            var = self._sampler_var(call) or "sampler"
             self.add(call, "CR003", WARNING,
                      f"{shown} shuffles, but set_epoch() is never called in this file: every "
                      f"epoch sees the same order",
                      f"call {var}.set_epoch(epoch) at the top of each epoch, before iterating "
                      f"the DataLoader")
+
+    def _handed_off(self, sampler: ast.Call) -> bool:
+        """The sampler (or its variable) is an argument of a call into code this file
+        does not show (an imported helper, another object's method): that code may
+        well call set_epoch() on it."""
+        var = self._sampler_var(sampler)
+        uses = [sampler] + [n for n in self.nodes if var and isinstance(n, (ast.Name, ast.Attribute))
+                            and isinstance(n.ctx, ast.Load) and _key(n) == var]
+        for use in uses:
+            p = self.parent.get(id(use))
+            if isinstance(p, ast.keyword):
+                p = self.parent.get(id(p))
+            if isinstance(p, ast.Call) and p.func is not use and self._foreign(p):
+                return True
+        return False
+
+    def _foreign(self, call: ast.Call) -> bool:
+        """A call into code this file does not show: not torch's, not a builtin,
+        not a function or class defined here."""
+        q = self.call_qual(call) or ""
+        if q.startswith("torch.") or q in dir(builtins):
+            return False
+        if self._defined is None:
+            self._defined = {n.name for n in self.nodes if isinstance(
+                n, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef))}
+        f = call.func
+        name = f.attr if isinstance(f, ast.Attribute) else f.id if isinstance(f, ast.Name) else None
+        return name not in self._defined
 
     def _has_loop(self) -> bool:
         return any(isinstance(n, (ast.For, ast.AsyncFor, ast.While)) for n in self.nodes)
@@ -716,6 +882,10 @@ class _Module:
                 return kw[name]
             return call.args[i] if len(call.args) > i and not starred else None
 
+        method = arg(1, "init_method")
+        if "store" in kw or not (method is None or (isinstance(method, ast.Constant) and (
+                method.value is None or str(method.value).startswith("env://")))):
+            return      # a rendezvous of its own (or a sub-group): rank and size are its to give
         shown = _show(call)
         fixed = self._rebuilt(call, _INIT_PG_PARAMS, 1, {"rank", "world_size"})
         fix = (f"under torchrun, RANK and WORLD_SIZE come from the environment; drop rank= and "
@@ -768,9 +938,9 @@ class _Module:
             return
         for n in self.nodes:
             # Any way the script picks its GPU (even one we cannot follow) silences this.
-            if (isinstance(n, ast.Attribute) and n.attr == "set_device") \
-                    or (isinstance(n, ast.Name) and n.id == "set_device") \
-                    or (isinstance(n, ast.Call) and self.call_qual(n) == "torch.cuda.device") \
+            if (isinstance(n, ast.Attribute) and n.attr in _SET_DEVICE_NAMES) \
+                    or (isinstance(n, ast.Name) and n.id in _SET_DEVICE_NAMES) \
+                    or (isinstance(n, ast.Call) and self.call_qual(n) in _SET_DEVICE) \
                     or (isinstance(n, ast.Constant) and n.value == "CUDA_VISIBLE_DEVICES"):
                 return
         for n in self.nodes:
@@ -782,6 +952,54 @@ class _Module:
                          f"NCCL the processes of a node share GPU 0 and fail or hang",
                          f"call torch.cuda.set_device({_LOCAL_RANK_EXPR}) right after "
                          f"init_process_group")
+
+    # CR006 --------------------------------------------------------------------------------
+
+    def _check_launch_argument(self, devices: list[ast.AST]) -> None:
+        """A --local_rank argument used as the device, with a default that is the
+        same in every process, in a file that never reads LOCAL_RANK itself."""
+        a = self.argparse_local_rank
+        if a is None or not devices or any(isinstance(n, ast.Constant) and n.value == "LOCAL_RANK"
+                                           for n in self.nodes):
+            return
+        kw = {k.arg: k.value for k in a.keywords if k.arg}
+        required, default = kw.get("required"), kw.get("default")
+        literal = self.origin(default, self.module_scope) if default is not None else None
+        if isinstance(required, ast.Constant) and required.value:
+            return      # torchrun stops at once with argparse's usage error
+        if default is not None and not (isinstance(default, ast.Constant) and default.value is None) \
+                and not (literal is not None and literal.kind == _INT and not literal.via_variable):
+            return      # a default the file computes may differ per process
+        use = min(devices, key=lambda n: (n.lineno, n.col_offset))
+        attr = self._argv_of(use)
+        value = "None" if literal is None else str(literal.value)
+        self.add(a, "CR006", ERROR,
+                 f"{self._short(a)} declares torch.distributed.launch's --local_rank, but torchrun "
+                 f"does not pass it (it sets LOCAL_RANK in the environment): {attr} is {value} in "
+                 f"every process, so {self._short(use)} (line {use.lineno}) gives every process "
+                 f"of a node the same device",
+                 f"read LOCAL_RANK from the environment: {self._env_default(a)}")
+
+    def _argv_of(self, node: ast.AST) -> str:
+        """The --local_rank attribute (``args.local_rank``) a device use reads."""
+        for n in ast.walk(node):
+            o = self.origin(n, self.scope_of.get(id(n), self.module_scope)) \
+                if isinstance(n, (ast.Name, ast.Attribute, ast.Call)) else None
+            if o is not None and o.argv:
+                return o.argv
+        return "args.local_rank"
+
+    @staticmethod
+    def _env_default(a: ast.Call) -> str:
+        """The add_argument call with ``default=`` reading LOCAL_RANK."""
+        default = ast.parse(_LOCAL_RANK_DEFAULT, mode="eval").body
+        new = copy.deepcopy(a)
+        new.keywords = [k for k in new.keywords if k.arg != "default"] \
+            + [ast.keyword(arg="default", value=default)]
+        if len(_show(a)) <= _SHOW_LIMIT:
+            return _show(new)
+        flags = ", ".join(_show(x) for x in a.args)
+        return f"{_show(a.func)}({flags}, ..., default={_LOCAL_RANK_DEFAULT})"
 
 
 def lint_source(source: str, path: str = "<string>") -> list[Finding]:

@@ -214,13 +214,14 @@ if __name__ == "__main__":
 '''
 
 GOOD_LAUNCH_ARGPARSE = '''
-"""Old torch.distributed.launch style: --local_rank from argparse, used as a device."""
+"""Old torch.distributed.launch style, made safe for torchrun: --local_rank defaults to LOCAL_RANK."""
 import argparse
+import os
 import torch
 import torch.distributed as dist
 
 parser = argparse.ArgumentParser()
-parser.add_argument("--local_rank", type=int, default=0)
+parser.add_argument("--local_rank", "--local-rank", type=int, default=int(os.environ.get("LOCAL_RANK", 0)))
 args = parser.parse_args()
 torch.cuda.set_device(args.local_rank)
 dist.init_process_group(backend="nccl", init_method="env://")
@@ -411,6 +412,96 @@ def test_cr001_message_and_fix_name_the_expression_and_the_local_rank_variable()
     assert (f.line, f.col) == (10, 5)
 
 
+def test_cr001_torch_accelerator():
+    findings = check("""
+        rank = dist.get_rank()
+        local_rank = int(os.environ["LOCAL_RANK"])
+        torch.accelerator.set_device_index(rank)  # expect: CR001
+        with torch.accelerator.device_index(rank):  # expect: CR001
+            pass
+        acc = torch.accelerator.current_accelerator()
+        device = torch.device(f"{acc}:{rank}")  # expect: CR001
+        kind = acc.type
+        x = torch.zeros(3, device=f"{kind}:{rank}")  # expect: CR001
+        y = torch.device(acc, rank)  # expect: CR001
+        torch.accelerator.set_device_index(local_rank)
+        ok = torch.device(f"{acc}:{local_rank}")
+        label = f"{host}:{rank}"
+    """)
+    assert findings[0].fix == "use the local rank: torch.accelerator.set_device_index(local_rank)"
+
+
+def test_cr001_a_global_rank_passed_to_a_function_of_this_file():
+    # Shaped like pytorch/examples distributed/ddp/example.py.
+    findings = check("""
+        def demo_basic(rank):
+            model = build().to(rank)  # expect: CR001
+            ddp_model = DDP(model, device_ids=[rank])  # expect: CR001
+            labels = torch.randn(20, 5).to(rank)  # expect: CR001
+
+
+        def main():
+            env_dict = {key: os.environ[key] for key in ("RANK", "LOCAL_RANK", "WORLD_SIZE")}
+            rank = int(env_dict["RANK"])
+            local_rank = int(env_dict["LOCAL_RANK"])
+            torch.accelerator.set_device_index(rank)  # expect: CR001
+            dist.init_process_group("nccl", rank=int(env_dict["RANK"]),
+                                    world_size=int(env_dict["WORLD_SIZE"]))
+            demo_basic(rank)
+    """)
+    assert "(rank from demo_basic(rank), line 20; rank = int(env_dict['RANK']), line 15)" \
+        in findings[0].message
+    assert findings[-1].fix == "use the local rank: torch.accelerator.set_device_index(local_rank)"
+
+
+def test_cr001_parameters_are_followed_only_when_every_call_is_visible():
+    check("""
+        def spawned(rank):
+            torch.cuda.set_device(rank)
+
+
+        def mixed(rank):
+            torch.cuda.set_device(rank)
+
+
+        def defaulted(rank=0):
+            torch.cuda.set_device(rank)
+
+
+        @decorator
+        def decorated(rank):
+            torch.cuda.set_device(rank)
+
+
+        class Worker:
+            def run(self, rank):
+                torch.cuda.set_device(rank)
+
+
+        def recursive(rank, n):
+            if n:
+                recursive(rank, n - 1)
+            torch.cuda.set_device(rank)
+
+
+        def local(rank):
+            torch.cuda.set_device(rank)
+
+
+        g = dist.get_rank()
+        spawned(g)
+        torch.multiprocessing.spawn(spawned, nprocs=2)  # handed on: its caller is not visible
+        mixed(g)
+        mixed(0)
+        defaulted()
+        decorated(g)
+        Worker().run(g)
+        recursive(g, 2)
+        local(int(os.environ["LOCAL_RANK"]))
+        local(rank=int(os.environ["LOCAL_RANK"]))
+    """)
+
+
 def test_cr001_long_call_is_shortened_to_the_offending_argument():
     [f] = check("""
         rank = dist.get_rank()
@@ -504,6 +595,38 @@ def test_cr003_shuffle_true_or_unknown_still_warns_and_the_loop_may_be_elsewhere
     """)
 
 
+def test_cr003_not_reported_when_the_sampler_is_handed_to_a_helper():
+    # Shaped like pytorch/examples distributed/FSDP/T5_training.py: the helper is imported.
+    check("""
+        from train_utils import train
+        import engine
+        sampler = DistributedSampler(ds)
+        loader = DataLoader(ds, sampler=sampler)
+        for epoch in range(10):
+            train(model, loader, epoch, sampler=sampler)
+        other = DistributedSampler(ds)
+        for epoch in range(10):
+            engine.fit(other, epoch)
+        engine.run(DistributedSampler(ds))
+    """)
+
+
+def test_cr003_still_reported_when_the_sampler_reaches_only_loaders_builtins_or_this_files_code():
+    check("""
+        def evaluate(loader, sampler):
+            for batch in loader:
+                pass
+
+
+        sampler = DistributedSampler(ds)  # expect: CR003
+        kwargs = {"batch_size": 8, "sampler": sampler}
+        loader = DataLoader(ds, **kwargs)
+        print(len(sampler))
+        for epoch in range(10):
+            evaluate(loader, sampler)
+    """)
+
+
 @pytest.mark.parametrize("body", [
     # set_epoch called in any way at all
     "s = DistributedSampler(ds)\nfor e in range(3):\n    loader.sampler.set_epoch(e)\n",
@@ -555,6 +678,30 @@ def test_cr004_not_reported_in_a_single_process_fallback():
     """)
 
 
+def test_cr004_and_cr002_not_reported_for_an_explicit_rendezvous_or_rpc():
+    # Shaped like pytorch/examples distributed/rpc/ddp_rpc/main.py: a sub-group of 2 trainers.
+    check("""
+        from torch.distributed import rpc, TCPStore
+        r = int(os.environ["RANK"])
+        local_rank = int(os.environ["LOCAL_RANK"])
+        dist.init_process_group("gloo", init_method="tcp://localhost:29500", rank=r, world_size=2)
+        dist.init_process_group("gloo", "file:///tmp/rdzv", rank=0, world_size=2)
+        dist.init_process_group(backend="gloo", init_method=url, rank=0, world_size=2)
+        store = TCPStore("10.0.0.1", 29501, 2, r == 0)
+        dist.init_process_group("gloo", store=store, rank=r, world_size=2)
+        dist.init_process_group("gloo", init_method="tcp://127.0.0.1:29600", rank=local_rank,
+                                world_size=torch.cuda.device_count())
+        rpc.init_rpc("trainer0", rank=0, world_size=4)
+        rpc.init_rpc(name="ps", rank=r, world_size=3)
+    """)
+
+
+def test_cr004_still_reported_with_the_env_init_method():
+    check("""
+        dist.init_process_group("nccl", init_method="env://", world_size=2)  # expect: CR004
+    """)
+
+
 # -- CR005: NCCL object collectives without set_device ------------------------------------
 
 def test_cr005_object_collective_without_set_device():
@@ -572,6 +719,7 @@ def test_cr005_object_collective_without_set_device():
 
 @pytest.mark.parametrize("line", [
     "torch.cuda.set_device(int(os.environ['LOCAL_RANK']))",
+    "torch.accelerator.set_device_index(int(os.environ['LOCAL_RANK']))",
     "setup.set_device()",
     "os.environ['CUDA_VISIBLE_DEVICES'] = os.environ['LOCAL_RANK']",
     "dist.init_process_group('gloo')",
@@ -581,6 +729,80 @@ def test_cr005_not_reported_when_the_device_is_chosen_or_not_nccl(line):
     source = HEADER + line + "\ndist.init_process_group('nccl')\ndist.all_gather_object([None], 1)\n"
     if "init_process_group" in line:
         source = HEADER + line + "\ndist.all_gather_object([None], 1)\n"
+    assert lint_source(source) == []
+
+
+# -- CR006: torch.distributed.launch's --local_rank under torchrun ------------------------
+
+def test_cr006_launch_local_rank_argument_used_as_a_device():
+    findings = check("""
+        import argparse
+        parser = argparse.ArgumentParser()
+        parser.add_argument("--local_rank", type=int, default=0)  # expect: CR006
+        args = parser.parse_args()
+        torch.cuda.set_device(args.local_rank)
+        dist.init_process_group(backend="nccl", init_method="env://")
+        model = DDP(build().cuda(args.local_rank), device_ids=[args.local_rank])
+    """)
+    [f] = findings
+    assert f.severity == "error"
+    assert "torchrun does not pass it" in f.message
+    assert "args.local_rank is 0 in every process" in f.message
+    assert "torch.cuda.set_device(args.local_rank) (line 11)" in f.message
+    assert f.fix == ("read LOCAL_RANK from the environment: parser.add_argument('--local_rank', "
+                     "type=int, default=int(os.environ.get('LOCAL_RANK', 0)))")
+
+
+def test_cr006_no_default_a_variable_and_a_function():
+    [f] = check("""
+        import argparse
+
+
+        def setup(opts):
+            lr = opts.local_rank
+            return torch.device("cuda", lr)
+
+
+        parser = argparse.ArgumentParser()
+        parser.add_argument("--local-rank", "--local_rank", type=int)  # expect: CR006
+        setup(parser.parse_args())
+    """)
+    assert "opts.local_rank is None in every process" in f.message
+    assert f.fix.endswith("parser.add_argument('--local-rank', '--local_rank', type=int, "
+                          "default=int(os.environ.get('LOCAL_RANK', 0)))")
+
+
+def test_cr006_the_legacy_minus_one_default():
+    [f] = check("""
+        import argparse
+        parser = argparse.ArgumentParser()
+        parser.add_argument("--local_rank", default=-1, type=int, help="set by torch.distributed.launch")  # expect: CR006
+        args = parser.parse_args()
+        if args.local_rank != -1:
+            torch.cuda.set_device(args.local_rank)
+    """)
+    assert "args.local_rank is -1 in every process" in f.message
+    assert f.message.startswith("parser.add_argument(...) declares")
+    assert f.fix == ("read LOCAL_RANK from the environment: parser.add_argument('--local_rank', ..., "
+                     "default=int(os.environ.get('LOCAL_RANK', 0)))")
+
+
+@pytest.mark.parametrize("lines", [
+    # the default reads the environment (torchrun), the flag still works (launch)
+    ["p.add_argument('--local_rank', type=int, default=int(os.environ.get('LOCAL_RANK', 0)))",
+     "args = p.parse_args()", "torch.cuda.set_device(args.local_rank)"],
+    # overwritten from the environment after parsing
+    ["p.add_argument('--local_rank', type=int, default=0)", "args = p.parse_args()",
+     "args.local_rank = int(os.environ['LOCAL_RANK'])", "torch.cuda.set_device(args.local_rank)"],
+    # declared for a launcher's sake, never used as a device
+    ["p.add_argument('--local_rank', type=int, default=-1)", "args = p.parse_args()",
+     "print(args.local_rank)"],
+    # required: fails loudly under torchrun, not silently
+    ["p.add_argument('--local_rank', type=int, required=True)", "args = p.parse_args()",
+     "torch.cuda.set_device(args.local_rank)"],
+])
+def test_cr006_not_reported(lines):
+    source = HEADER + "import argparse\np = argparse.ArgumentParser()\n" + "\n".join(lines) + "\n"
     assert lint_source(source) == []
 
 

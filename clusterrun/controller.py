@@ -107,8 +107,7 @@ class RunController:
             job.output.close()
         if self.gate is not None:       # it ended before its probe: that is its answer
             why = result.message or result.state
-            self.gate.answer(job.node, f"cannot run {job.node.python}: {why}"
-                             if result.state == NodeState.FAILED_TO_START else why)
+            self.gate.answer(job.node, why)
         killed = self.run.killed_reason()
         if killed is not None and not result.ok:
             result.state, result.stopped = NodeState.KILLED, True
@@ -169,7 +168,8 @@ class RunController:
             results.append(r)
             if r.state in (NodeState.RUNNING, NodeState.NOT_STARTED):     # caught up; or held back by the preflight
                 continue
-            if not r.ok and self.opts.fail_fast and not stopping and not r.stopped:
+            held_back = self.gate is not None and bool(self.gate.problems)    # nothing started anywhere
+            if not r.ok and self.opts.fail_fast and not stopping and not r.stopped and not held_back:
                 stopping = True
                 ended = {x.node.node_rank for x in results}
                 if len(ended) < len(self.jobs):

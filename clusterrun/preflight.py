@@ -41,7 +41,7 @@ def probe_all(plan: Plan, transports: Sequence[Transport | None], specs: Sequenc
         try:
             return run_agent(plan.nodes[i], t, specs[i])
         except AgentError as e:
-            return f"cannot run {plan.nodes[i].python}: {e}"
+            return str(e)
 
     # An error other than the agent's: the connection broke; report it for this node.
     return [o.value if o.error is None else f"{type(o.error).__name__}: {o.error}"  # type: ignore[misc]
@@ -121,4 +121,4 @@ def auto_port(plan: Plan, transports: Sequence[Transport]) -> int:
     try:
         return int(run_agent(plan.nodes[0], transports[0], spec)["free_port"])
     except AgentError as e:
-        raise PreflightError(f"{plan.nodes[0].name}: cannot run {plan.nodes[0].python}: {e}") from None
+        raise PreflightError(f"{plan.nodes[0].name}: {e}") from None

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from .errors import UnreachableError
-from .plan import NodePlan, quote_path, shell_prefix
+from .plan import NodePlan, quote_path, setup_part
 from .model import NodeResult, NodeState, RankFailure
 from .parallel import each
 from .stream import NodeOutput
@@ -39,10 +39,48 @@ AGENT_LOADER = "import base64,sys,zlib;exec(zlib.decompress(base64.b64decode(sys
 AGENT_MARK = b"CLUSTERRUN-AGENT "
 
 
+# A step of the login line that fails says which on stderr, so that each cause gets
+# its own words (login_failure): `CLUSTERRUN-FAILED workdir`, `... setup <status>`.
+FAILED_MARK = "CLUSTERRUN-FAILED "
+
+
+def login_steps(node: NodePlan) -> str:
+    """`cd WORKDIR`, then the setup lines (reading nothing from stdin: it carries the
+    agent), each stopping the login line with its own mark if it fails."""
+    steps = []
+    if node.workdir:
+        steps.append(f"cd {quote_path(node.workdir)} || {{ echo {FAILED_MARK}workdir >&2; exit 1; }}; ")
+    setup = [setup_part(s) for s in node.setup if s.strip()]
+    if setup:
+        steps.append("{ " + " && ".join(setup) + "; } </dev/null || "
+                     f"{{ echo \"{FAILED_MARK}setup $?\" >&2; exit 1; }}; ")
+    return "".join(steps)
+
+
 def agent_command(node: NodePlan, prefix: str | None = None, token: str = "") -> str:
     """The shell line that runs the node agent: cd, setup, then exec python."""
-    prefix = shell_prefix(node) if prefix is None else prefix
+    prefix = login_steps(node) if prefix is None else prefix
     return prefix + f"exec {quote_path(node.python)} -c {shlex.quote(AGENT_LOADER)} {token}"
+
+
+def login_failure(node: NodePlan, code: int | None, stderr: str, login: bytes = b"") -> str:
+    """Why the login line ended before the agent spoke, in words: the workdir, the
+    setup (with its exit status and last lines), or the python."""
+    lines = [line for line in stderr.splitlines() if line.strip()]
+    mark = next((line[len(FAILED_MARK):].split() for line in lines if line.startswith(FAILED_MARK)), None)
+    rest = [line for line in lines if not line.startswith(FAILED_MARK)]
+    if mark and mark[0] == "workdir":
+        why = rest[-1].rsplit("cd: ", 1)[-1] if rest else "cannot be entered"
+        return f"workdir {why}" if why.startswith(f"{node.workdir}:") else f"workdir {node.workdir}: {why}"
+    if mark and mark[0] == "setup":
+        out = rest or login.decode("utf-8", "replace").splitlines()
+        last = " | ".join(line.strip() for line in out[-3:] if line.strip())
+        return f"setup failed with exit code {mark[1]}" + (f": {last}" if last else "")
+    if code == 127:
+        return f"python {node.python} not found"
+    if code == 126:
+        return f"python {node.python} cannot be run" + (f" ({rest[-1]})" if rest else "")
+    return rest[-1] if rest else f"the login shell exited with code {code} before python started"
 
 
 def start_agent(node: NodePlan, transport: Transport, spec: dict[str, Any],
@@ -58,21 +96,20 @@ def start_agent(node: NodePlan, transport: Transport, spec: dict[str, Any],
     return proc, AGENT_MARK + token.encode() + b"\n"
 
 
-def read_preamble(proc: Process, mark: bytes) -> bytes | None:
-    """Read up to the agent's first line: the login's output before it (b"" if none),
-    or None if the session ended first. The agent starts with a newline of its own,
-    which ends a login line left open; it is not part of the login's output."""
+def read_preamble(proc: Process, mark: bytes) -> tuple[bool, bytes]:
+    """Read up to the agent's first line: (whether the agent spoke, the login's output
+    before it). The agent starts with a newline of its own, which ends a login line
+    left open; it is not part of the login's output."""
     seen = []
     while True:
         line = proc.stdout.readline()
         if not line:
-            return None
+            return False, b"".join(seen)
         if line.endswith(mark):
             seen.append(line[:-len(mark)])
             login = b"".join(seen)
-            return login[:-1] if login.endswith(b"\n") else login
+            return True, login[:-1] if login.endswith(b"\n") else login
         seen.append(line)
-    return proc
 
 
 class Detached(Exception):
@@ -170,9 +207,9 @@ class RemoteJob:
 
     def _read(self, proc: Process, mark: bytes, starting: bool) -> NodeResult | None:
         """Frames until the agent's final event; None if the connection broke."""
-        login = read_preamble(proc, mark)   # setup lines may take a while: no limit until the agent speaks
-        if login is None:
-            return self._broken(proc)
+        spoke, login = read_preamble(proc, mark)   # setup may take a while: no limit until the agent speaks
+        if not spoke:
+            return self._broken(proc, login)
         if not starting:                    # an attach streams at once: it can take a stop now
             self._pass_stop_on(proc)
         if login:                       # kept apart from torchrun's lines: it shifts no offset
@@ -242,16 +279,21 @@ class RemoteJob:
                               stopped=ev.get("stop_time") is not None)
         return NodeResult(self.node, NodeState.LOST, message="; ".join(m for m in (ev.get("reason", ""), kept) if m))
 
-    def _broken(self, proc: Process) -> NodeResult | None:
-        """EOF before the final event: the agent failed, or the connection did."""
+    def _broken(self, proc: Process, login: bytes | None = None) -> NodeResult | None:
+        """EOF before the final event: the agent failed, or the connection did.
+        (`login`: the session ended before the agent spoke; what the login printed.)"""
         if self.detached:
             raise Detached()
         code = proc.wait(timeout=2)
         if code is None or not self.transport.alive():
             return None
-        err = proc.stderr_text().strip()
-        return NodeResult(self.node, NodeState.FAILED_TO_START, code,
-                          message=err or f"the node agent exited with code {code}")
+        if login is not None:
+            if login:
+                self.output.login(login if login.endswith(b"\n") else login + b"\n")
+            why = login_failure(self.node, code, proc.stderr_text(), login)
+        else:
+            why = proc.stderr_text().strip() or f"the node agent exited with code {code}"
+        return NodeResult(self.node, NodeState.FAILED_TO_START, code, message=why)
 
     def detach(self) -> None:
         """Let go of the node; the job keeps running there."""
@@ -335,14 +377,16 @@ def run_agent(node: NodePlan, transport: Transport, spec: dict[str, Any]) -> dic
     proc, mark = start_agent(node, transport, spec)
     try:
         line = b""
-        if read_preamble(proc, mark) is not None:
-            while True:
-                line = proc.stdout.readline()
-                if not line or line.startswith(b"S "):
-                    break
+        spoke, login = read_preamble(proc, mark)
+        while spoke:
+            line = proc.stdout.readline()
+            if not line or line.startswith(b"S "):
+                break
         code = proc.wait(timeout=30)
         if line.startswith(b"S "):
             return json.loads(line[2:])
+        if not spoke:
+            raise AgentError(login_failure(node, code, proc.stderr_text(), login))
         err = proc.stderr_text().strip()
         raise AgentError(err.splitlines()[-1] if err else f"the node agent exited with code {code}")
     finally:

@@ -91,7 +91,7 @@ def sync_node(node: NodePlan, transport: Transport, root: Path, files: list[Loca
     proc, mark = start_agent(node, transport, {"mode": "sync"}, prefix=f"mkdir -p {wd} && cd {wd} && ")
     try:
         proc.send(json.dumps([f.rel for f in files]).encode() + b"\n")
-        line = proc.stdout.readline() if read_preamble(proc, mark) is not None else b""
+        line = proc.stdout.readline() if read_preamble(proc, mark)[0] else b""
         try:
             have = json.loads(line)
         except ValueError:

@@ -405,7 +405,7 @@ def test_a_node_whose_agent_cannot_start_holds_back_every_node_and_is_named(fake
     assert c.session("nodeW").commands == [b"stop"] and c.session("nodeX").commands == [b"stop"]
     assert {r.node.name: r.state for r in results} == {
         "nodeW": NodeState.NOT_STARTED, "nodeX": NodeState.NOT_STARTED, "nodeY": NodeState.FAILED_TO_START}
-    assert gate.problems == ["nodeY: cannot run /usr/bin/python3: sh: 1: exec: /usr/bin/python3: not found"]
+    assert gate.problems == ["nodeY: python /usr/bin/python3 not found"]
 
 
 def test_a_busy_master_port_holds_back_every_node(fake_run, plan):

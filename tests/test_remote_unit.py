@@ -225,7 +225,7 @@ def test_an_agent_that_cannot_start_fails_to_start_with_its_error(plan, run, scr
     j = node_job(plan, run, screen, t, reconnect=lambda: reconnects.append(1) or t)
     result = j.run()
     assert (result.state, result.code) == (NodeState.FAILED_TO_START, 127)
-    assert result.message == "sh: 1: exec: /usr/bin/python3: not found"
+    assert result.message == "python /usr/bin/python3 not found"
     assert reconnects == [] and len(t.execs) == 1, "a dead agent is not a lost link: no reconnect"
 
 
@@ -412,3 +412,29 @@ def test_a_kill_that_cannot_be_written_falls_back_at_once(plan, run, screen):
     assert [q.spec["mode"] for q in t.processes] == ["start", "kill"]     # type: ignore[index]
     p.hang_up()
     assert job_run.result().state == NodeState.LOST
+
+
+# --- why the login line ended before the agent spoke (real shell, LocalTransport) ------------
+
+
+@pytest.mark.parametrize("entry, cause", [
+    ({"workdir": "/nonexistent/clusterrun-wd"}, "workdir /nonexistent/clusterrun-wd: No such file or directory"),
+    ({"setup": ["echo getting ready", "ls /nonexistent/clusterrun-x"]},
+     "setup failed with exit code 2: ls: cannot access '/nonexistent/clusterrun-x': No such file or directory"),
+    ({"setup": "echo only this\nfalse"}, "setup failed with exit code 1: only this"),
+    ({"python": "/nonexistent/bin/python3"}, "python /nonexistent/bin/python3 not found"),
+    ({"python": "/tmp/clusterrun-not-executable"}, "python /tmp/clusterrun-not-executable cannot be run"),
+])
+def test_each_login_failure_is_told_in_its_own_words(entry, cause, tmp_path):
+    from clusterrun.options import LaunchOptions
+    from clusterrun.plan import make_plan
+    from clusterrun.transport import LocalTransport
+
+    Path("/tmp/clusterrun-not-executable").write_text("")
+    os.chmod("/tmp/clusterrun-not-executable", 0o644)         # not a program
+    hosts = parse_hosts({"hosts": [{"host": "localhost", **entry}]})
+    (node,) = make_plan(hosts, LaunchOptions("t.py"), run_id="r1", master_addr="127.0.0.1", master_port=1,
+                        controller_python=sys.executable, local_home=str(tmp_path)).nodes
+    with pytest.raises(remote.AgentError) as e:
+        remote.run_agent(node, LocalTransport("localhost"), {"mode": "probe"})
+    assert str(e.value) == cause or str(e.value).startswith(cause + " (")

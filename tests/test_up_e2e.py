@@ -271,6 +271,44 @@ def test_burst_of_lines_from_every_rank_arrives_whole_and_in_order(cluster, tmp_
     assert not list(Path("~/.clusterrun/jobs").expanduser().glob(f"{run.name}*"))
 
 
+PREFLIGHT_CASES = {
+    # the second node's entry, and the cause `up` must give for it
+    "workdir": ({"workdir": "/tmp/clusterrun-no-such-dir"},
+                "workdir /tmp/clusterrun-no-such-dir: No such file or directory"),
+    "python": ({"python": "/opt/no-such-python/bin/python3"},
+               "python /opt/no-such-python/bin/python3 not found"),
+    "torch": ({"python": "/usr/bin/python3"},
+              "torch is not installed for /usr/bin/python3 (set `python:` or `setup:` in the hosts file)"),
+    "setup": ({"setup": ["echo preparing", "ls /clusterrun-no-such-dir"]},
+              "setup failed with exit code 2: ls: cannot access '/clusterrun-no-such-dir': "
+              "No such file or directory"),
+}
+
+
+@pytest.mark.parametrize("case", [*PREFLIGHT_CASES, "script"])
+def test_each_preflight_failure_names_its_own_cause_and_nothing_was_stopped(cluster, tmp_path, case):
+    """A node that cannot run the job is named with the reason, before anything starts."""
+    script = write(tmp_path / "ok.py", "print('never runs')\n")
+    ok = {"host": cluster.names[0]}
+    if case == "script":        # the script exists on the controller, not in the node's workdir
+        bad, cause = ({"host": cluster.names[1], "workdir": "/tmp"},
+                      f"script {script.name!r} not found in /tmp (copy it there, or use --sync)")
+        ok["workdir"] = str(tmp_path)
+        target = script.name
+    else:
+        entry, cause = PREFLIGHT_CASES[case]
+        bad, target = {"host": cluster.names[1], **entry}, str(script)
+    hosts = hosts_file(tmp_path, [ok, bad], nproc_per_node=1)
+    r = up(cluster, tmp_path, str(hosts), target)
+    assert r.returncode == 2, r.stdout + r.stderr          # a setup to fix, not a failed job
+    err = [l for l in r.stderr.splitlines() if not l.startswith(f"[{cluster.names[1]}] ")]   # login lines
+    assert err[0] == "clusterrun: preflight failed, nothing was started:", r.stderr
+    assert f"  {cluster.names[1]}: {cause}" in err, r.stderr
+    assert not [l for l in err if l.startswith(f"  {cluster.names[0]}")], r.stderr
+    assert "stop" not in r.stderr and "never runs" not in r.stdout
+    assert_nothing_left(cluster)
+
+
 def test_unreachable_node_exits_3_and_starts_nothing(cluster, tmp_path):
     script = write(tmp_path / "report.py", REPORT)
     hosts = hosts_file(tmp_path, [cluster.names[0], {"host": cluster.names[1], "port": 2222}],

@@ -15,7 +15,8 @@ from .controller import RunController
 from .errors import UsageError
 from .hostsfile import HostsFile, load_hosts, with_transport
 from .options import LaunchOptions, UpOptions, WatchOptions
-from .plan import Plan, make_plan, master_addr_for, render_plan
+from .dryrun import PLACEHOLDER_RUN_ID, render_plan
+from .plan import Plan, make_plan, master_addr_for
 from .preflight import Gate, auto_port, preflight, preflight_error
 from .runs import CollectorLock, RunDir, clusterrun_home, new_run_id
 from .stream import Terminal
@@ -45,7 +46,8 @@ def build_plan(hosts: HostsFile, opts: LaunchOptions, run_id: str, connected_add
 
 
 def dry_run(hosts_path: str, opts: LaunchOptions, transport: str | None = None) -> str:
-    """The rank table and every node's exact command; connects to nothing."""
+    """The rank table and, per node, a line that runs its part by hand; connects to nothing.
+    A dry run has no run id: nothing of it exists afterwards."""
     hosts = with_transport(load_hosts(hosts_path), transport)
     first = hosts.hosts[0]
     # Without connecting, "where ssh reaches node 0" is its HostName as OpenSSH resolves it.
@@ -55,11 +57,8 @@ def dry_run(hosts_path: str, opts: LaunchOptions, transport: str | None = None) 
         addr = resolve(first.host, user=first.user, port=first.port, identity_file=first.identity_file,
                        node=first.name).hostname
     auto = master_port(hosts, opts) == "auto"
-    text = render_plan(build_plan(hosts, opts, new_run_id(), addr, port=0 if auto else None))
-    if auto:
-        text = text.replace("MASTER_PORT=0", "MASTER_PORT=auto (a free port on node 0, picked at start)")
-        text = text.replace("--master-port=0 ", "--master-port=<auto> ")
-    return text
+    plan = build_plan(hosts, opts, PLACEHOLDER_RUN_ID, addr, port=0 if auto else None)
+    return render_plan(plan, port_auto=auto)
 
 
 def up(hosts_path: str, opts: LaunchOptions, up_opts: UpOptions) -> int:

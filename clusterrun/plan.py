@@ -1,7 +1,7 @@
 """The plan: a pure function from the hosts file and options to what every node runs.
 
-`--dry-run` prints exactly this plan and the real run executes the same plan, so
-the two cannot drift. Nothing here connects, reads the clock or touches disk.
+The real run executes this plan and `--dry-run` prints it (dryrun.py), so the two
+cannot drift. Nothing here connects, reads the clock or touches disk.
 """
 
 from __future__ import annotations
@@ -167,13 +167,6 @@ def quote_path(path: str) -> str:
     return shlex.quote(path)
 
 
-def quote_arg(arg: str, node: NodePlan) -> str:
-    """shlex.quote, but our own `--log-dir=~/...` stays relative to the node's home."""
-    if arg == log_dir_arg(node.job_dir) and arg.startswith("--log-dir=~/"):
-        return '--log-dir="$HOME"/' + shlex.quote(arg[len("--log-dir=~/"):])
-    return shlex.quote(arg)
-
-
 def log_dir_arg(job_dir: str) -> str:
     return f"--log-dir={job_dir}/torchrun"
 
@@ -199,52 +192,3 @@ def shell_prefix(node: NodePlan) -> str:
     if setup:
         parts.append("{ " + " && ".join(setup) + "; } </dev/null")
     return "".join(p + " && " for p in parts)
-
-
-def shell_command(node: NodePlan, mask: bool = True) -> str:
-    """The node's command as one copy-pasteable shell line (what --dry-run shows).
-
-    Values of secret-looking variables show as **** unless mask is False."""
-    env = " ".join(f"{k}={shlex.quote(v)}" for k, v in (masked(node.env) if mask else node.env).items())
-    env = f"env {env} " if env else ""
-    # argv[0] is the node's python, which may be ~/...; user arguments are quoted as-is.
-    torchrun = " ".join(quote_path(a) if a == node.python else quote_arg(a, node) for a in node.argv)
-    return shell_prefix(node) + env + torchrun
-
-
-def render_plan(plan: Plan) -> str:
-    """The rank table and every node's exact command."""
-    w = max(4, *(len(n.name) for n in plan.nodes))
-    lines = [
-        f"run {plan.run_id}: {len(plan.nodes)} node{'s' if len(plan.nodes) != 1 else ''}, "
-        f"world size {plan.world_size}, "
-        f"MASTER_ADDR={plan.master_addr} MASTER_PORT={plan.master_port}",
-        "",
-        f"{'node':<{w}}  node_rank  nproc  global ranks  ssh target",
-    ]
-    for n in plan.nodes:
-        ranks = f"{n.ranks.start}-{n.ranks.stop - 1}" if n.nproc > 1 else str(n.ranks.start)
-        target = "(local, no ssh)" if n.host.is_local else n.host.host
-        lines.append(f"{n.name:<{w}}  {n.node_rank:>9}  {n.nproc:>5}  {ranks:>12}  {target}")
-    for n in plan.nodes:
-        lines += ["", f"# node {n.node_rank} ({n.name})"]
-        if n.pick_ifname:
-            lines.append(
-                f"# {' and '.join(n.pick_ifname)}: set on the node to the interface that reaches "
-                f"{plan.master_addr}"
-            )
-        cmd = shell_command(n)
-        lines.append(cmd if n.host.is_local else f"{ssh_argv_text(n.host)} {shlex.quote(cmd)}")
-    return "\n".join(lines)
-
-
-def ssh_argv_text(host: Host) -> str:
-    """The plain `ssh` invocation equivalent to how clusterrun connects."""
-    argv = ["ssh"]
-    if host.port:
-        argv += ["-p", str(host.port)]
-    if host.identity_file:
-        argv += ["-i", host.identity_file]
-    if host.user:
-        argv += ["-l", host.user]
-    return shlex.join(argv + [host.host])

@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shlex
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -41,38 +43,60 @@ def up(*args: str):
     return result
 
 
+def node_lines(out: str) -> list[str]:
+    """The per-node lines of a dry run: `( CMD )` for localhost nodes, `ssh -t ...` for others."""
+    return [line for line in out.splitlines() if line.startswith(("( ", "ssh "))]
+
+
+def torchrun_words(line: str) -> list[str]:
+    """The words of a localhost node's line from its `env` on."""
+    assert line.startswith("( ") and line.endswith(" )"), line
+    words = shlex.split(line[2:-2])
+    return words[words.index("env"):]
+
+
 def test_dry_run_prints_the_rank_table_and_every_command(hosts, home):
     r = up("--dry-run", str(hosts), "train.py")
     assert r.exit_code == 0, r.output
     out = r.output
-    assert "2 nodes, world size 3, MASTER_ADDR=127.0.0.1 MASTER_PORT=29500" in out
+    assert out.startswith("2 nodes, world size 3, MASTER_ADDR=127.0.0.1 MASTER_PORT=29500\n")
     table = out.splitlines()[2:5]
     assert table[0].split() == ["node", "node_rank", "nproc", "global", "ranks", "ssh", "target"]
     assert table[1].split() == ["localhost", "0", "2", "0-1", "(local,", "no", "ssh)"]
     assert table[2].split() == ["second", "1", "1", "2", "(local,", "no", "ssh)"]
-    assert "# node 0 (localhost)" in out and "# node 1 (second)" in out
-    commands = [line for line in out.splitlines() if line.startswith("env ")]
+    assert "# node 0 (localhost): global ranks 0-1" in out and "# node 1 (second): global rank 2" in out
+    commands = node_lines(out)
     assert len(commands) == 2
     for node_rank, line in enumerate(commands):
-        words = shlex.split(line)
+        words = torchrun_words(line)
         assert f"--node-rank={node_rank}" in words and "--nnodes=2" in words
         assert sys.executable in words, "default python is the controller's own interpreter"
-        assert any(w.startswith(f"--log-dir={home}/jobs/") for w in words)
-        assert words[-3:] == [sys.executable, "-u", "train.py"]
+        assert words[words.index(sys.executable):][1:3] == ["-m", "torch.distributed.run"]
+        assert words[-1] == "train.py"
+        assert not [w for w in words if w.startswith(("--log-dir", "--redirects", "--rdzv-id", "--no-python"))]
+
+
+def test_dry_run_has_no_run_id_and_says_what_clusterrun_adds(hosts, home):
+    out = up("--dry-run", str(hosts), "train.py").output
+    assert not re.search(r"\d{8}-\d{6}-[0-9a-f]{6}", out) and "dry-run" not in out
+    assert ".clusterrun/jobs" not in out and str(home) not in out and "CLUSTERRUN_JOB" not in out
+    comments = " ".join(line[2:] for line in out.splitlines() if line.startswith("# "))
+    for words in ("its own on", "same time", "`ip` (iproute2)", "tagged", "stopped when one fails",
+                  "Ctrl-C or `clusterrun kill`", "~/.clusterrun/runs"):
+        assert words in comments
 
 
 def test_dry_run_connects_to_nothing_and_writes_no_run(hosts, home):
     assert up("--dry-run", str(hosts), "train.py").exit_code == 0
-    assert not (home / "runs").exists()
+    assert not (home / "runs").exists() and not (home / "jobs").exists()
 
 
 def test_everything_after_script_goes_to_the_script(hosts):
     r = up("--dry-run", "--nproc-per-node", "1", str(hosts), "train.py", "--lr", "0.1", "-m", "x",
            "--dry-run", "--env", "A=B", "--help")
     assert r.exit_code == 0, r.output
-    line = next(line for line in r.output.splitlines() if line.startswith("env "))
-    words = shlex.split(line)
-    assert words[words.index("train.py") - 2:words.index("train.py")] == [sys.executable, "-u"]
+    words = torchrun_words(node_lines(r.output)[0])
+    assert words[words.index("train.py") - 1] == "--max-restarts=0"
     assert words[words.index("train.py"):] == ["train.py", "--lr", "0.1", "-m", "x", "--dry-run", "--env",
                                                "A=B", "--help"]
     assert "--nproc-per-node=1" in words
@@ -81,17 +105,54 @@ def test_everything_after_script_goes_to_the_script(hosts):
 def test_module_mode(hosts):
     r = up("--dry-run", "-m", str(hosts), "pkg.train", "--epochs", "3")
     assert r.exit_code == 0, r.output
-    line = next(line for line in r.output.splitlines() if line.startswith("env "))
-    assert shlex.split(line)[-6:] == [sys.executable, "-u", "-m", "pkg.train", "--epochs", "3"]
+    words = torchrun_words(node_lines(r.output)[0])
+    assert words[-5:] == ["--max-restarts=0", "-m", "pkg.train", "--epochs", "3"]
 
 
 def test_env_option_overrides_and_master_port_is_used(hosts):
     r = up("--dry-run", "--env", "NCCL_DEBUG=INFO", "--env", "X=a b", "--master-port", "29612",
            str(hosts), "train.py")
     assert r.exit_code == 0, r.output
-    line = next(line for line in r.output.splitlines() if line.startswith("env "))
-    words = shlex.split(line)
+    words = torchrun_words(node_lines(r.output)[0])
     assert "NCCL_DEBUG=INFO" in words and "X=a b" in words and "--master-port=29612" in words
+
+
+def test_an_auto_master_port_is_a_placeholder_the_user_replaces(tmp_path):
+    p = tmp_path / "hosts.yaml"
+    p.write_text("master_port: auto\nhosts: [localhost, localhost]\n")
+    out = up("--dry-run", str(p), "train.py").output
+    assert "MASTER_PORT=auto (a free port on node 0, picked at start)" in out
+    assert "replace PORT in every line" in out
+    assert all("--master-port=PORT" in torchrun_words(line) for line in node_lines(out))
+
+
+def test_the_demos_lines_pasted_into_two_shells_run_it_by_hand(tmp_path, home):
+    """hosts.example.yaml's dry run, pasted: every rank's output on its node's shell, no trace left."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    repo = Path(__file__).resolve().parent.parent
+    r = up("--dry-run", "--master-port", str(port), str(repo / "hosts.example.yaml"),
+           "scripts/ddp_example.py", "--epochs", "1")
+    assert r.exit_code == 0, r.output
+    lines = node_lines(r.output)
+    assert len(lines) == 2
+    # torchrun's own (empty) log directory goes to TMPDIR: here, not the machine's /tmp.
+    env = {**os.environ, "TMPDIR": str(tmp_path)}
+    shells = [subprocess.Popen(["bash", "-c", line], cwd=repo, env=env, stdout=subprocess.PIPE,
+                               stderr=subprocess.STDOUT, text=True, start_new_session=True) for line in lines]
+    try:
+        outputs = [sh.communicate(timeout=300)[0] for sh in shells]
+    finally:
+        for sh in shells:
+            if sh.poll() is None:
+                os.killpg(sh.pid, 9)
+    assert [sh.returncode for sh in shells] == [0, 0], outputs
+    for node_rank, out in enumerate(outputs):
+        hello = sorted(re.findall(r"^hello from rank (\d)/4 \(local rank (\d)\)", out, re.M))
+        assert hello == [(str(2 * node_rank), "0"), (str(2 * node_rank + 1), "1")], out
+    assert re.search(r"^epoch 0 mean loss \d+\.\d+$", outputs[0], re.M), outputs[0]
+    assert not home.exists(), "neither the dry run nor the pasted lines write clusterrun state"
 
 
 def test_bad_hosts_file_exits_2_naming_file_and_field(tmp_path):

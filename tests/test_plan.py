@@ -8,7 +8,10 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shlex
+import shutil
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -18,13 +21,13 @@ import pytest
 from clusterrun.errors import UsageError
 from clusterrun.hostsfile import parse_hosts
 from clusterrun.options import LaunchOptions
+from clusterrun.dryrun import manual_argv, node_command, node_line, pick_interface, render_plan
 from clusterrun.plan import (
+    IFNAME_VARS,
     JOB_MARKER_VAR,
     Plan,
     make_plan,
     master_addr_for,
-    render_plan,
-    shell_command,
 )
 
 RUN_ID = "20260101-000000-abc123"
@@ -193,47 +196,138 @@ def test_localhost_node_0_with_remote_nodes_needs_an_address():
     assert master_addr_for(parse_hosts([{"host": "localhost", "addr": "10.0.0.6"}, "b"]), None) == "10.0.0.6"
 
 
-# --- the rendered command ----------------------------------------------------------------
+# --- the dry-run: one line per node that runs its part by hand ----------------------------
 
 NASTY_ARGS = ("--lr", "0.1", "two words", "it's", 'say "hi"', "$(touch x)", "`touch y`", "${HOME}", "$HOME",
               "a\nb", "tab\there", "日本語 ünï", "", " ", "*", "~", "~/x", "-m", "--", ";", "&&", "|", "#c",
-              "\\", "'", '"', "!", "--env=A=B")
+              "\\", "'", '"', "!", "--env=A=B", "--log-dir=~/runs", "--redirects=3", "--no-python")
+PICKED = tuple(f'{v}=${{{v}:-$IF}}' for v in IFNAME_VARS)     # as shlex reads the picked variables
+RUN_ID_SHAPE = re.compile(r"\d{8}-\d{6}-[0-9a-f]{6}")
+
+
+def command_of(line: str) -> str:
+    """The node's command in a dry-run line: ssh's last argument, or the inside of `( ... )`."""
+    if line.startswith("( "):
+        assert line.endswith(" )"), line
+        return line[2:-2]
+    words = shlex.split(line)
+    assert words[:2] == ["ssh", "-t"], line
+    return words[-1]
 
 
 def split_env(cmd: str) -> tuple[list[str], list[str], list[str]]:
-    """`[cd .. && setup && ] env K=V ... argv` -> (prefix words, K=V words, argv)."""
+    """`[cd .. && setup && pick && ] env K=V ... argv` -> (words before env, K=V words, argv)."""
     words = shlex.split(cmd)
-    i = words.index("env")
+    i = next(k for k, w in enumerate(words) if w == "env" and (k == 0 or words[k - 1] == "&&"))
     j = i + 1
     while j < len(words) and "=" in words[j] and not words[j].startswith("-"):
         j += 1
     return words[:i], words[i + 1:j], words[j:]
 
 
-def test_shell_command_parses_back_to_exactly_the_env_and_argv():
-    env = {"SPACES": "a b", "QUOTE": "it's", "DOLLAR": "$(touch z)", "EMPTY": ""}
-    (n,) = plan_for(["localhost:2"], LaunchOptions("train.py", NASTY_ARGS, env=env)).nodes
-    prefix, env_words, argv = split_env(shell_command(n))
-    assert prefix == []
-    assert env_words == [f"{k}={v}" for k, v in n.env.items()]
-    assert argv == list(n.argv)
+def line_of(plan: Plan, node_rank: int = 0, **kw) -> str:
+    return node_line(plan, plan.nodes[node_rank], **kw)
 
 
-def test_shell_command_for_a_module_and_a_remote_node_parses_back():
-    (n,) = plan_for(["gpu-a"], LaunchOptions("pkg.train", NASTY_ARGS, module=True)).nodes
-    _, _, argv = split_env(shell_command(n))
-    # Our own --log-dir under the node's home is rendered as "$HOME"/... so the node expands it.
-    log_dir = argv_value(n.argv, "--log-dir")
-    assert log_dir.startswith("~/")
-    expected = [a.replace(f"--log-dir={log_dir}", f"--log-dir=$HOME/{log_dir[2:]}") for a in n.argv]
-    assert argv == expected
+def test_manual_argv_is_the_plans_torchrun_without_clusterruns_own_parts():
+    (n,) = plan_for(["gpu-a:2"], LaunchOptions("train.py", NASTY_ARGS), master_port=29511).nodes
+    argv = manual_argv(n, "29511")
+    assert argv == ("/usr/bin/python3", "-m", "torch.distributed.run", "--nnodes=1", "--node-rank=0",
+                    "--nproc-per-node=2", "--master-addr=10.0.0.1", "--master-port=29511",
+                    "--rdzv-backend=static", "--max-restarts=0", "train.py", *NASTY_ARGS)
+    (m,) = plan_for(["gpu-a"], LaunchOptions("pkg.train", ("--epochs", "3"), module=True)).nodes
+    assert manual_argv(m, "29500")[-4:] == ("-m", "pkg.train", "--epochs", "3")
 
 
-def test_workdir_tilde_expands_and_the_rest_is_quoted():
-    (n,) = plan_for({"workdir": "~/my project", "setup": ["source ~/venv/bin/activate", "ulimit -n 4096"],
-                     "hosts": ["gpu-a"]}).nodes
-    cmd = shell_command(n)
-    assert cmd.startswith("cd ~/'my project' && { source ~/venv/bin/activate && ulimit -n 4096; } </dev/null && env ")
+@pytest.mark.parametrize("hosts", [["localhost:2"], ["gpu-a:2"]])
+def test_the_line_parses_back_to_exactly_the_env_and_argv(hosts):
+    env = {"SPACES": "a b", "QUOTE": "it's", "DOLLAR": "$(touch z)", "EMPTY": "", "NL": "a\nb"}
+    plan = plan_for(hosts, LaunchOptions("train.py", NASTY_ARGS, env=env))
+    (n,) = plan.nodes
+    prefix, env_words, argv = split_env(command_of(line_of(plan)))
+    assert env_words == [f"{k}={v}" for k, v in n.env.items() if k != JOB_MARKER_VAR] + list(PICKED)
+    assert argv == list(manual_argv(n, "29500"))
+
+
+def test_the_remote_line_is_ssh_with_a_terminal_and_the_command_as_one_argument():
+    plan = plan_for({"hosts": [{"host": "gpu-a", "user": "alice", "port": 2222,
+                                "identity_file": "~/.ssh/id_ed25519"}, "gpu-b"]},
+                    LaunchOptions("train.py", NASTY_ARGS))
+    a, b = (shlex.split(line_of(plan, i)) for i in (0, 1))
+    assert a[:-1] == ["ssh", "-t", "-p", "2222", "-i", "~/.ssh/id_ed25519", "-l", "alice", "gpu-a"]
+    assert b[:-1] == ["ssh", "-t", "gpu-b"]
+    assert a[-1] == node_command(plan, plan.nodes[0]) and len(a) == 10
+
+
+def test_no_trace_of_clusterruns_machinery_in_the_lines():
+    plan = plan_for(["gpu-a:2", "localhost"], LaunchOptions("train.py", ("--x",)))
+    for n in plan.nodes:
+        words = shlex.split(command_of(node_line(plan, n)))
+        for word in words:
+            assert not word.startswith(("--log-dir", "--redirects", "--rdzv-id", "--no-python")), word
+            assert JOB_MARKER_VAR not in word and "exec" != word
+        assert "sh" not in words and "-u" not in words
+
+
+def test_a_dry_run_prints_no_run_id_and_no_job_directory():
+    plan = plan_for(["gpu-a:2", "localhost"], LaunchOptions("train.py"))
+    text = render_plan(plan)
+    assert RUN_ID not in text and not RUN_ID_SHAPE.search(text)
+    assert ".clusterrun/jobs" not in text and "/tmp/crh" not in text and "run " not in text.split("\n")[0]
+
+
+def test_the_interface_pick_is_there_exactly_for_the_variables_the_user_did_not_set():
+    every = {"GLOO_SOCKET_IFNAME": "eth1", "NCCL_SOCKET_IFNAME": "ib0", "TP_SOCKET_IFNAME": "eth1"}
+    plan = plan_for({"hosts": ["a", {"host": "b", "env": {"NCCL_SOCKET_IFNAME": "ib0"}},
+                               {"host": "c", "env": every}]})
+    a, b, c = (command_of(line_of(plan, i)) for i in range(3))
+    assert a.count("IF=$(ip -o addr show to") == 1 and b.count("IF=$(ip -o addr show to") == 1
+    assert all(f'{v}="${{{v}:-$IF}}"' in a for v in IFNAME_VARS)
+    assert 'NCCL_SOCKET_IFNAME="${NCCL_SOCKET_IFNAME' not in b and "NCCL_SOCKET_IFNAME=ib0" in b
+    assert 'GLOO_SOCKET_IFNAME="${GLOO_SOCKET_IFNAME:-$IF}"' in b
+    assert "ip " not in c and "$IF" not in c and "SRC=" not in c
+    _, env_words, _ = split_env(c)
+    assert [w for w in env_words if "IFNAME" in w] == [f"{k}={v}" for k, v in every.items()]
+
+
+def test_a_master_addr_that_is_a_name_is_resolved_on_the_node():
+    by_name = command_of(line_of(plan_for(["gpu-a"], master_addr="gpu-a.cluster")))
+    assert by_name.startswith("MASTER_IP=$(getent ahosts gpu-a.cluster | ")
+    assert 'ip -o route get "$MASTER_IP"' in by_name and "--master-addr=gpu-a.cluster" in by_name
+    for literal in ("10.0.0.1", "fd00::1"):
+        cmd = command_of(line_of(plan_for(["gpu-a"], master_addr=literal)))
+        assert "getent" not in cmd and f"ip -o route get {literal} |" in cmd
+
+
+def ip_works() -> bool:
+    return shutil.which("ip") is not None and subprocess.run(
+        ["ip", "-o", "route", "get", "127.0.0.1"], capture_output=True).returncode == 0
+
+
+def own_addresses() -> list[str]:
+    """127.0.0.1, a name, and the address this machine reaches the world from, if any."""
+    addrs = ["127.0.0.1", "localhost"]
+    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    try:
+        s.connect(("192.0.2.1", 9))     # a route only; nothing is sent
+        addrs.append(s.getsockname()[0])
+    except OSError:
+        pass
+    finally:
+        s.close()
+    return addrs
+
+
+@pytest.mark.skipif(not ip_works(), reason="needs iproute2's `ip`")
+@pytest.mark.parametrize("addr", own_addresses())
+def test_the_shell_picks_the_interface_the_node_agent_picks(addr):
+    """The line's pick, in sh, agrees with the node agent's `interface_to` (the real run's)."""
+    from clusterrun.nodeagent import interface_to
+
+    shell = pick_interface(addr) + 'printf %s "$IF"'
+    got = subprocess.run(["sh", "-c", shell], capture_output=True, text=True, timeout=30)
+    assert got.returncode == 0, got.stderr
+    assert got.stdout == interface_to(addr) and got.stdout
 
 
 @pytest.mark.parametrize("workdir, rendered", [
@@ -244,8 +338,15 @@ def test_workdir_tilde_expands_and_the_rest_is_quoted():
     ("$(touch x)", "cd '$(touch x)' && "),
 ])
 def test_workdir_quoting(workdir, rendered):
-    (n,) = plan_for({"workdir": workdir, "hosts": ["gpu-a"]}).nodes
-    assert shell_command(n).startswith(rendered)
+    plan = plan_for({"workdir": workdir, "hosts": ["gpu-a"]})
+    assert command_of(line_of(plan)).startswith(rendered)
+
+
+def test_workdir_and_setup_come_first():
+    plan = plan_for({"workdir": "~/my project", "setup": ["source ~/venv/bin/activate", "ulimit -n 4096"],
+                     "hosts": ["gpu-a"]})
+    assert command_of(line_of(plan)).startswith(
+        "cd ~/'my project' && { source ~/venv/bin/activate && ulimit -n 4096; } </dev/null && SRC=$(ip ")
 
 
 @pytest.fixture()
@@ -256,7 +357,8 @@ def argv_recorder(tmp_path: Path) -> Path:
     exe.write_text(
         f"#!{sys.executable}\n"
         "import json, os, sys\n"
-        "keys = ('CLUSTERRUN_JOB', 'PYTHONUNBUFFERED', 'SPACES', 'FROM_SETUP')\n"
+        "keys = ('CLUSTERRUN_JOB', 'PYTHONUNBUFFERED', 'SPACES', 'FROM_SETUP', 'GLOO_SOCKET_IFNAME',\n"
+        "        'NCCL_SOCKET_IFNAME', 'TP_SOCKET_IFNAME')\n"
         "json.dump({'argv': sys.argv[1:], 'cwd': os.getcwd(),\n"
         "           'env': {k: os.environ.get(k) for k in keys}}, open(os.environ['RECORD_TO'], 'w'))\n"
     )
@@ -264,23 +366,55 @@ def argv_recorder(tmp_path: Path) -> Path:
     return exe
 
 
-def test_a_real_shell_runs_the_rendered_command_with_exactly_the_planned_argv(tmp_path, argv_recorder):
-    """What --dry-run prints, pasted into sh, runs the plan: same argv, env and directory."""
+def run_line(line: str, env: dict[str, str], shell: str = "sh") -> subprocess.CompletedProcess[str]:
+    base = {"PATH": os.environ.get("PATH", "/usr/bin:/bin")}
+    return subprocess.run([shell, "-c", line], env={**base, **env}, capture_output=True, text=True, timeout=30)
+
+
+@pytest.mark.skipif(not ip_works(), reason="needs iproute2's `ip`")
+def test_a_real_shell_runs_the_pasted_line_with_exactly_the_planned_argv(tmp_path, argv_recorder):
+    """What --dry-run prints, pasted into a shell, runs torchrun with the same argv, env and directory."""
     home = tmp_path / "home"
     (home / "my project").mkdir(parents=True)
     data = {"workdir": "~/my project", "setup": "FROM_SETUP=yes; export FROM_SETUP",
             "python": str(argv_recorder), "hosts": ["localhost:2"]}
-    (n,) = plan_for(data, LaunchOptions("train.py", NASTY_ARGS, env={"SPACES": "a  b"})).nodes
+    plan = plan_for(data, LaunchOptions("train.py", NASTY_ARGS, env={"SPACES": "a  b"}), master_addr="127.0.0.1")
+    (n,) = plan.nodes
     record = tmp_path / "record.json"
-    subprocess.run(["sh", "-c", shell_command(n)], check=True, timeout=30,
-                   env={"HOME": str(home), "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
-                        "RECORD_TO": str(record)})
+    r = run_line(line_of(plan), {"HOME": str(home), "RECORD_TO": str(record)})
+    assert r.returncode == 0, r.stderr
     got = json.loads(record.read_text())
-    assert got["argv"] == list(n.argv[1:])
+    assert got["argv"] == list(manual_argv(n, "29500")[1:])
     assert got["cwd"] == str(home / "my project")
-    assert got["env"] == {"CLUSTERRUN_JOB": n.marker, "PYTHONUNBUFFERED": "1", "SPACES": "a  b",
-                          "FROM_SETUP": "yes"}
+    assert got["env"] == {"CLUSTERRUN_JOB": None, "PYTHONUNBUFFERED": "1", "SPACES": "a  b", "FROM_SETUP": "yes",
+                          **{v: "lo" for v in IFNAME_VARS}}
     assert not (home / "my project" / "x").exists() and not (home / "my project" / "y").exists()
+
+
+@pytest.mark.skipif(not ip_works(), reason="needs iproute2's `ip`")
+def test_an_interface_set_by_setup_or_the_environment_wins_over_the_pick(tmp_path, argv_recorder):
+    data = {"setup": "export GLOO_SOCKET_IFNAME=fromsetup", "python": str(argv_recorder), "hosts": ["localhost"]}
+    plan = plan_for(data, master_addr="127.0.0.1")
+    record = tmp_path / "record.json"
+    r = run_line(line_of(plan), {"RECORD_TO": str(record), "TP_SOCKET_IFNAME": "fromenv"})
+    assert r.returncode == 0, r.stderr
+    assert json.loads(record.read_text())["env"] == {
+        "CLUSTERRUN_JOB": None, "PYTHONUNBUFFERED": "1", "SPACES": None, "FROM_SETUP": None,
+        "GLOO_SOCKET_IFNAME": "fromsetup", "NCCL_SOCKET_IFNAME": "lo", "TP_SOCKET_IFNAME": "fromenv"}
+
+
+@pytest.mark.parametrize("shell", ["sh", "bash"])
+def test_a_localhost_line_runs_in_a_subshell_leaving_the_users_shell_as_it_was(tmp_path, argv_recorder, shell):
+    if shutil.which(shell) is None:
+        pytest.skip(f"no {shell}")
+    (tmp_path / "wd").mkdir()
+    plan = plan_for({"workdir": str(tmp_path / "wd"), "python": str(argv_recorder), "hosts": ["localhost"]},
+                    master_addr="127.0.0.1")
+    record = tmp_path / "record.json"
+    r = run_line(line_of(plan) + '; echo "after: $(pwd) IF=$IF SRC=$SRC"', {"RECORD_TO": str(record)}, shell)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout == f"after: {os.getcwd()} IF= SRC=\n"
+    assert json.loads(record.read_text())["cwd"] == str(tmp_path / "wd")
 
 
 @pytest.mark.parametrize("setup", [
@@ -293,58 +427,60 @@ def test_a_real_shell_runs_the_rendered_command_with_exactly_the_planned_argv(tm
 ])
 def test_every_form_of_setup_runs_in_a_real_shell(tmp_path, argv_recorder, setup):
     data = {"setup": setup, "python": str(argv_recorder), "hosts": ["localhost"]}
-    (n,) = plan_for(data, LaunchOptions("train.py", ("--x",))).nodes
+    plan = plan_for(data, LaunchOptions("train.py", ("--x",)), master_addr="127.0.0.1")
     record = tmp_path / "record.json"
-    subprocess.run(["sh", "-c", shell_command(n)], check=True, timeout=30,
-                   env={"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "RECORD_TO": str(record)})
+    r = run_line(line_of(plan), {"RECORD_TO": str(record)})
+    assert r.returncode == 0, r.stderr
     got = json.loads(record.read_text())
     assert got["env"]["FROM_SETUP"] == "yes" and got["argv"][-1] == "--x"
 
 
 def test_a_failing_setup_line_stops_the_launch(tmp_path, argv_recorder):
     data = {"setup": ["false", "true"], "python": str(argv_recorder), "hosts": ["localhost"]}
-    (n,) = plan_for(data, LaunchOptions("train.py")).nodes
+    plan = plan_for(data, LaunchOptions("train.py"))
     record = tmp_path / "record.json"
-    r = subprocess.run(["sh", "-c", shell_command(n)], timeout=30,
-                       env={"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "RECORD_TO": str(record)})
+    r = run_line(line_of(plan), {"RECORD_TO": str(record)})
     assert r.returncode != 0 and not record.exists()
 
 
-def test_regression_a_script_arg_that_looks_like_our_log_dir_is_not_verbatim():
-    (n,) = plan_for(["localhost"], LaunchOptions("train.py", ("--log-dir=~/runs",))).nodes
-    _, _, argv = split_env(shell_command(n))
-    assert argv == list(n.argv)
-
-
-def test_render_for_remote_nodes_is_ssh_with_the_command_as_one_argument():
-    plan = plan_for({"hosts": [{"host": "gpu-a", "user": "alice", "port": 2222}, "localhost"]},
-                    LaunchOptions("train.py", tuple(a for a in NASTY_ARGS if "\n" not in a)),
-                    master_addr="10.0.0.1")
-    lines = render_plan(plan).splitlines()
-    ssh_line = lines[lines.index("# node 0 (gpu-a)") + 2]
-    assert shlex.split(ssh_line) == ["ssh", "-p", "2222", "-l", "alice", "gpu-a", shell_command(plan.nodes[0])]
+def test_an_auto_master_port_is_a_placeholder_to_replace():
+    plan = plan_for(["gpu-a", "gpu-b"], master_port=0)
+    text = render_plan(plan, port_auto=True)
+    assert "MASTER_PORT=auto (a free port on node 0, picked at start)" in text.splitlines()[0]
+    assert "# master_port is auto: replace PORT in every line" in text
+    for n in plan.nodes:
+        assert "--master-port=PORT" in shlex.split(command_of(node_line(plan, n, port_auto=True)))
+    assert "--master-port=0" not in text and "<" not in text
 
 
 # --- golden: the dry-run text of a fixed plan ---------------------------------------------
 
-GOLDEN = r"""run 20260101-000000-abc123: 3 nodes, world size 6, MASTER_ADDR=10.0.0.1 MASTER_PORT=29500
+GOLDEN = r"""3 nodes, world size 6, MASTER_ADDR=10.0.0.1 MASTER_PORT=29500
 
 node       node_rank  nproc  global ranks  ssh target
 node0              0      3           0-2  gpu-a
 gpu-b              1      2           3-4  gpu-b
 localhost          2      1             5  (local, no ssh)
 
-# node 0 (node0)
-# GLOO_SOCKET_IFNAME and NCCL_SOCKET_IFNAME and TP_SOCKET_IFNAME: set on the node to the interface that reaches 10.0.0.1
-ssh -p 2222 -i '~/.ssh/id_ed25519' -l alice gpu-a 'cd ~/'"'"'my project'"'"' && { source ~/venv/bin/activate; } </dev/null && env NCCL_DEBUG=WARN PYTHONUNBUFFERED=1 CLUSTERRUN_JOB=20260101-000000-abc123.0 ~/venv/bin/python -m torch.distributed.run --nnodes=3 --node-rank=0 --nproc-per-node=3 --master-addr=10.0.0.1 --master-port=29500 --rdzv-backend=static --rdzv-id=20260101-000000-abc123 --max-restarts=0 --log-dir="$HOME"/.clusterrun/jobs/20260101-000000-abc123/0/torchrun --redirects=3 --no-python sh -c '"'"'exec "$0" "$@" 2>&1'"'"' ~/venv/bin/python -u train.py --lr 0.1 --name '"'"'my run'"'"''
+# To run this job by hand, paste each line below into a terminal of its own on this
+# machine, all at about the same time: each starts one node's ranks with the same
+# environment and script as `clusterrun up`, and their output appears in that terminal.
+# On the node, a line picks the interface that reaches MASTER_ADDR with `ip` (iproute2)
+# for GLOO_SOCKET_IFNAME, NCCL_SOCKET_IFNAME and TP_SOCKET_IFNAME, unless already set.
+# What `clusterrun up` adds to this: every line whole (here, ranks that share a terminal
+# can splice theirs) and tagged with its node, global and local rank ([node g5 l1]);
+# every node stopped when one fails (here, the others wait in their collectives until
+# you press Ctrl-C there); every process on every node ended on Ctrl-C or
+# `clusterrun kill`; logs and status under ~/.clusterrun/runs.
 
-# node 1 (gpu-b)
-# GLOO_SOCKET_IFNAME and TP_SOCKET_IFNAME: set on the node to the interface that reaches 10.0.0.1
-ssh gpu-b 'env NCCL_DEBUG=WARN NCCL_SOCKET_IFNAME=ib0 PYTHONUNBUFFERED=1 CLUSTERRUN_JOB=20260101-000000-abc123.1 /usr/bin/python3 -m torch.distributed.run --nnodes=3 --node-rank=1 --nproc-per-node=2 --master-addr=10.0.0.1 --master-port=29500 --rdzv-backend=static --rdzv-id=20260101-000000-abc123 --max-restarts=0 --log-dir="$HOME"/.clusterrun/jobs/20260101-000000-abc123/1/torchrun --redirects=3 --no-python sh -c '"'"'exec "$0" "$@" 2>&1'"'"' /usr/bin/python3 -u train.py --lr 0.1 --name '"'"'my run'"'"''
+# node 0 (node0): global ranks 0-2
+ssh -t -p 2222 -i '~/.ssh/id_ed25519' -l alice gpu-a 'cd ~/'"'"'my project'"'"' && { source ~/venv/bin/activate; } </dev/null && SRC=$(ip -o route get 10.0.0.1 | sed -n "s/.* src \([^ ]*\).*/\1/p") && IF=$(ip -o addr show to "$SRC" | sed -n "1s/^[0-9]*: *\([^ @]*\).*/\1/p") && env NCCL_DEBUG=WARN PYTHONUNBUFFERED=1 GLOO_SOCKET_IFNAME="${GLOO_SOCKET_IFNAME:-$IF}" NCCL_SOCKET_IFNAME="${NCCL_SOCKET_IFNAME:-$IF}" TP_SOCKET_IFNAME="${TP_SOCKET_IFNAME:-$IF}" ~/venv/bin/python -m torch.distributed.run --nnodes=3 --node-rank=0 --nproc-per-node=3 --master-addr=10.0.0.1 --master-port=29500 --rdzv-backend=static --max-restarts=0 train.py --lr 0.1 --name '"'"'my run'"'"''
 
-# node 2 (localhost)
-# GLOO_SOCKET_IFNAME and NCCL_SOCKET_IFNAME and TP_SOCKET_IFNAME: set on the node to the interface that reaches 10.0.0.1
-env NCCL_DEBUG=WARN PYTHONUNBUFFERED=1 CLUSTERRUN_JOB=20260101-000000-abc123.2 /usr/bin/python3 -m torch.distributed.run --nnodes=3 --node-rank=2 --nproc-per-node=1 --master-addr=10.0.0.1 --master-port=29500 --rdzv-backend=static --rdzv-id=20260101-000000-abc123 --max-restarts=0 --log-dir=/tmp/crh/jobs/20260101-000000-abc123/2/torchrun --redirects=3 --no-python sh -c 'exec "$0" "$@" 2>&1' /usr/bin/python3 -u train.py --lr 0.1 --name 'my run'"""
+# node 1 (gpu-b): global ranks 3-4
+ssh -t gpu-b 'SRC=$(ip -o route get 10.0.0.1 | sed -n "s/.* src \([^ ]*\).*/\1/p") && IF=$(ip -o addr show to "$SRC" | sed -n "1s/^[0-9]*: *\([^ @]*\).*/\1/p") && env NCCL_DEBUG=WARN NCCL_SOCKET_IFNAME=ib0 PYTHONUNBUFFERED=1 GLOO_SOCKET_IFNAME="${GLOO_SOCKET_IFNAME:-$IF}" TP_SOCKET_IFNAME="${TP_SOCKET_IFNAME:-$IF}" /usr/bin/python3 -m torch.distributed.run --nnodes=3 --node-rank=1 --nproc-per-node=2 --master-addr=10.0.0.1 --master-port=29500 --rdzv-backend=static --max-restarts=0 train.py --lr 0.1 --name '"'"'my run'"'"''
+
+# node 2 (localhost): global rank 5
+( SRC=$(ip -o route get 10.0.0.1 | sed -n "s/.* src \([^ ]*\).*/\1/p") && IF=$(ip -o addr show to "$SRC" | sed -n "1s/^[0-9]*: *\([^ @]*\).*/\1/p") && env NCCL_DEBUG=WARN PYTHONUNBUFFERED=1 GLOO_SOCKET_IFNAME="${GLOO_SOCKET_IFNAME:-$IF}" NCCL_SOCKET_IFNAME="${NCCL_SOCKET_IFNAME:-$IF}" TP_SOCKET_IFNAME="${TP_SOCKET_IFNAME:-$IF}" /usr/bin/python3 -m torch.distributed.run --nnodes=3 --node-rank=2 --nproc-per-node=1 --master-addr=10.0.0.1 --master-port=29500 --rdzv-backend=static --max-restarts=0 train.py --lr 0.1 --name 'my run' )"""
 
 
 def test_render_plan_golden():
@@ -370,12 +506,18 @@ def test_render_plan_golden():
 
 def test_secret_looking_env_values_are_masked_in_the_dry_run_only():
     data = {"env": {"WANDB_API_KEY": "s3cr3tvalue", "HF_TOKEN": "hf_x", "DB_PASSWORD": "pw", "LR": "0.1"},
-            "hosts": ["gpu-a"]}
+            "hosts": ["gpu-a", "localhost"]}
     plan = plan_for(data)
     text = render_plan(plan)
     for secret in ("s3cr3tvalue", "hf_x", "=pw"):
         assert secret not in text
-    assert text.count("****") == 3 and "LR=0.1" in text
+    # Each line shows **** in their place, and a comment says so, once.
+    for n in plan.nodes:
+        _, env_words, _ = split_env(command_of(node_line(plan, n)))
+        assert env_words[:4] == ["WANDB_API_KEY=****", "HF_TOKEN=****", "DB_PASSWORD=****", "LR=0.1"]
+    assert text.count("****") == 7
+    assert "# **** stands for the value of DB_PASSWORD, HF_TOKEN, WANDB_API_KEY (never printed)" in text
+    assert "**** stands" not in render_plan(plan_for(["gpu-a"]))
     # What the node gets is the real value.
     assert plan.nodes[0].env["WANDB_API_KEY"] == "s3cr3tvalue"
 
@@ -414,10 +556,9 @@ def test_any_accepted_hosts_and_arguments_give_a_consistent_plan(hosts, args, en
         assert n.node_rank == i and n.rank_start == start and n.nproc >= 1
         start += n.nproc
         assert list(n.argv[-len(args):] if args else []) == args
-        # (Our own --log-dir=~/... renders as "$HOME"/... so that the node's shell expands it.)
-        words = [w.replace("--log-dir=$HOME/", "--log-dir=~/", 1)
-                 for w in shlex.split(shell_command(n, mask=False))]
-        cut = words.index(n.python)
-        assert words[cut:] == list(n.argv)
-        assert dict(w.split("=", 1) for w in words[1:cut]) == dict(n.env)
+        # The line parses back to the plan's environment and torchrun argv, less clusterrun's parts.
+        _, env_words, argv = split_env(command_of(node_line(plan, n, mask=False)))
+        assert argv == list(manual_argv(n, "29500")) and argv[-len(args) or len(argv):] == args
+        assert env_words == ([f"{k}={v}" for k, v in n.env.items() if k != JOB_MARKER_VAR]
+                             + [f'{v}=${{{v}:-$IF}}' for v in n.pick_ifname])
     assert plan.world_size == start

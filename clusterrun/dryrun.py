@@ -1,0 +1,159 @@
+"""`up --dry-run`: the plan as text, with one line per node that a user can paste.
+
+Each node's line starts that node's share of the job by hand, in the terminal it is
+pasted into: `ssh -t TARGET 'CMD'` for a remote node, `( CMD )` for a localhost one.
+CMD is what `clusterrun up` runs on the node, with the same ranks, environment,
+python and script, less clusterrun's own machinery (the node agent, the per-rank
+output files it streams from, the job directory and marker, the run id): torchrun
+writes the workers' output to that terminal, and nothing is left on the node.
+
+It is derived from the plan that the real run executes (`make_plan`), so the two
+cannot drift apart. Nothing here connects, reads the clock or touches disk.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import shlex
+
+from .hostsfile import Host
+from .plan import MERGE_STDERR, JOB_MARKER_VAR, NodePlan, Plan, masked, quote_path, shell_prefix
+
+# make_plan needs a run id for the parts of a node's plan that only clusterrun's own
+# machinery uses (job directory, marker, --rdzv-id): none of them is printed.
+PLACEHOLDER_RUN_ID = "dry-run"
+
+# What stands for an `auto` master port, which node 0 picks only when a real run starts.
+# A plain word, so that a line pasted unchanged fails in torchrun's argument parser
+# rather than as a shell redirection.
+PORT_PLACEHOLDER = "PORT"
+
+# torchrun options of the plan that serve only clusterrun's streaming and bookkeeping:
+# its run id, the directory of per-rank output files, and sending output there.
+_CLUSTERRUN_ONLY = ("--rdzv-id=", "--log-dir=", "--redirects=")
+
+
+def render_plan(plan: Plan, *, port_auto: bool = False) -> str:
+    """The rank table, then every node's line to run it by hand.
+
+    port_auto: the plan's master port stands for `auto`; PORT is shown in its place."""
+    n_nodes = len(plan.nodes)
+    port = "auto (a free port on node 0, picked at start)" if port_auto else str(plan.master_port)
+    w = max(4, *(len(n.name) for n in plan.nodes))
+    lines = [
+        f"{n_nodes} node{'s' if n_nodes != 1 else ''}, world size {plan.world_size}, "
+        f"MASTER_ADDR={plan.master_addr} MASTER_PORT={port}",
+        "",
+        f"{'node':<{w}}  node_rank  nproc  global ranks  ssh target",
+    ]
+    for n in plan.nodes:
+        target = "(local, no ssh)" if n.host.is_local else n.host.host
+        lines.append(f"{n.name:<{w}}  {n.node_rank:>9}  {n.nproc:>5}  {rank_text(n):>12}  {target}")
+    lines += ["", *explanation(plan, port_auto)]
+    for n in plan.nodes:
+        ranks = f"global rank{'s' if n.nproc > 1 else ''} {rank_text(n)}"
+        lines += ["", f"# node {n.node_rank} ({n.name}): {ranks}",
+                  node_line(plan, n, port_auto=port_auto)]
+    return "\n".join(lines)
+
+
+def rank_text(node: NodePlan) -> str:
+    return f"{node.ranks.start}-{node.ranks.stop - 1}" if node.nproc > 1 else str(node.ranks.start)
+
+
+def explanation(plan: Plan, port_auto: bool) -> list[str]:
+    """The comment block between the table and the lines: how to use them, and what
+    they leave out."""
+    text = [
+        "To run this job by hand, paste each line below into a terminal of its own on this",
+        "machine, all at about the same time: each starts one node's ranks with the same",
+        "environment and script as `clusterrun up`, and their output appears in that terminal.",
+        "On the node, a line picks the interface that reaches MASTER_ADDR with `ip` (iproute2)",
+        "for GLOO_SOCKET_IFNAME, NCCL_SOCKET_IFNAME and TP_SOCKET_IFNAME, unless already set.",
+        "What `clusterrun up` adds to this: every line whole (here, ranks that share a terminal",
+        "can splice theirs) and tagged with its node, global and local rank ([node g5 l1]);",
+        "every node stopped when one fails (here, the others wait in their collectives until",
+        "you press Ctrl-C there); every process on every node ended on Ctrl-C or",
+        "`clusterrun kill`; logs and status under ~/.clusterrun/runs.",
+    ]
+    if port_auto:
+        text += [f"master_port is auto: replace {PORT_PLACEHOLDER} in every line with one port that is",
+                 "free on node 0."]
+    secrets = sorted({k for n in plan.nodes for k, v in masked(n.env).items() if v != n.env[k]})
+    if secrets:
+        text += [f"**** stands for the value of {', '.join(secrets)} (never printed): put it in",
+                 "before you paste."]
+    return ["# " + t for t in text]
+
+
+def node_line(plan: Plan, node: NodePlan, *, port_auto: bool = False, mask: bool = True) -> str:
+    """One line to paste into a terminal on the controller: `ssh -t TARGET 'CMD'`, or
+    `( CMD )` for a localhost node (a subshell: its `cd` and variables stay in it).
+
+    `-t`: the remote command gets a terminal, so Ctrl-C in this one reaches torchrun,
+    and a closed terminal hangs it up. (Without a local terminal ssh warns and goes on.)"""
+    cmd = node_command(plan, node, port_auto=port_auto, mask=mask)
+    if node.host.is_local:
+        return f"( {cmd} )"
+    return f"{ssh_argv_text(node.host, tty=True)} {shlex.quote(cmd)}"
+
+
+def node_command(plan: Plan, node: NodePlan, *, port_auto: bool = False, mask: bool = True) -> str:
+    """The node's part as one POSIX shell line: `cd WORKDIR && { SETUP; } </dev/null && `,
+    the interface pick, then `env K=V ... PYTHON -m torch.distributed.run ... SCRIPT ARGS`.
+
+    Every value is quoted exactly once; secret-looking values show as **** unless mask
+    is False."""
+    env = {k: v for k, v in (masked(node.env) if mask else node.env).items() if k != JOB_MARKER_VAR}
+    words = [f"{k}={shlex.quote(v)}" for k, v in env.items()]
+    # A value set by `setup:` or the node's own environment wins, as in the node agent.
+    words += [f'{var}="${{{var}:-$IF}}"' for var in node.pick_ifname]
+    argv = manual_argv(node, PORT_PLACEHOLDER if port_auto else str(plan.master_port))
+    # argv[0] is the node's python, which may be ~/...; everything else is quoted as is.
+    torchrun = " ".join([quote_path(argv[0]), *(shlex.quote(a) for a in argv[1:])])
+    pick = pick_interface(plan.master_addr) if node.pick_ifname else ""
+    return shell_prefix(node) + pick + "env " + " ".join(words + [torchrun])
+
+
+def manual_argv(node: NodePlan, port: str) -> tuple[str, ...]:
+    """The plan's torchrun argv without clusterrun's own parts: no --rdzv-id, --log-dir,
+    --redirects, and no `--no-python sh -c ... python -u` wrapper, so that torchrun runs
+    the script with its own python (the same one) and the workers write to its terminal.
+
+    The plan's argv is `PY -m torch.distributed.run OPTS --no-python sh -c X PY -u ENTRY`."""
+    argv = node.argv
+    cut = argv.index("--no-python")
+    assert argv[cut + 1:cut + 4] == MERGE_STDERR and argv[cut + 4:cut + 6] == (node.python, "-u"), argv
+    options = [a for a in argv[3:cut] if not a.startswith(_CLUSTERRUN_ONLY)]
+    options = [f"--master-port={port}" if a.startswith("--master-port=") else a for a in options]
+    return (*argv[:3], *options, *argv[cut + 6:])
+
+
+def pick_interface(master_addr: str) -> str:
+    """Shell that sets IF, on the node, to the interface holding the address this node
+    reaches master_addr from: the node agent's choice (`interface_to`), in iproute2.
+    (`ip route get` alone would say `lo` on the node that holds master_addr.)
+    A name is resolved on the node first, as the node would resolve it."""
+    try:
+        ipaddress.ip_address(master_addr)
+        resolve, dest = "", shlex.quote(master_addr)
+    except ValueError:
+        resolve = f'MASTER_IP=$(getent ahosts {shlex.quote(master_addr)} | sed -n "1s/ .*//p") && '
+        dest = '"$MASTER_IP"'
+    return (resolve
+            + f'SRC=$(ip -o route get {dest} | sed -n "s/.* src \\([^ ]*\\).*/\\1/p") && '
+            + 'IF=$(ip -o addr show to "$SRC" | sed -n "1s/^[0-9]*: *\\([^ @]*\\).*/\\1/p") && ')
+
+
+def ssh_argv_text(host: Host, *, tty: bool = False) -> str:
+    """The plain `ssh` invocation equivalent to how clusterrun connects."""
+    argv = ["ssh"]
+    if tty:
+        argv.append("-t")
+    if host.port:
+        argv += ["-p", str(host.port)]
+    if host.identity_file:
+        argv += ["-i", host.identity_file]
+    if host.user:
+        argv += ["-l", host.user]
+    return shlex.join(argv + [host.host])

@@ -122,6 +122,19 @@ def logs_cmd(run, ranks, node, follow, tail, no_color) -> None:
     _run(logs.logs, run, tuple(ranks), node, follow, tail, _control(no_color))
 
 
+@main.command("stacks")
+@click.argument("run", required=False)
+@click.option("--rank", "ranks", type=click.IntRange(min=0), multiple=True, help="Only this global rank; repeatable.")
+@click.option("--node", help="Only this node (name, host or node_rank).")
+@click.option("--native", is_flag=True, help="Native (C/C++) frames too, where py-spy is on the node.")
+@click.option("--children", is_flag=True, help="Also the ranks' child processes (DataLoader workers).")
+def stacks_cmd(run, ranks, node, native, children) -> None:
+    """Every rank's Python stacks, grouped by identical stack (RUN defaults to the latest run)."""
+    from . import stacks
+
+    _run(stacks.stacks, run, tuple(ranks), node, native, children, _control())
+
+
 @main.command("status")
 @click.argument("run", required=False)
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")

@@ -13,6 +13,8 @@ Modes (spec["mode"]):
           with "follow": false, stop once caught up (event "running")
   kill    TERM, then KILL after a grace period, every process of the job;
           return once none is left
+  stacks  every selected rank's Python stacks (each worker dumps its own, see
+          STACKS_SITE; py-spy adds native frames where asked and present)
 
 Output protocol on stdout (binary, read by clusterrun/remote.py):
   D <key> <n>\\n<n bytes>   whole lines from one output file; key is "L" for
@@ -75,6 +77,8 @@ def main(argv):
         stream(job_dir, spec.get("offsets", {}), commands, spec.get("marker"), spec.get("follow", True))
     elif mode == "kill":
         kill(job_dir, spec["marker"], float(spec.get("grace", 5)))
+    elif mode == "stacks":
+        event("stacks", ranks=stacks(job_dir, spec))
     elif mode == "probe":
         event("probe", **probe(spec))
     elif mode == "sync":
@@ -173,6 +177,7 @@ def start(spec, job_dir):
     os.mkdir(job_dir, 0o700)        # fails if a job with this run id and node exists
     env = dict(os.environ)
     env.update(spec["env"])
+    arm_stacks(job_dir, env)
     ifname = None
     if spec["pick_ifname"]:
         ifname = interface_to(spec["master_addr"])
@@ -227,6 +232,174 @@ def supervise(job_dir, argv, env):
     write_atomic(os.path.join(job_dir, "exit.json"), json.dumps({"code": code, "failures": failures,
                                                                 "stop_time": float(stop_time) if stop_time else None}))
     os._exit(0)
+
+
+# --- stacks on request ------------------------------------------------------------
+
+# Every worker imports this first (it is the sitecustomize on its PYTHONPATH): the
+# script still runs as `python -u SCRIPT` (or -m), so __main__, pickling of its
+# classes and multiprocessing's spawn are untouched. Asked with STACK_SIGNAL, the
+# worker's faulthandler writes all its threads' stacks to a file of its own, from
+# the signal handler (C code: also while Python is blocked in a collective); a
+# system call it interrupts is restarted (SA_RESTART). The .ready file says the
+# handler is there, so a process without it is never sent the signal, whose
+# default action would end it. A forked child (a DataLoader worker) arms its own.
+STACK_SIGNAL_OFFSET = 6         # SIGRTMIN + 6: a real-time signal no library uses
+STACKS_SITE = r"""# clusterrun: lets `clusterrun stacks` ask this worker for its Python stacks.
+import os
+import sys
+
+
+def _clusterrun_arm():
+    where = os.environ.get("CLUSTERRUN_STACKS")
+    if not where or "RANK" not in os.environ:
+        return
+    import faulthandler
+    import signal
+
+    def arm():
+        try:
+            out = open(os.path.join(where, "%d.txt" % os.getpid()), "a")
+            faulthandler.register(signal.SIGRTMIN + OFFSET, file=out, all_threads=True)
+            open(os.path.join(where, "%d.ready" % os.getpid()), "w").close()
+        except (OSError, ValueError, RuntimeError, AttributeError):
+            pass
+
+    arm()
+    if hasattr(os, "register_at_fork"):
+        os.register_at_fork(after_in_child=arm)
+
+
+def _clusterrun_chain():
+    # The sitecustomize this one shadows (a conda env's, say) still runs.
+    here = os.path.dirname(os.path.abspath(__file__))
+    saved = sys.path[:]
+    sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != here]
+    me = sys.modules.pop("sitecustomize")
+    try:
+        import sitecustomize  # noqa: F401
+    except ImportError:
+        pass
+    finally:
+        sys.path[:] = saved
+        sys.modules["sitecustomize"] = me   # importlib looks it up once this file has run
+
+
+_clusterrun_arm()
+_clusterrun_chain()
+""".replace("OFFSET", str(STACK_SIGNAL_OFFSET))
+
+
+def arm_stacks(job_dir, env):
+    """Make every worker of this job answer `stacks` (see STACKS_SITE)."""
+    site, where = os.path.join(job_dir, "site"), os.path.join(job_dir, "stacks")
+    os.mkdir(site, 0o700)
+    os.mkdir(where, 0o700)
+    with open(os.path.join(site, "sitecustomize.py"), "w") as f:
+        f.write(STACKS_SITE)
+    env["CLUSTERRUN_STACKS"] = where
+    env["PYTHONPATH"] = site + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+
+
+def job_processes(marker):
+    """{pid: (rank, local_rank, parent pid)} of the job's processes that carry a RANK:
+    the workers, and their children (which inherit it)."""
+    found = {}
+    for pid in job_pids(marker):
+        env = _environ(pid)
+        if b"RANK" in env and b"LOCAL_RANK" in env:
+            try:
+                ppid = int(_stat_fields(pid)[1])
+            except (OSError, ValueError, IndexError):
+                continue
+            found[pid] = (int(env[b"RANK"]), int(env[b"LOCAL_RANK"]), ppid)
+    return found
+
+
+def stacks(job_dir, spec):
+    """Each selected rank's stacks: [{rank, local_rank, pid, how, text, children: [...]}]."""
+    where = os.path.join(job_dir, "stacks")
+    procs = job_processes(spec["marker"])
+    wanted = spec.get("local_ranks")
+    ranks = dict((pid, p) for pid, p in procs.items()
+                 if p[2] not in procs and (wanted is None or p[1] in wanted))
+    kids = {}
+    if spec.get("children"):
+        for pid, p in procs.items():
+            if p[2] in procs:
+                top = p[2]
+                while procs[top][2] in procs:
+                    top = procs[top][2]
+                kids.setdefault(top, []).append(pid)
+    spy = _py_spy() if spec.get("native") else None
+    every = list(ranks) + [k for pid in ranks for k in kids.get(pid, [])]
+    read = dict((pid, _dump(pid, where, spy)) for pid in every) if spy else _dump_all(every, where)
+    out = []
+    for pid, (rank, local, _) in sorted(ranks.items(), key=lambda kv: kv[1][0]):
+        how, text = read[pid]
+        children = [dict(pid=k, how=read[k][0], text=read[k][1]) for k in sorted(kids.get(pid, []))]
+        out.append(dict(rank=rank, local_rank=local, pid=pid, how=how, text=text, children=children))
+    return out
+
+
+def _py_spy():
+    for d in os.environ.get("PATH", "").split(os.pathsep) + [os.path.expanduser("~/.local/bin")]:
+        path = os.path.join(d, "py-spy")
+        if d and os.access(path, os.X_OK):
+            return path
+    return None
+
+
+def _dump(pid, where, spy):
+    """One process read by py-spy (native frames too); faulthandler if py-spy cannot attach."""
+    try:
+        r = subprocess.run([spy, "dump", "--native", "--pid", str(pid)], stdout=subprocess.PIPE,
+                           stderr=subprocess.PIPE, timeout=20)
+        if r.returncode == 0:
+            return "py-spy", r.stdout.decode("utf-8", "replace")
+        why = r.stderr.decode("utf-8", "replace").strip().splitlines()
+    except (OSError, subprocess.SubprocessError) as e:
+        why = [str(e)]
+    how, text = _dump_all([pid], where)[pid]
+    return how + " (py-spy: %s)" % (why[-1] if why else "failed"), text
+
+
+def _dump_all(pids, where, settle=0.05, limit=5.0):
+    """Ask each armed process for its stacks at once; read each file once it stops growing."""
+    sig = signal.SIGRTMIN + STACK_SIGNAL_OFFSET
+    asked = {}
+    out = {}
+    for pid in pids:
+        path = os.path.join(where, "%d.txt" % pid)
+        if not os.path.exists(os.path.join(where, "%d.ready" % pid)):
+            out[pid] = ("unavailable", "it was started without clusterrun's stack handler\n")
+            continue
+        try:
+            os.truncate(path, 0)
+            os.kill(pid, sig)
+            asked[pid] = path
+        except OSError as e:
+            out[pid] = ("unavailable", "%s\n" % e.strerror)
+    sizes = {}
+    deadline = time.monotonic() + limit
+    while asked and time.monotonic() < deadline:
+        time.sleep(settle)
+        for pid, path in list(asked.items()):
+            size = os.path.getsize(path) if os.path.exists(path) else 0
+            if size and sizes.get(pid) == size:
+                with open(path) as f:
+                    out[pid] = ("faulthandler", f.read())
+                del asked[pid]
+            sizes[pid] = size
+    for pid in asked:
+        out[pid] = ("unavailable", "no answer within %gs (the process may be stopped)\n" % limit)
+    return out
+
+
+def _stat_fields(pid):
+    with open("/proc/%d/stat" % pid, "rb") as f:
+        data = f.read()
+    return data[data.rfind(b")") + 2:].split()
 
 
 # --- each rank's end -------------------------------------------------------------

@@ -253,5 +253,5 @@ def test_every_command_has_its_name_on_the_oldest_click_allowed(tmp_path):
                        timeout=60, env={**os.environ, "PYTHONPATH": str(target)})
     version, commands = json.loads(r.stdout)
     assert version == OLDEST_CLICK
-    assert commands == ["_collect", "check", "exec", "kill", "lint", "logs", "ps", "status", "up"]
+    assert commands == ["_collect", "check", "exec", "kill", "lint", "logs", "ps", "stacks", "status", "up"]
 

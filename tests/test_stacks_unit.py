@@ -1,0 +1,144 @@
+"""Unit: stacks on request (nodeagent's side with real processes; parsing, grouping, diagnosis)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from clusterrun import nodeagent
+from clusterrun.hostsfile import parse_hosts
+from clusterrun.options import LaunchOptions
+from clusterrun.plan import make_plan
+from clusterrun.stacks import Frame, RankStacks, diagnosis, group, parse, render
+
+WORKER = """\
+import os, sys, time
+
+def wait_for_shard(path):
+    while not os.path.exists(path):
+        time.sleep(0.05)
+
+print("ready", flush=True)
+wait_for_shard(sys.argv[1])
+print("released", flush=True)
+"""
+
+
+@pytest.fixture()
+def job(tmp_path: Path) -> Path:
+    d = tmp_path / "job"
+    d.mkdir()
+    return d
+
+
+def start_worker(job: Path, tmp_path: Path, rank: int) -> subprocess.Popen:
+    env = {"PATH": os.environ["PATH"], "RANK": str(rank), "LOCAL_RANK": str(rank)}
+    nodeagent.arm_stacks(str(job), env)
+    script = tmp_path / "worker.py"
+    script.write_text(WORKER)
+    p = subprocess.Popen([sys.executable, "-u", str(script), str(tmp_path / "release")], env=env,
+                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    assert p.stdout.readline() == "ready\n"
+    return p
+
+
+def test_a_worker_dumps_its_stacks_on_request_and_runs_on(job, tmp_path):
+    p = start_worker(job, tmp_path, 0)
+    out = nodeagent._dump_all([p.pid], str(job / "stacks"))
+    how, text = out[p.pid]
+    assert how == "faulthandler"
+    (main,) = parse(how, text)
+    assert [f.func for f in main] == ["<module>", "wait_for_shard"]
+    assert main[-1].file.endswith("worker.py") and main[-1].line == 5
+    (tmp_path / "release").touch()
+    assert p.wait(10) == 0 and p.stdout.read() == "released\n"      # undisturbed
+
+
+def test_a_process_without_the_handler_is_never_signalled(job):
+    sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
+    try:
+        (job / "stacks").mkdir()
+        how, text = nodeagent._dump_all([sleeper.pid], str(job / "stacks"))[sleeper.pid]
+        assert how == "unavailable" and "without clusterrun's stack handler" in text
+        assert sleeper.poll() is None                   # the signal would have ended it
+    finally:
+        sleeper.kill()
+        sleeper.wait()
+
+
+def test_a_sitecustomize_of_the_users_still_runs(job, tmp_path):
+    theirs = tmp_path / "theirs"
+    theirs.mkdir()
+    (theirs / "sitecustomize.py").write_text("import builtins; builtins.THEIRS = 'ran'\n")
+    env = {"PATH": os.environ["PATH"], "RANK": "0", "LOCAL_RANK": "0", "PYTHONPATH": str(theirs)}
+    nodeagent.arm_stacks(str(job), env)
+    r = subprocess.run([sys.executable, "-c", "import builtins, os; print(builtins.THEIRS, "
+                        "os.path.exists(os.path.join(os.environ['CLUSTERRUN_STACKS'], '%d.ready' % os.getpid())))"],
+                       env=env, capture_output=True, text=True, timeout=30)
+    assert (r.stdout, r.stderr) == ("ran True\n", "")
+
+
+FAULTHANDLER = """\
+Thread 0x00007f1c2d7fe640 (most recent call first):
+  File "/usr/lib/python3.11/threading.py", line 331 in wait
+  File "/usr/lib/python3.11/threading.py", line 995 in _bootstrap
+
+Current thread 0x00007f1c3a9b1740 (most recent call first):
+  File "/w/train.py", line 88 in wait_for_shard
+  File "/w/train.py", line 120 in <module>
+"""
+
+PY_SPY = """\
+Process 4242: python -u train.py
+Python v3.11.7 (/usr/bin/python3.11)
+
+Thread 4242 (idle): "MainThread"
+    wait_for_shard (train.py:88)
+    <module> (train.py:120)
+Thread 4250 (idle): "Thread-1"
+    wait (threading.py:331)
+    _bootstrap (threading.py:995)
+"""
+
+
+def test_both_dump_formats_parse_to_the_same_threads_main_first():
+    fh = parse("faulthandler", FAULTHANDLER)
+    spy = parse("py-spy", PY_SPY)
+    assert [[f.func for f in t] for t in fh] == [["<module>", "wait_for_shard"], ["_bootstrap", "wait"]]
+    assert [[f.func for f in t] for t in spy] == [[f.func for f in t] for t in fh]
+    assert str(fh[0][-1]) == "/w/train.py:88 in wait_for_shard"
+
+
+def nodes():
+    hosts = parse_hosts({"hosts": ["node1:2", "node2:2"]})
+    return make_plan(hosts, LaunchOptions("t.py"), run_id="r", master_addr="10.0.0.1", master_port=1,
+                     controller_python="python3", local_home="/tmp/crh").nodes
+
+
+def stack(node, rank, *funcs):
+    return RankStacks(node, rank, rank - node.rank_start, "faulthandler",
+                      (tuple(Frame("/w/train.py", 10 * i + 1, f) for i, f in enumerate(funcs)),))
+
+
+def test_ranks_with_the_same_stack_group_together_the_odd_one_first():
+    n1, n2 = nodes()
+    found = [stack(n1, 0, "<module>", "barrier"), stack(n1, 1, "<module>", "barrier"),
+             stack(n2, 2, "<module>", "barrier"), stack(n2, 3, "<module>", "wait_for_shard")]
+    groups = group(found)
+    assert [g.who() for g in groups] == ["rank 3 (node2)", "ranks 0-2 (node1, node2)"]
+    assert diagnosis(groups) == "rank 3 (node2) is in wait_for_shard (train.py:11); ranks 0-2 wait in barrier"
+    assert render(groups).splitlines()[:3] == [
+        "rank 3 (node2): read by faulthandler",
+        "    /w/train.py:1 in <module>",
+        "    /w/train.py:11 in wait_for_shard",
+    ]
+
+
+def test_one_group_is_said_as_such():
+    n1, _ = nodes()
+    groups = group([stack(n1, 0, "<module>", "barrier"), stack(n1, 1, "<module>", "barrier")])
+    assert diagnosis(groups) == "every rank is in barrier (train.py:11)"

@@ -77,12 +77,10 @@ def explanation(plan: Plan, port_auto: bool) -> list[str]:
         "`clusterrun kill`; logs and status under ~/.clusterrun/runs.",
     ]
     if port_auto:
-        text += [f"master_port is auto: replace {PORT_PLACEHOLDER} in every line with one port that is",
-                 "free on node 0."]
+        text += [f"master_port is auto: replace {PORT_PLACEHOLDER} in every line with one port free on node 0."]
     secrets = sorted({k for n in plan.nodes for k, v in masked(n.env).items() if v != n.env[k]})
     if secrets:
-        text += [f"**** stands for the value of {', '.join(secrets)} (never printed): put it in",
-                 "before you paste."]
+        text += [f"**** stands for the value of {', '.join(secrets)} (never printed): put it in before you paste."]
     return ["# " + t for t in text]
 
 

@@ -73,10 +73,20 @@ def node_home(cluster) -> Path:
     return Path(r.stdout)
 
 
-def snapshot(cluster) -> tuple[set[str], set[Path]]:
-    """The job directories of clusterrun on the nodes, and torchrun's own /tmp directories."""
+def job_dirs(cluster) -> set[str]:
+    """The job directories of clusterrun on the nodes."""
     jobs = node_home(cluster) / ".clusterrun" / "jobs"
-    return (set(os.listdir(jobs)) if jobs.is_dir() else set()), set(Path("/tmp").glob("torchelastic_*"))
+    return set(os.listdir(jobs)) if jobs.is_dir() else set()
+
+
+@pytest.fixture(autouse=True)
+def torchrun_tmp():
+    """torchrun without --log-dir makes its (empty) log directory /tmp/torchelastic_*, as any
+    hand-run torchrun does; the nodes share this machine's /tmp: remove what the test made."""
+    before = set(Path("/tmp").glob("torchelastic_*"))
+    yield
+    for path in set(Path("/tmp").glob("torchelastic_*")) - before:
+        shutil.rmtree(path, ignore_errors=True)
 
 
 def reports(text: str) -> list[dict]:
@@ -94,21 +104,17 @@ def check_reports(cluster, outputs: list[str]) -> None:
             assert r["args"] == ARGS
 
 
-def assert_nothing_left(cluster, before: tuple[set[str], set[Path]]) -> None:
-    """No process on any node, no clusterrun job directory. torchrun's own (empty) log directory
-    in /tmp, which any hand-run torchrun leaves, is removed here: the nodes share this /tmp."""
+def assert_nothing_left(cluster, jobs_before: set[str]) -> None:
+    """No process on any node, no clusterrun job directory."""
     left = cluster.wait_no_leftovers(timeout=15)
     assert not left, {n: cluster.describe_pids(p) for n, p in left.items()}
-    jobs, elastic = snapshot(cluster)
-    assert jobs <= before[0], f"job directories left: {jobs - before[0]}"
-    for path in elastic - before[1]:
-        shutil.rmtree(path, ignore_errors=True)
+    assert job_dirs(cluster) <= jobs_before, f"job directories left: {job_dirs(cluster) - jobs_before}"
 
 
 @pytest.mark.transports("paramiko")
 def test_pasted_dry_run_lines_run_the_job_by_hand(cluster, tmp_path):
     lines, _ = dry_run_lines(cluster, tmp_path, port=29680)
-    before = snapshot(cluster)
+    jobs_before = job_dirs(cluster)
     env = cluster.env(clusterrun_home=tmp_path / "crhome")
     # Each line in a shell of its own, as in its own terminal (here without one: ssh -t warns).
     shells = [subprocess.Popen(["bash", "-c", line], env=env, cwd=tmp_path, stdin=subprocess.DEVNULL,
@@ -126,7 +132,7 @@ def test_pasted_dry_run_lines_run_the_job_by_hand(cluster, tmp_path):
                 os.killpg(sh.pid, signal.SIGKILL)
     check_reports(cluster, outputs)
     assert not (tmp_path / "pwned").exists() and not (node_home(cluster) / "pwned").exists()
-    assert_nothing_left(cluster, before)
+    assert_nothing_left(cluster, jobs_before)
 
 
 def read_until(fds: dict[int, bytearray], done, timeout: float) -> None:
@@ -149,7 +155,7 @@ def test_ctrl_c_in_a_pasted_lines_terminal_ends_that_nodes_job(cluster, tmp_path
     import termios
 
     lines, _ = dry_run_lines(cluster, tmp_path, port=29681, env={"HANG": "1"})
-    before = snapshot(cluster)
+    jobs_before = job_dirs(cluster)
     env = cluster.env(clusterrun_home=tmp_path / "crhome")
     masters: dict[int, bytearray] = {}
     shells = []
@@ -181,4 +187,4 @@ def test_ctrl_c_in_a_pasted_lines_terminal_ends_that_nodes_job(cluster, tmp_path
                 sh.wait()
         for master in masters:
             os.close(master)
-    assert_nothing_left(cluster, before)
+    assert_nothing_left(cluster, jobs_before)

@@ -8,7 +8,7 @@ import click
 
 from . import __version__, compat
 from .errors import EXIT_INTERRUPTED, ClusterrunError
-from .hostsfile import HostsFileError, parse_env_mapping
+from .hostsfile import ON_HANG, HostsFileError, parse_duration, parse_env_mapping
 from .options import LaunchOptions, UpOptions, WatchOptions
 from .stream import use_color
 
@@ -53,6 +53,19 @@ def _master_port(value: str | None) -> int | str | None:
     return int(value)
 
 
+class _Duration(click.ParamType):
+    name = "duration"
+
+    def convert(self, value, param, ctx):
+        try:
+            return value if isinstance(value, float) else parse_duration(value)
+        except ValueError as e:
+            self.fail(str(e), param, ctx)
+
+
+DURATION = _Duration()
+
+
 def transport_option(f):
     """--transport, shared by every command that connects from a hosts file."""
     return click.option(
@@ -77,14 +90,18 @@ def main() -> None:
 @click.option("--sync", is_flag=True, help="Copy the current directory to each node's workdir first.")
 @click.option("--skip-check", is_flag=True, help="Start without the preflight of every node.")
 @click.option("--no-fail-fast", is_flag=True, help="Keep the other nodes running when one fails.")
+@click.option("--hang-timeout", type=DURATION, metavar="DURATION",
+              help="No line from any rank this long (300, 90s, 5m): take every rank's stacks.")
+@click.option("--on-hang", type=click.Choice(ON_HANG),
+              help="After the stacks: report (default: go on waiting) or kill the run.")
 @click.option("--accept-new-host-keys", is_flag=True, help="Trust hosts not yet in known_hosts.")
 @transport_option
 @click.option("--no-color", is_flag=True, help="No colours (also: NO_COLOR=1).")
 @click.argument("hosts", type=click.Path(dir_okay=False))
 @click.argument("script")
 @click.argument("script_args", nargs=-1, type=click.UNPROCESSED)
-def up_cmd(module, nproc_per_node, master_port, env, detach, dry_run, sync, skip_check, no_fail_fast, accept_new_host_keys,
-           transport, no_color, hosts, script, script_args) -> None:
+def up_cmd(module, nproc_per_node, master_port, env, detach, dry_run, sync, skip_check, no_fail_fast, hang_timeout,
+           on_hang, accept_new_host_keys, transport, no_color, hosts, script, script_args) -> None:
     """Start SCRIPT with torchrun on every node of HOSTS and stream every rank's lines.
 
     Options go before HOSTS; everything after SCRIPT is passed to the script.
@@ -98,10 +115,9 @@ def up_cmd(module, nproc_per_node, master_port, env, detach, dry_run, sync, skip
     if dry_run:
         _run(lambda: click.echo(launch.dry_run(hosts, opts, transport)))
     up_opts = UpOptions(fail_fast=not no_fail_fast, accept_new_host_keys=accept_new_host_keys,
-                               color=use_color(no_color=no_color), detach=detach,
-                               skip_check=skip_check, sync=sync, transport=transport)
+                        color=use_color(no_color=no_color), detach=detach, skip_check=skip_check,
+                        sync=sync, transport=transport, hang_timeout=hang_timeout, on_hang=on_hang)
     _run(launch.up, hosts, opts, up_opts)
-
 
 
 def _control(no_color: bool = True):
@@ -204,7 +220,9 @@ def lint_cmd(scripts) -> None:
 @click.argument("run")
 @click.option("--lock-fd", type=int, help="The run's collector lock, inherited locked from `up -d`.")
 @click.option("--connect-timeout", type=float, help="The hosts file's connect_timeout.")
-def collect_cmd(run, lock_fd, connect_timeout) -> None:
+@click.option("--hang-timeout", type=float, help="up's hang timeout, in seconds.")
+@click.option("--on-hang", type=click.Choice(ON_HANG), default="report")
+def collect_cmd(run, lock_fd, connect_timeout, hang_timeout, on_hang) -> None:
     """Stream a detached run into its logs (started by `up --detach`)."""
     from .controller import collect
     from .runs import CollectorLock, RunDir
@@ -212,7 +230,8 @@ def collect_cmd(run, lock_fd, connect_timeout) -> None:
 
     held = CollectorLock(lock_fd) if lock_fd is not None else None
     _run(collect, RunDir.find(run), Terminal(),
-         WatchOptions(print_lines=False, connect_timeout=connect_timeout), True, None, held)
+         WatchOptions(print_lines=False, connect_timeout=connect_timeout, hang_timeout=hang_timeout,
+                      on_hang=on_hang), True, None, held)
 
 if __name__ == "__main__":  # pragma: no cover
     main()

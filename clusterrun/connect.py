@@ -17,7 +17,11 @@ from typing import Sequence
 
 from .errors import UnreachableError
 from .hostsfile import Host
+from .model import FINAL_STATES
+from .options import WatchOptions
 from .parallel import each
+from .plan import Plan
+from .runs import RunDir
 from .transport import LocalTransport, Transport
 
 
@@ -79,3 +83,14 @@ def connect_all(
                 t.close()
         raise UnreachableError(f"cannot reach every node, {consequence}:\n  " + "\n  ".join(errors))
     return [t for t, _, _ in results if t is not None]
+
+
+def connect_live(run: RunDir, plan: Plan, opts: WatchOptions,
+                 consequence: str = "nothing was done") -> list[Transport | None]:
+    """Connections to the run's nodes in parallel; None for nodes already recorded as ended."""
+    states = run.node_states()
+    live = [n for n in plan.nodes if states.get(n.node_rank, {}).get("state") not in FINAL_STATES]
+    conns = connect_all([n.host for n in live], opts.connect_timeout, opts.accept_new_host_keys,
+                        consequence, scope=plan.run_id) if live else []
+    by_rank = dict(zip((n.node_rank for n in live), conns))
+    return [by_rank.get(n.node_rank) for n in plan.nodes]

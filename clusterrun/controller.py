@@ -23,7 +23,7 @@ from .results import exit_code, summary
 from .model import FINAL_STATES, NodeResult, NodeState
 from .runs import CollectorLock, RunDir
 from .stream import NodeOutput, Terminal
-from .connect import connect_all, connect_node
+from .connect import connect_live, connect_node
 from .transport import Transport
 
 
@@ -41,6 +41,7 @@ class RunController:
         self.control: ControlServer | None = None
         self.finished = threading.Event()       # every node's end is recorded
         self.handed_over = False
+        self.hung: str | None = None            # --on-hang kill ended the run: why
 
     def _job(self, node: NodePlan, transport: Transport) -> RemoteJob:
         show = None
@@ -83,6 +84,8 @@ class RunController:
                 self.set_state(node, NodeState.STARTING)
         for job in self.jobs:
             job.gate = gate
+        if self.opts.hang_timeout is not None:
+            threading.Thread(target=self._watch_hang, name="hang-watch", daemon=True).start()
         for job in self.jobs:
             if not start and self.states.get(job.node.node_rank, {}).get("state") in FINAL_STATES:
                 job.output.close()
@@ -119,6 +122,45 @@ class RunController:
         self.done.put(result)
         with self._started:
             self._started.notify_all()
+
+    # --- hangs ---------------------------------------------------------------------
+
+    def _watch_hang(self) -> None:
+        """No line from any rank for hang_timeout: take every rank's stacks, once per quiet spell."""
+        timeout = self.opts.hang_timeout
+        assert timeout is not None
+        reported = None                 # the quiet spell already reported (its last line's time)
+        while not self.finished.wait(min(5.0, timeout / 4)):
+            if self.handed_over:
+                return
+            last = max(job.output.last_line for job in self.jobs)
+            if time.monotonic() - last >= timeout and last != reported:
+                reported = last
+                try:
+                    self._on_hang(time.monotonic() - last)
+                except Exception as e:  # noqa: BLE001 - the watch must not end the run
+                    self.term.message(f"clusterrun: no output for {_duration(timeout)}; "
+                                      f"the stacks could not be taken: {type(e).__name__}: {e}")
+
+    def _on_hang(self, quiet: float) -> None:
+        from . import stacks
+
+        found, problems = stacks.take(self.plan, [job.transport for job in self.jobs])
+        groups = stacks.group(found)
+        text = stacks.render(groups)
+        why = f"no output for {_duration(quiet)}: {stacks.diagnosis(groups)}"
+        path = stacks.save(self.run, text)
+        self.run.write_json("hang.json", {"time": time.time(), "diagnosis": why, "stacks": path})
+        self.term.message(f"clusterrun: {why}")
+        self.term.message(text.rstrip("\n"))
+        for p in problems:
+            self.term.message(f"clusterrun: stacks: {p}")
+        if self.opts.on_hang == "kill":
+            self.hung = why
+            self.term.message(f"clusterrun: --on-hang kill: stopping every node (stacks: {path})")
+            self.stop_all({rank for rank, st in self.states.items() if st["state"] in FINAL_STATES})
+        else:
+            self.term.message(f"clusterrun: stacks saved in {path}; still waiting")
 
     def wait_started(self) -> None:
         """Block until every node has started (or already ended)."""
@@ -195,6 +237,8 @@ class RunController:
                                                 for r in results])
         self.finished.set()
         if self.opts.report:
+            if self.hung:
+                self.term.message(f"clusterrun: the run hung ({self.hung}) and was stopped")
             for line in summary(results, self.run):
                 self.term.message(line)
         return exit_code(results, self.interrupted)
@@ -217,17 +261,6 @@ def _stop_quietly(job: RemoteJob, grace: float) -> None:
         job.stop(grace)
     except Exception:  # noqa: BLE001 - its stream reports the node as lost
         pass
-
-
-def connect_live(run: RunDir, plan: Plan, opts: WatchOptions,
-                 consequence: str = "nothing was done") -> list[Transport | None]:
-    """Connections to the run's nodes in parallel; None for nodes already recorded as ended."""
-    states = run.node_states()
-    live = [n for n in plan.nodes if states.get(n.node_rank, {}).get("state") not in FINAL_STATES]
-    conns = connect_all([n.host for n in live], opts.connect_timeout, opts.accept_new_host_keys,
-                        consequence, scope=plan.run_id) if live else []
-    by_rank = dict(zip((n.node_rank for n in live), conns))
-    return [by_rank.get(n.node_rank) for n in plan.nodes]
 
 
 def collect(run: RunDir, term: Terminal, opts: WatchOptions, follow: bool = True,
@@ -264,3 +297,12 @@ def collect_with(run: RunDir, plan: Plan, transports: Sequence[Transport | None]
         return ctl.finish(results)
     finally:
         ctl.close()
+
+
+def _duration(seconds: float) -> str:
+    """90 -> 1m30s, 300 -> 5m, 42 -> 42s."""
+    s = round(seconds)
+    if s < 60:
+        return f"{s}s"
+    m, s = divmod(s, 60)
+    return f"{m}m{s}s" if s else f"{m}m"

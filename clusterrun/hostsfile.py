@@ -23,7 +23,9 @@ LOCALHOST = "localhost"
 _SHARED_KEYS = (
     "nproc_per_node", "user", "port", "identity_file", "python", "workdir", "setup", "env", "transport",
 )
-TOP_KEYS = frozenset(_SHARED_KEYS + ("master_port", "master_addr", "connect_timeout", "hosts"))
+TOP_KEYS = frozenset(_SHARED_KEYS + ("master_port", "master_addr", "connect_timeout", "hang_timeout",
+                                     "on_hang", "hosts"))
+ON_HANG = ("report", "kill")
 HOST_KEYS = frozenset(_SHARED_KEYS + ("host", "name", "addr"))
 
 # What an ssh target may contain: user@, a DNS name or IPv4/IPv6 literal.
@@ -74,6 +76,8 @@ class HostsFile:
     master_port: int | str = 29500   # an int, or "auto"
     master_addr: str | None = None
     connect_timeout: float | None = None   # None: the ssh config's ConnectTimeout, else the default
+    hang_timeout: float | None = None      # seconds without a line from any rank: a hang
+    on_hang: str = "report"                # report (take the stacks, go on waiting) or kill
 
 
 def load_hosts(path: str | Path) -> HostsFile:
@@ -172,8 +176,28 @@ def parse_hosts(data: Any, path: str = "<hosts>") -> HostsFile:
     if timeout is not None and (isinstance(timeout, bool) or not isinstance(timeout, (int, float))
                                 or not 0 < timeout <= 600):
         raise HostsFileError(path, "connect_timeout", f"must be seconds in (0, 600], got {timeout!r}")
+    hang = data.get("hang_timeout")
+    try:
+        hang = None if hang is None else parse_duration(hang)
+    except ValueError as e:
+        raise HostsFileError(path, "hang_timeout", str(e)) from None
+    on_hang = data.get("on_hang", "report")
+    if on_hang not in ON_HANG:
+        raise HostsFileError(path, "on_hang", f"must be one of {', '.join(ON_HANG)}, got {on_hang!r}")
     return HostsFile(path, tuple(hosts), master_port, master_addr,
-                     None if timeout is None else float(timeout))
+                     None if timeout is None else float(timeout), hang, on_hang)
+
+
+_DURATION_RE = re.compile(r"(\d+(?:\.\d+)?)\s*([smh]?)")
+_UNIT = {"": 1, "s": 1, "m": 60, "h": 3600}
+
+
+def parse_duration(value: Any) -> float:
+    """Seconds from `300`, `90s`, `5m` or `1.5h` (more than 0)."""
+    m = _DURATION_RE.fullmatch(str(value).strip()) if not isinstance(value, bool) else None
+    if m is None or float(m[1]) <= 0:
+        raise ValueError(f"must be a duration such as 300, 90s, 5m or 1h, got {value!r}")
+    return float(m[1]) * _UNIT[m[2]]
 
 
 def with_transport(hosts: HostsFile, transport: str | None) -> HostsFile:

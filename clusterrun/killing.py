@@ -45,7 +45,8 @@ def kill_run(run: RunDir, grace: float) -> list[str]:
     if problems is not None:
         return problems
     # Only now the SSH side of clusterrun: the path above never loads it.
-    from .controller import collect_with, connect_live
+    from .connect import connect_live
+    from .controller import collect_with
     from .remote import confirm_kills, kill_job
 
     opts = WatchOptions()

@@ -83,6 +83,7 @@ def up(hosts_path: str, opts: LaunchOptions, up_opts: UpOptions) -> int:
         fail_fast=up_opts.fail_fast, kill_grace=up_opts.kill_grace, color=up_opts.color,
         print_lines=not up_opts.detach, connect_timeout=hosts.connect_timeout,
         accept_new_host_keys=up_opts.accept_new_host_keys,
+        hang_timeout=up_opts.hang_timeout or hosts.hang_timeout, on_hang=up_opts.on_hang or hosts.on_hang,
     )
     ctl = RunController(plan, run, transports, term, ctl_opts)
     try:
@@ -144,20 +145,22 @@ def _detach(ctl: RunController, run: RunDir, lock: CollectorLock, term: Terminal
     ctl.detach()
     # The collector inherits the locked file itself: the run is never without a
     # collector, not even for the moment a `status` could take the lock in between.
-    spawn_collector(run, lock, ctl.opts.connect_timeout)
+    spawn_collector(run, lock, ctl.opts)
     lock.release()
     term.clear_progress()
     print(run.run_id, flush=True)   # the last line on stdout, like `docker run -d`
     return 0
 
 
-def spawn_collector(run: RunDir, lock: CollectorLock, connect_timeout: float | None) -> None:
+def spawn_collector(run: RunDir, lock: CollectorLock, opts: WatchOptions) -> None:
     """`clusterrun _collect RUN` in its own session, outliving this shell, holding
     the run's collector lock (the same open file: flock belongs to it, not to a process)."""
     log = os.open(run.path / "collector.log", os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
     argv = [sys.executable, "-m", "clusterrun", "_collect", run.run_id, f"--lock-fd={lock.fd}"]
-    if connect_timeout is not None:
-        argv.append(f"--connect-timeout={connect_timeout:g}")
+    if opts.connect_timeout is not None:
+        argv.append(f"--connect-timeout={opts.connect_timeout:g}")
+    if opts.hang_timeout is not None:
+        argv += [f"--hang-timeout={opts.hang_timeout:g}", f"--on-hang={opts.on_hang}"]
     subprocess.Popen(
         argv, stdin=subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True,
         pass_fds=(lock.fd,), env={**os.environ, "CLUSTERRUN_HOME": str(clusterrun_home())},

@@ -24,8 +24,11 @@ _REPORT = b"torch.distributed.elastic.multiprocessing.errors.ChildFailedError:"
 _SIGNALLED = b"torch.distributed.elastic.multiprocessing.api.SignalException:"
 _TRIGGERS = (b"closing signal", b"failed (exitcode", b"death signal", _TRACEBACK)
 _BOX_EDGE = b"=" * 20
+# Between the tracebacks of a chain (SignalException raised while handling another).
+_CHAIN = (b"\n", b"During handling of the above exception, another exception occurred:\n",
+          b"The above exception was the direct cause of the following exception:\n")
 
-_SHOW, _TRACE, _BOX = "show", "traceback", "box"
+_SHOW, _TRACE, _BOX, _AFTER = "show", "traceback", "box", "after"    # _AFTER: a chain may go on
 
 
 class LauncherFilter:
@@ -64,8 +67,14 @@ class LauncherFilter:
             if line.startswith(_BOX_EDGE):
                 self._edges += 1
                 if self._edges == 2:
-                    self._end_block(out)
+                    self._state = _AFTER
             return
+        if self._state is _AFTER:
+            if line in _CHAIN or _RECORD.match(line):
+                self._hidden += 1
+                return
+            if line != _TRACEBACK:
+                self._end_block(out)            # the report is over: one line in its place
         if self._state is _TRACE:
             self._held.append(line)
             if line[:1] in (b" ", b"\t"):
@@ -74,9 +83,11 @@ class LauncherFilter:
                 self._hide_held(_BOX)
                 self._edges = 0
             elif line.startswith(_SIGNALLED):
-                self._hide_held(_SHOW)
-                self._end_block(out)
+                self._hide_held(_AFTER)
             else:                                       # someone else's traceback: show it
+                if self._hidden:
+                    out.append(self._hint(self._hidden))
+                    self._hidden = 0
                 out.extend(self._held)
                 self._held = []
                 self._state = _SHOW

@@ -42,6 +42,8 @@ class UpOptions:
     skip_check: bool = False
     sync: bool = False
     transport: str | None = None        # --transport: every host on it
+    hang_timeout: float | None = None   # --hang-timeout (None: the hosts file's)
+    on_hang: str | None = None          # --on-hang (None: the hosts file's)
 
 
 @dataclass(frozen=True)
@@ -57,6 +59,8 @@ class WatchOptions:
     accept_new_host_keys: bool = False
     interrupt_stops_run: bool = True     # Ctrl-C stops the run (attached up) or just lets go (logs -f)
     report: bool = True                  # print the summary when the run ends
+    hang_timeout: float | None = None    # no line from any rank this long: take the stacks
+    on_hang: str = "report"              # ...and go on waiting, or "kill": end the run
 
     def quiet(self) -> WatchOptions:
         """Bring the run's record up to date: print nothing, stop nothing (status, kill, logs)."""

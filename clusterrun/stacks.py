@@ -143,20 +143,24 @@ def _where(g: Group) -> tuple[str, str]:
     return f.func, f"{f.file.rsplit('/', 1)[-1]}:{f.line}"
 
 
-def diagnosis(groups: Sequence[Group]) -> str:
+def diagnosis(groups: Sequence[Group], shown: int = 4) -> str:
     """One line: where the odd ranks are, and where the rest wait."""
     if not groups:
         return "no rank could be read"
     if len(groups) == 1:
         func, at = _where(groups[0])
         return f"every rank is in {func} ({at})"
-    *odd, most = groups
+    most = groups[-1]
+    waiting = len(most.members) > len(groups[-2].members)   # a clear majority waits somewhere
+    odd = groups[:-1] if waiting else groups
     parts = []
-    for g in odd:
+    for g in odd[:shown]:
         func, at = _where(g)
         parts.append(f"{g.who()} {'is' if len(g.members) == 1 else 'are'} in {func} ({at})")
-    func, _ = _where(most)
-    parts.append(f"{describe_ranks(most.ranks)} wait in {func}")
+    if len(odd) > shown:
+        parts.append(f"{len(odd) - shown} more groups")
+    if waiting:
+        parts.append(f"{describe_ranks(most.ranks)} wait in {_where(most)[0]}")
     return "; ".join(parts)
 
 
@@ -204,7 +208,7 @@ def save(run: RunDir, text: str) -> str:
 def stacks(run_id: str | None, ranks: tuple[int, ...], node: str | None, native: bool,
            children: bool, opts: WatchOptions) -> int:
     """Print and save the stacks of a live run's ranks; exit 1 if a node could not be read."""
-    from .controller import connect_live
+    from .connect import connect_live
 
     run = RunDir.find(run_id)
     plan = run.plan()

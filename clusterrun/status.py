@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 from typing import Any
 
 from .controller import collect
@@ -31,6 +32,7 @@ def status_data(run: RunDir, opts: WatchOptions) -> dict[str, Any]:
         # Nobody may be watching the run (its `up` was killed): look at the nodes.
         collect(run, Terminal(), opts.quiet(), follow=False)
     plan, states = run.plan(), run.node_states()
+    now = time.time()
     nodes = []
     for n in plan.nodes:
         s = states.get(n.node_rank, {"state": NodeState.STARTING})
@@ -39,9 +41,26 @@ def status_data(run: RunDir, opts: WatchOptions) -> dict[str, Any]:
             "ranks": [n.ranks.start, n.ranks.stop - 1], "state": s["state"],
             "code": s.get("code"), "message": s.get("message", ""),
             "failures": s.get("failures", []),
+            "quiet": {str(g): _quiet(run, g, now) for g in n.ranks},
         })
     return {"run": plan.run_id, "state": run_state(len(plan.nodes), states),
-            "hosts": plan.hosts_path, "world_size": plan.world_size, "nodes": nodes}
+            "hosts": plan.hosts_path, "world_size": plan.world_size, "nodes": nodes,
+            "hang": run.read_json("hang.json")}
+
+
+def _quiet(run: RunDir, rank: int, now: float) -> float | None:
+    """Seconds since the rank's last line reached its log (None: no line yet)."""
+    try:
+        return round(now - run.rank_log(rank).stat().st_mtime, 1)
+    except FileNotFoundError:
+        return None
+
+
+def _ago(seconds: float | None) -> str:
+    if seconds is None:
+        return "no line yet"
+    s = int(seconds)
+    return f"{s}s" if s < 120 else f"{s // 60}m" if s < 7200 else f"{s // 3600}h"
 
 
 def describe_node(n: dict[str, Any]) -> str:
@@ -66,6 +85,11 @@ def status(run_id: str | None, as_json: bool, opts: WatchOptions) -> int:
         first, last = n["ranks"]
         ranks = str(first) if first == last else f"{first}-{last}"
         print(f"{n['node']:<{w}}  {n['node_rank']:>9}  {ranks:<9}  {describe_node(n)}")
+    if data["state"] in (RunState.RUNNING, RunState.STARTING):
+        quiet = [f"{g}: {_ago(q)}" for n in data["nodes"] for g, q in n["quiet"].items()]
+        print("quiet for (rank: time since its last line): " + ", ".join(quiet))
+    if data["hang"]:
+        print(f"hang: {data['hang']['diagnosis']} (stacks: {data['hang']['stacks']})")
     return 0
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import sys
 import threading
+from time import monotonic
 from typing import BinaryIO, Callable
 
 from .launcherlog import LauncherFilter
@@ -98,6 +99,7 @@ class NodeOutput:
         self._routes: dict[str, tuple[bytes | None, BinaryIO]] = {}
         self._color = _COLORS[node.node_rank % len(_COLORS)] if color else 0
         self._launcher = LauncherFilter(self._held_back)
+        self.last_line = monotonic()        # when a rank's line last came (the hang watch)
         self.received: dict[str, int] = {}
         for key, path in self._paths():
             try:
@@ -118,11 +120,14 @@ class NodeOutput:
         tag, log = route
         log.write(chunk)
         self.received[key] = self.received.get(key, 0) + len(chunk)
-        if tag is not None:
-            if key == "L":
+        if key == "L":
+            if tag is not None:
                 chunk = self._launcher.feed(chunk)
-                if not chunk:
-                    return
+                if chunk:
+                    self.term.write(tag_lines(tag, chunk))
+            return
+        self.last_line = monotonic()
+        if tag is not None:
             self.term.write(tag_lines(tag, chunk))
 
     def _held_back(self, n: int) -> bytes:

@@ -536,3 +536,20 @@ def test_the_same_host_twice_is_refused_unless_named_apart(tmp_path):
         parse_hosts({"hosts": ["gpu[1-3]", "gpu2"]}, "hosts.yaml")
     ok = parse_hosts({"hosts": [{"host": "localhost", "name": "a"}, {"host": "localhost", "name": "b"}]})
     assert [h.name for h in ok.hosts] == ["a", "b"]
+
+
+# --- hang_timeout / on_hang ------------------------------------------------------------
+
+
+@pytest.mark.parametrize("value, seconds", [(300, 300.0), ("90s", 90.0), ("5m", 300.0), ("1.5h", 5400.0),
+                                            ("2.5", 2.5)])
+def test_hang_timeout_accepts_seconds_and_units(value, seconds):
+    hf = parse_hosts({"hang_timeout": value, "on_hang": "kill", "hosts": ["a"]})
+    assert (hf.hang_timeout, hf.on_hang) == (seconds, "kill")
+
+
+@pytest.mark.parametrize("text", ["hang_timeout: 5 min", "hang_timeout: 0", "hang_timeout: -3",
+                                  "hang_timeout: true", "on_hang: stop"])
+def test_a_bad_hang_setting_is_named(tmp_path, text):
+    e = load_error(tmp_path, text + "\nhosts: [a]\n")
+    assert text.split(":")[0] in str(e)

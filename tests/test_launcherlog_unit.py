@@ -126,6 +126,14 @@ def test_a_stopped_nodes_signal_traceback_becomes_one_line(seed):
     assert shown(STOPPED + "after\n", seed) == f"<{len(STOPPED.splitlines())} held back>\nafter\n"
 
 
+@pytest.mark.parametrize("seed", [None, 8, 9])
+def test_a_chain_of_torchruns_own_tracebacks_becomes_one_line(seed):
+    """Stopped while it was closing its workers: SignalException during SignalException."""
+    tb = STOPPED[STOPPED.index("Traceback"):]
+    chained = STOPPED + "\nDuring handling of the above exception, another exception occurred:\n\n" + tb
+    assert shown(chained + "after\n", seed) == f"<{len(chained.splitlines())} held back>\nafter\n"
+
+
 @pytest.mark.parametrize("seed", [None, 6, 7])
 def test_any_other_traceback_of_torchrun_is_shown_whole(seed):
     assert shown("a\n" + OTHER + "b\n", seed) == "a\n" + OTHER + "b\n"

@@ -142,3 +142,9 @@ def test_one_group_is_said_as_such():
     n1, _ = nodes()
     groups = group([stack(n1, 0, "<module>", "barrier"), stack(n1, 1, "<module>", "barrier")])
     assert diagnosis(groups) == "every rank is in barrier (train.py:11)"
+
+
+def test_without_a_majority_every_group_is_named_where_it_is():
+    n1, n2 = nodes()
+    groups = group([stack(n1, 0, "<module>", "a"), stack(n2, 2, "<module>", "b")])
+    assert diagnosis(groups) == "rank 0 (node1) is in a (train.py:11); rank 2 (node2) is in b (train.py:11)"

@@ -26,11 +26,12 @@ from .transport import LocalTransport, Transport
 
 
 def connect_node(host: Host, timeout: float | None, accept_new: bool = False,
-                 scope: str | None = None) -> Transport:
+                 scope: str | None = None, visiting: bool = False) -> Transport:
     """One node's transport: local for localhost, else an SSH connection on the
     host's stack. `scope` is the run it serves (None: this command only); on the
     openssh stack a run's ControlMaster outlives the command, so that a detached
-    run's collector and later `logs`/`kill` reuse its authentication."""
+    run's collector and later `logs`/`kill` reuse its authentication (`visiting`: and
+    never end the collector's master)."""
     if host.is_local:
         return LocalTransport(host.name)
     if host.transport == "openssh":
@@ -38,7 +39,7 @@ def connect_node(host: Host, timeout: float | None, accept_new: bool = False,
         return connect_openssh(
             host.name, host.host, user=host.user, port=host.port, identity_file=host.identity_file,
             timeout=timeout, accept_new=accept_new,
-            scope=scope or f"pid{os.getpid()}", persist=scope is not None)
+            scope=scope or f"pid{os.getpid()}", persist=scope is not None, visiting=visiting)
     from .paramikossh import connect
     from .sshconfig import resolve
     target = resolve(host.host, user=host.user, port=host.port, identity_file=host.identity_file,
@@ -47,12 +48,12 @@ def connect_node(host: Host, timeout: float | None, accept_new: bool = False,
 
 
 def connect_each(hosts: Sequence[Host], timeout: float | None, accept_new: bool = False,
-                 scope: str | None = None) -> list[tuple[Transport | None, str, float]]:
+                 scope: str | None = None, visiting: bool = False) -> list[tuple[Transport | None, str, float]]:
     """Connect to every node in parallel: (transport or None, error, seconds) per node."""
 
     def one(host: Host) -> tuple[Transport, float]:
         t0 = time.monotonic()
-        return connect_node(host, timeout, accept_new, scope), time.monotonic() - t0
+        return connect_node(host, timeout, accept_new, scope, visiting), time.monotonic() - t0
 
     out: list[tuple[Transport | None, str, float]] = []
     for host, o in zip(hosts, each(hosts, one)):
@@ -68,14 +69,14 @@ def connect_each(hosts: Sequence[Host], timeout: float | None, accept_new: bool 
 
 def connect_all(
     hosts: Sequence[Host], timeout: float | None, accept_new: bool = False,
-    consequence: str = "nothing was started", scope: str | None = None,
+    consequence: str = "nothing was started", scope: str | None = None, visiting: bool = False,
 ) -> list[Transport]:
     """Connect to every node in parallel; all or nothing.
 
     Raises UnreachableError naming every node that failed (and closes the rest),
     so that nothing is started anywhere unless every node is ready.
     """
-    results = connect_each(hosts, timeout, accept_new, scope)
+    results = connect_each(hosts, timeout, accept_new, scope, visiting)
     errors = [err for t, err, _ in results if t is None]
     if errors:
         for t, _, _ in results:
@@ -85,12 +86,13 @@ def connect_all(
     return [t for t, _, _ in results if t is not None]
 
 
-def connect_live(run: RunDir, plan: Plan, opts: WatchOptions,
-                 consequence: str = "nothing was done") -> list[Transport | None]:
-    """Connections to the run's nodes in parallel; None for nodes already recorded as ended."""
+def connect_live(run: RunDir, plan: Plan, opts: WatchOptions, consequence: str = "nothing was done",
+                 visiting: bool = False) -> list[Transport | None]:
+    """Connections to the run's nodes in parallel; None for nodes already recorded as ended.
+    `visiting`: only looking in (stacks), not collecting: the run's masters stay its collector's."""
     states = run.node_states()
     live = [n for n in plan.nodes if states.get(n.node_rank, {}).get("state") not in FINAL_STATES]
     conns = connect_all([n.host for n in live], opts.connect_timeout, opts.accept_new_host_keys,
-                        consequence, scope=plan.run_id) if live else []
+                        consequence, scope=plan.run_id, visiting=visiting) if live else []
     by_rank = dict(zip((n.node_rank for n in live), conns))
     return [by_rank.get(n.node_rank) for n in plan.nodes]

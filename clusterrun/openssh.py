@@ -204,8 +204,9 @@ class OpenSSHTransport:
     """
 
     def __init__(self, name: str, ssh: str, path: str, target: str, common: list[str],
-                 persist: bool, holder: subprocess.Popen, timeout: float) -> None:
+                 persist: bool, holder: subprocess.Popen, timeout: float, owns: bool = True) -> None:
         self.name = name
+        self._owns = owns               # close() may end the master
         self._ssh = ssh
         self.control_path = path
         self._target = target
@@ -281,7 +282,7 @@ class OpenSSHTransport:
         with _lock:
             _holders[self.control_path] -= 1
             last = _holders[self.control_path] == 0
-        if self._stalled or (last and not (linger and self.persist)):
+        if self._stalled or (last and self._owns and not (linger and self.persist)):
             _control(self._ssh, "exit", self._common, self._target)
 
 
@@ -358,7 +359,7 @@ def _start_master(name: str, ssh: str, path: str, common: list[str], target: str
 
 def connect_openssh(name: str, target: str, *, user: str | None, port: int | None,
                     identity_file: str | None, timeout: float | None, accept_new: bool,
-                    scope: str, persist: bool) -> OpenSSHTransport:
+                    scope: str, persist: bool, visiting: bool = False) -> OpenSSHTransport:
     """Reach a node through the system ssh: reuse its master in this scope, or authenticate one.
 
     name: the node's name, first in every error; target: the ssh target as
@@ -366,7 +367,8 @@ def connect_openssh(name: str, target: str, *, user: str | None, port: int | Non
     timeout: ConnectTimeout (None: the ssh config's, else DEFAULT_TIMEOUT, as
     on the paramiko stack); scope: masters are shared within a scope (a run id,
     or one per exec/check); persist: the master outlives close() by RUN_PERSIST
-    seconds, for whoever takes the scope over next.
+    seconds, for whoever takes the scope over next; visiting: a command that only
+    looks in on a run (`stacks`) never ends a master it found (the collector's).
     """
     ssh = _ssh(name)
     if timeout is None:
@@ -389,9 +391,11 @@ def connect_openssh(name: str, target: str, *, user: str | None, port: int | Non
     with _lock:
         path_lock = _path_locks.setdefault(path, threading.Lock())
     with path_lock:                     # two masters on one path: the second would not multiplex
-        if not _control(ssh, "check", common, target):
+        found = _control(ssh, "check", common, target)
+        if not found:
             _start_master(name, ssh, path, common + ident, target, timeout, accept_new, persist)
         holder = _hold(ssh, common, target)
         with _lock:
             _holders[path] = _holders.get(path, 0) + 1
-    return OpenSSHTransport(name, ssh, path, target, common, persist, holder, timeout)
+    return OpenSSHTransport(name, ssh, path, target, common, persist, holder, timeout,
+                            owns=not (visiting and found))

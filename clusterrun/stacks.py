@@ -217,7 +217,7 @@ def stacks(run_id: str | None, ranks: tuple[int, ...], node: str | None, native:
             raise UsageError(f"run {plan.run_id} has ranks 0-{plan.world_size - 1}, not {r}")
     if run.ended():
         raise UsageError(f"run {plan.run_id} has ended: no stacks to take")
-    conns = connect_live(run, plan, opts, consequence="no stacks were taken")
+    conns = connect_live(run, plan, opts, consequence="no stacks were taken", visiting=True)
     try:
         found, problems = take(plan, conns, ranks, node, native, children)
     finally:

@@ -24,7 +24,7 @@ _SHARED_KEYS = (
     "nproc_per_node", "user", "port", "identity_file", "python", "workdir", "setup", "env", "transport",
 )
 TOP_KEYS = frozenset(_SHARED_KEYS + ("master_port", "master_addr", "connect_timeout", "hang_timeout",
-                                     "on_hang", "hosts"))
+                                     "on_hang", "max_restarts", "restart_delay", "spares", "hosts"))
 ON_HANG = ("report", "kill")
 HOST_KEYS = frozenset(_SHARED_KEYS + ("host", "name", "addr"))
 
@@ -78,6 +78,9 @@ class HostsFile:
     connect_timeout: float | None = None   # None: the ssh config's ConnectTimeout, else the default
     hang_timeout: float | None = None      # seconds without a line from any rank: a hang
     on_hang: str = "report"                # report (take the stacks, go on waiting) or kill
+    max_restarts: int = 0                  # whole-job restarts after a failure
+    restart_delay: float = 5.0             # seconds between a failed attempt and the next
+    spares: tuple[Host, ...] = ()          # take the place of a node that is lost or unreachable
 
 
 def load_hosts(path: str | Path) -> HostsFile:
@@ -154,17 +157,12 @@ def parse_hosts(data: Any, path: str = "<hosts>") -> HostsFile:
             raise HostsFileError(path, "", f"${TRANSPORT_ENV} must be one of {', '.join(TRANSPORTS)}, "
                                  f"got {env_default!r}")
         defaults["transport"] = env_default
-    hosts: list[Host] = []
     first_seen: dict[str, str] = {}
-    for i, entry in enumerate(entries):
-        for h in _parse_entry(entry, defaults, path, f"hosts[{i}]"):
-            # Tags must say which machine a line came from: names are unique. (Several
-            # localhost "nodes" are the laptop demo; their tags differ by rank.)
-            if h.name in first_seen and not h.is_local:
-                raise HostsFileError(path, f"hosts[{i}]", f"`{h.name}` is already {first_seen[h.name]}; "
-                                     "give each entry its own `name:` if this is intended")
-            first_seen[h.name] = f"hosts[{i}]"
-            hosts.append(h)
+    hosts = _parse_list(entries, "hosts", defaults, path, first_seen)
+    spare_entries = data.get("spares", [])
+    if not isinstance(spare_entries, list):
+        raise HostsFileError(path, "spares", "must be a list of hosts, like `hosts:`")
+    spares = _parse_list(spare_entries, "spares", defaults, path, first_seen)
 
     master_port = _port(data.get("master_port", 29500), path, "master_port", allow_auto=True)
     master_addr = data.get("master_addr")
@@ -184,8 +182,17 @@ def parse_hosts(data: Any, path: str = "<hosts>") -> HostsFile:
     on_hang = data.get("on_hang", "report")
     if on_hang not in ON_HANG:
         raise HostsFileError(path, "on_hang", f"must be one of {', '.join(ON_HANG)}, got {on_hang!r}")
+    restarts = data.get("max_restarts", 0)
+    if isinstance(restarts, bool) or not isinstance(restarts, int) or not 0 <= restarts <= 1000:
+        raise HostsFileError(path, "max_restarts", f"must be a whole number 0-1000, got {restarts!r}")
+    delay = data.get("restart_delay", 5)
+    try:
+        delay = 0.0 if delay == 0 and not isinstance(delay, bool) else parse_duration(delay)
+    except ValueError as e:
+        raise HostsFileError(path, "restart_delay", str(e)) from None
     return HostsFile(path, tuple(hosts), master_port, master_addr,
-                     None if timeout is None else float(timeout), hang, on_hang)
+                     None if timeout is None else float(timeout), hang, on_hang, restarts, delay,
+                     tuple(spares))
 
 
 _DURATION_RE = re.compile(r"(\d+(?:\.\d+)?)\s*([smh]?)")
@@ -198,6 +205,22 @@ def parse_duration(value: Any) -> float:
     if m is None or float(m[1]) <= 0:
         raise ValueError(f"must be a duration such as 300, 90s, 5m or 1h, got {value!r}")
     return float(m[1]) * _UNIT[m[2]]
+
+
+def _parse_list(entries: list[Any], field_name: str, defaults: dict[str, Any], path: str,
+                first_seen: dict[str, str]) -> list[Host]:
+    out: list[Host] = []
+    for i, entry in enumerate(entries):
+        where = f"{field_name}[{i}]"
+        for h in _parse_entry(entry, defaults, path, where):
+            # Tags must say which machine a line came from: names are unique. (Several
+            # localhost "nodes" are the laptop demo; their tags differ by rank.)
+            if h.name in first_seen and not h.is_local:
+                raise HostsFileError(path, where, f"`{h.name}` is already {first_seen[h.name]}; "
+                                     "give each entry its own `name:` if this is intended")
+            first_seen[h.name] = where
+            out.append(h)
+    return out
 
 
 def with_transport(hosts: HostsFile, transport: str | None) -> HostsFile:

@@ -26,6 +26,7 @@ MERGE_STDERR = ("sh", "-c", 'exec "$0" "$@" 2>&1')
 # resolves to, or 127.0.0.1 when it does not resolve. torch 2.x reads all three.
 IFNAME_VARS = ("GLOO_SOCKET_IFNAME", "NCCL_SOCKET_IFNAME", "TP_SOCKET_IFNAME")
 JOB_MARKER_VAR = "CLUSTERRUN_JOB"
+ATTEMPT_VAR = "CLUSTERRUN_ATTEMPT"          # 0, then 1, 2, ... after whole-job restarts
 
 
 @dataclass(frozen=True)
@@ -62,6 +63,7 @@ class Plan:
     master_port: int
     world_size: int
     nodes: tuple[NodePlan, ...]
+    attempt: int = 0                # the whole job's restart count (up --max-restarts)
 
 
 def plan_from_dict(d: dict) -> Plan:
@@ -104,6 +106,7 @@ def make_plan(
     master_port: int,
     controller_python: str,
     local_home: str,
+    attempt: int = 0,
 ) -> Plan:
     """Turn the hosts file and options into per-node commands."""
     nodes: list[NodePlan] = []
@@ -113,12 +116,15 @@ def make_plan(
         nproc = opts.nproc_per_node or host.nproc_per_node
         env = {**host.env, **opts.env}
         env.setdefault("PYTHONUNBUFFERED", "1")
-        marker = f"{run_id}.{node_rank}"
+        env[ATTEMPT_VAR] = str(attempt)
+        # Each attempt is a job of its own on the node: its own directory and marker.
+        part = f"{node_rank}" if attempt == 0 else f"{node_rank}.a{attempt}"
+        marker = f"{run_id}.{part}"
         env[JOB_MARKER_VAR] = marker
         python = host.python or controller_python
         # Nodes may share a home directory, so the path holds run id and node rank.
         home = local_home if host.is_local else "~/.clusterrun"
-        job_dir = f"{home}/jobs/{run_id}/{node_rank}"
+        job_dir = f"{home}/jobs/{run_id}/{part}"
         entry = (python, "-u", "-m", opts.script) if opts.module else (python, "-u", opts.script)
         argv = (
             python, "-m", "torch.distributed.run",
@@ -142,7 +148,7 @@ def make_plan(
             pick_ifname=tuple(v for v in IFNAME_VARS if v not in env),
         ))
         rank_start += nproc
-    return Plan(run_id, hosts.path, master_addr, master_port, rank_start, tuple(nodes))
+    return Plan(run_id, hosts.path, master_addr, master_port, rank_start, tuple(nodes), attempt)
 
 
 _SECRET_WORDS = ("TOKEN", "KEY", "SECRET", "PASSWORD", "PASSWD", "CREDENTIAL")

@@ -149,9 +149,11 @@ def test_the_demos_lines_pasted_into_two_shells_run_it_by_hand(tmp_path, home):
                 os.killpg(sh.pid, 9)
     assert [sh.returncode for sh in shells] == [0, 0], outputs
     for node_rank, out in enumerate(outputs):
-        hello = sorted(re.findall(r"^hello from rank (\d)/4 \(local rank (\d)\)", out, re.M))
+        # Unanchored: two ranks share this shell's output, and print() writes a line's
+        # newline apart from its text, so lines can splice (what clusterrun's tags prevent).
+        hello = sorted(re.findall(r"hello from rank (\d)/4 \(local rank (\d)\)", out))
         assert hello == [(str(2 * node_rank), "0"), (str(2 * node_rank + 1), "1")], out
-    assert re.search(r"^epoch 0 mean loss \d+\.\d+$", outputs[0], re.M), outputs[0]
+    assert re.search(r"epoch 0 mean loss \d+\.\d+", outputs[0]), outputs[0]
     assert not home.exists(), "neither the dry run nor the pasted lines write clusterrun state"
 
 

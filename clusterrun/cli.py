@@ -94,6 +94,9 @@ def main() -> None:
               help="No line from any rank this long (300, 90s, 5m): take every rank's stacks.")
 @click.option("--on-hang", type=click.Choice(ON_HANG),
               help="After the stacks: report (default: go on waiting) or kill the run.")
+@click.option("--max-restarts", type=click.IntRange(min=0, max=1000), metavar="N",
+              help="Restart the whole job up to N times after a failure (spares replace lost nodes).")
+@click.option("--restart-delay", type=DURATION, metavar="SECONDS", help="Wait before a restart (default 5).")
 @click.option("--accept-new-host-keys", is_flag=True, help="Trust hosts not yet in known_hosts.")
 @transport_option
 @click.option("--no-color", is_flag=True, help="No colours (also: NO_COLOR=1).")
@@ -101,7 +104,8 @@ def main() -> None:
 @click.argument("script")
 @click.argument("script_args", nargs=-1, type=click.UNPROCESSED)
 def up_cmd(module, nproc_per_node, master_port, env, detach, dry_run, sync, skip_check, no_fail_fast, hang_timeout,
-           on_hang, accept_new_host_keys, transport, no_color, hosts, script, script_args) -> None:
+           on_hang, max_restarts, restart_delay, accept_new_host_keys, transport, no_color, hosts, script,
+           script_args) -> None:
     """Start SCRIPT with torchrun on every node of HOSTS and stream every rank's lines.
 
     Options go before HOSTS; everything after SCRIPT is passed to the script.
@@ -116,7 +120,8 @@ def up_cmd(module, nproc_per_node, master_port, env, detach, dry_run, sync, skip
         _run(lambda: click.echo(launch.dry_run(hosts, opts, transport)))
     up_opts = UpOptions(fail_fast=not no_fail_fast, accept_new_host_keys=accept_new_host_keys,
                         color=use_color(no_color=no_color), detach=detach, skip_check=skip_check,
-                        sync=sync, transport=transport, hang_timeout=hang_timeout, on_hang=on_hang)
+                        sync=sync, transport=transport, hang_timeout=hang_timeout, on_hang=on_hang,
+                        max_restarts=max_restarts, restart_delay=restart_delay)
     _run(launch.up, hosts, opts, up_opts)
 
 
@@ -130,12 +135,13 @@ def _control(no_color: bool = True):
 @click.option("--node", help="Only this node (name, host or node_rank), with torchrun's own lines.")
 @click.option("-f", "--follow", is_flag=True, help="Follow a live run until it ends.")
 @click.option("--tail", type=click.IntRange(min=0), help="Only the last N lines of each rank.")
+@click.option("--attempt", type=click.IntRange(min=0), help="Only this attempt (after restarts; 0 is the first).")
 @click.option("--no-color", is_flag=True, help="No colours (also: NO_COLOR=1).")
-def logs_cmd(run, ranks, node, follow, tail, no_color) -> None:
+def logs_cmd(run, ranks, node, follow, tail, attempt, no_color) -> None:
     """Print a run's tagged lines (RUN defaults to the latest run)."""
     from . import logs
 
-    _run(logs.logs, run, tuple(ranks), node, follow, tail, _control(no_color))
+    _run(logs.logs, run, tuple(ranks), node, follow, tail, _control(no_color), attempt)
 
 
 @main.command("stacks")

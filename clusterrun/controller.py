@@ -248,6 +248,12 @@ class RunController:
             self.control.close()
             self.control = None
 
+    def end_attempt(self) -> list[Transport]:
+        """This attempt is over and the run goes on in another: its connections, still open."""
+        self.finished.set()
+        self._close_control()
+        return [job.transport for job in self.jobs]
+
     def close(self) -> None:
         self.finished.set()
         self._close_control()

@@ -16,12 +16,14 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from .errors import HostsFileError
+from .gpus import GPU, VISIBLE_VAR, describe, parse_devices
 
 LOCALHOST = "localhost"
 
 # Keys valid at the top level (as defaults) and per host.
 _SHARED_KEYS = (
     "nproc_per_node", "user", "port", "identity_file", "python", "workdir", "setup", "env", "transport",
+    "gpus",
 )
 TOP_KEYS = frozenset(_SHARED_KEYS + ("master_port", "master_addr", "connect_timeout", "hang_timeout",
                                      "on_hang", "max_restarts", "restart_delay", "spares", "hosts"))
@@ -50,7 +52,7 @@ class Host:
 
     host: str                       # ssh target as written (alias, name or address)
     name: str                       # what tags show: `name`, else `host` as written
-    nproc_per_node: int
+    nproc_per_node: int | str       # a count, or "gpu": one per GPU the node has (known at start)
     addr: str | None = None         # address other nodes reach this one at
     user: str | None = None
     port: int | None = None
@@ -60,6 +62,7 @@ class Host:
     setup: tuple[str, ...] = ()
     env: Mapping[str, str] = field(default_factory=dict)
     transport: str = "paramiko"     # paramiko | openssh (every session through the system ssh)
+    gpus: tuple[int, ...] | None = None     # CUDA_VISIBLE_DEVICES on the node (`gpus:`)
 
     @property
     def is_local(self) -> bool:
@@ -149,8 +152,7 @@ def parse_hosts(data: Any, path: str = "<hosts>") -> HostsFile:
     if not isinstance(entries, list) or not entries:
         raise HostsFileError(path, "hosts", "must be a non-empty list of hosts")
 
-    defaults = _shared_fields(data, path, "")
-    defaults.setdefault("nproc_per_node", 1)
+    defaults = _shared_fields(data, path, "")      # nproc_per_node is settled per entry (_settle_nproc)
     if "transport" not in defaults:
         env_default = os.environ.get(TRANSPORT_ENV) or "paramiko"
         if env_default not in TRANSPORTS:
@@ -234,8 +236,7 @@ def _parse_entry(entry: Any, defaults: dict[str, Any], path: str, where: str) ->
     if isinstance(entry, (str, int)) and not isinstance(entry, bool):
         spec, nproc = _split_nproc(str(entry), path, where)
         fields = dict(defaults)
-        if nproc is not None:
-            fields["nproc_per_node"] = nproc
+        _settle_nproc(fields, {} if nproc is None else {"nproc_per_node": nproc}, defaults, path, where)
         return [_host(h, h, None, fields, path, where) for h in expand_range(spec, path, where)]
     if not isinstance(entry, dict):
         raise HostsFileError(path, where, f"must be a host name or a mapping, got {_kind(entry)}")
@@ -248,6 +249,7 @@ def _parse_entry(entry: Any, defaults: dict[str, Any], path: str, where: str) ->
     env = {**fields.get("env", {}), **own.pop("env", {})}
     fields.update(own)
     fields["env"] = env
+    _settle_nproc(fields, own, defaults, path, where)
     names = expand_range(spec, path, f"{where}.host")
     name = entry.get("name")
     addr = entry.get("addr")
@@ -270,12 +272,48 @@ def _host(host: str, name: str, addr: str | None, fields: dict[str, Any], path: 
     return Host(host=host, name=name, addr=addr, **fields)
 
 
+def _settle_nproc(fields: dict[str, Any], own: dict[str, Any], defaults: dict[str, Any],
+                  path: str, where: str) -> None:
+    """An entry's nproc_per_node, from the most specific level that says anything about
+    it: the entry's own nproc_per_node, else one per GPU of its own `gpus:`, else the same
+    at the top level, else 1. `gpu` with a `gpus:` list is that list's length."""
+    nproc: int | str = 1
+    for level in (own, defaults):
+        if "nproc_per_node" in level:
+            nproc = level["nproc_per_node"]
+            break
+        if "gpus" in level:
+            nproc = len(level["gpus"])
+            break
+    devices = fields.get("gpus")
+    if devices is not None:
+        if nproc == GPU:
+            nproc = len(devices)
+        elif isinstance(nproc, int) and nproc > len(devices):
+            raise HostsFileError(path, where, f"nproc_per_node {nproc} is more than the {len(devices)} "
+                                 f"GPU{'s' if len(devices) != 1 else ''} of `gpus: {describe(devices)}` "
+                                 "(NCCL refuses two ranks on one GPU)")
+        if VISIBLE_VAR in fields.get("env", {}):
+            raise HostsFileError(path, where, f"`gpus:` sets {VISIBLE_VAR}, and `env:` sets it too: "
+                                 "keep one")
+    fields["nproc_per_node"] = nproc
+
+
 def _shared_fields(d: dict[str, Any], path: str, where: str) -> dict[str, Any]:
     """Validate the keys that may appear both at the top level and per host."""
     at = (lambda k: f"{where}.{k}") if where else (lambda k: k)
     out: dict[str, Any] = {}
     if "nproc_per_node" in d:
-        out["nproc_per_node"] = _positive_int(d["nproc_per_node"], path, at("nproc_per_node"))
+        if d["nproc_per_node"] == GPU:
+            out["nproc_per_node"] = GPU
+        else:
+            out["nproc_per_node"] = _positive_int(d["nproc_per_node"], path, at("nproc_per_node"),
+                                                  also=f" or `{GPU}`")
+    if "gpus" in d:
+        try:
+            out["gpus"] = parse_devices(d["gpus"])
+        except ValueError as e:
+            raise HostsFileError(path, at("gpus"), str(e)) from None
     for key in ("user", "identity_file", "python", "workdir"):
         if key in d and d[key] is not None:
             out[key] = _str(d[key], path, at(key))
@@ -319,11 +357,14 @@ def parse_env_mapping(env: Any, path: str, where: str) -> dict[str, str]:
     return out
 
 
-def _split_nproc(s: str, path: str, where: str) -> tuple[str, int | None]:
-    """`gpu-a:4` -> ("gpu-a", 4). IPv6 literals need the mapping form."""
+def _split_nproc(s: str, path: str, where: str) -> tuple[str, int | str | None]:
+    """`gpu-a:4` -> ("gpu-a", 4), `gpu-a:gpu` -> ("gpu-a", "gpu"). IPv6 literals need the
+    mapping form."""
     host, sep, tail = s.rpartition(":")
     if sep and _SMALL_INT_RE.fullmatch(tail) and host and ":" not in host:
         return host, _positive_int(int(tail), path, where)
+    if sep and tail == GPU and host and ":" not in host:
+        return host, GPU
     if sep and host and ":" not in host:
         raise HostsFileError(path, where, f"expected host or host:nproc_per_node, got {s!r}")
     return s, None
@@ -369,9 +410,9 @@ def _check_keys(d: dict[Any, Any], allowed: frozenset[str], path: str, where: st
         raise HostsFileError(path, at, "unknown key" + hint)
 
 
-def _positive_int(v: Any, path: str, where: str) -> int:
+def _positive_int(v: Any, path: str, where: str, also: str = "") -> int:
     if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-        raise HostsFileError(path, where, f"must be a positive integer, got {v!r}")
+        raise HostsFileError(path, where, f"must be a positive integer{also}, got {v!r}")
     return v
 
 

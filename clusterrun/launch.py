@@ -12,12 +12,13 @@ import sys
 from pathlib import Path
 
 from .controller import RunController
-from .errors import UsageError
+from .errors import UnreachableError, UsageError
 from .hostsfile import HostsFile, load_hosts, with_transport
 from .options import LaunchOptions, UpOptions, WatchOptions
 from .dryrun import PLACEHOLDER_RUN_ID, render_plan
 from .plan import Plan, make_plan, master_addr_for
 from .preflight import Gate, auto_port, preflight, preflight_error
+from .restart import Roster, first_failure, next_roster, should_restart, wait_delay
 from .runs import CollectorLock, RunDir, clusterrun_home, new_run_id
 from .stream import Terminal
 from .sync import sync_all
@@ -31,7 +32,7 @@ def master_port(hosts: HostsFile, opts: LaunchOptions) -> int | str:
 
 
 def build_plan(hosts: HostsFile, opts: LaunchOptions, run_id: str, connected_addr: str | None,
-               port: int | None = None) -> Plan:
+               port: int | None = None, attempt: int = 0) -> Plan:
     """The plan for these hosts; `port` stands in for an "auto" master port."""
     if port is None:
         asked = master_port(hosts, opts)
@@ -41,7 +42,7 @@ def build_plan(hosts: HostsFile, opts: LaunchOptions, run_id: str, connected_add
     return make_plan(
         hosts, opts, run_id=run_id,
         master_addr=master_addr_for(hosts, connected_addr), master_port=port,
-        controller_python=sys.executable, local_home=str(clusterrun_home()),
+        controller_python=sys.executable, local_home=str(clusterrun_home()), attempt=attempt,
     )
 
 
@@ -63,6 +64,9 @@ def dry_run(hosts_path: str, opts: LaunchOptions, transport: str | None = None) 
 
 def up(hosts_path: str, opts: LaunchOptions, up_opts: UpOptions) -> int:
     hosts = with_transport(load_hosts(hosts_path), up_opts.transport)
+    if up_opts.detach and (up_opts.max_restarts or (up_opts.max_restarts is None and hosts.max_restarts)):
+        raise UsageError("restarts (--max-restarts, max_restarts:) need an attached `up` for now: "
+                         "run it without --detach (in tmux or nohup, say)")
     term = Terminal()
     lint_warnings(opts, term)
     term.progress(f"connecting to {len(hosts.hosts)} nodes")
@@ -85,6 +89,8 @@ def up(hosts_path: str, opts: LaunchOptions, up_opts: UpOptions) -> int:
         accept_new_host_keys=up_opts.accept_new_host_keys,
         hang_timeout=up_opts.hang_timeout or hosts.hang_timeout, on_hang=up_opts.on_hang or hosts.on_hang,
     )
+    restarts = hosts.max_restarts if up_opts.max_restarts is None else up_opts.max_restarts
+    run.start_attempt(plan, restarts, {})
     ctl = RunController(plan, run, transports, term, ctl_opts)
     try:
         checked_in_start = not up_opts.skip_check and master_port(hosts, opts) != "auto"
@@ -98,10 +104,59 @@ def up(hosts_path: str, opts: LaunchOptions, up_opts: UpOptions) -> int:
                      f"{plural(plan.world_size, 'rank')} (logs: {run.path})")
         if up_opts.detach:
             return _detach(ctl, run, lock, term)
-        return ctl.finish(ctl.wait())
+        results = ctl.wait()
+        roster = Roster(hosts, transports, list(hosts.spares))
+        delay = hosts.restart_delay if up_opts.restart_delay is None else up_opts.restart_delay
+        while should_restart(results, run, ctl.interrupted, plan.attempt, restarts):
+            nxt = _next_attempt(ctl, results, roster, opts, plan, delay, restarts, term)
+            if nxt is None:
+                break
+            ctl, plan, roster = nxt
+            results = ctl.wait()
+        else:
+            if restarts and not all(r.ok for r in results) and plan.attempt == restarts:
+                term.message(f"clusterrun: attempt {plan.attempt + 1} of {restarts + 1} failed too: "
+                             "no restart left")
+        return ctl.finish(results)
     finally:
         ctl.close()
         lock.release()
+
+
+def _next_attempt(ctl: RunController, results: list, roster: Roster, opts: LaunchOptions,
+                  plan: Plan, delay: float, restarts: int, term: Terminal
+                  ) -> tuple[RunController, Plan, Roster] | None:
+    """After a failed attempt: wait the delay, bring every node back (or a spare in its
+    place), and start the next attempt. None: the run ends here (killed, or a node missing)."""
+    run = ctl.run
+    term.message(f"clusterrun: attempt {plan.attempt + 1} of {restarts + 1} failed: "
+                 f"{first_failure(results, run)}; restarting in {delay:g}s")
+    roster.transports = ctl.end_attempt()
+    try:
+        if not wait_delay(run, delay):
+            term.message(f"clusterrun: {run.killed_reason()} during the restart delay: no further attempt")
+            return None
+        roster = next_roster(roster, results, term)
+    except UnreachableError as e:
+        term.message(f"clusterrun: no further attempt: {e}")
+        return None
+    except KeyboardInterrupt:
+        run.mark_killed("Ctrl-C")
+        term.message("clusterrun: interrupted during the restart delay: no further attempt")
+        ctl.interrupted = True
+        return None
+    attempt = plan.attempt + 1
+    port = master_port(roster.hosts, opts)
+    plan = build_plan(roster.hosts, opts, run.run_id, roster.transports[0].peer_addr,
+                      port=0 if port == "auto" else None, attempt=attempt)
+    if port == "auto":
+        plan = build_plan(roster.hosts, opts, run.run_id, roster.transports[0].peer_addr,
+                          port=auto_port(plan, roster.transports), attempt=attempt)
+    run.write_plan(plan)
+    run.start_attempt(plan, restarts, roster.replaced)
+    nxt = RunController(plan, run, roster.transports, term, ctl.opts)
+    nxt.launch(start=True)
+    return nxt, plan, roster
 
 
 def prepare(hosts: HostsFile, opts: LaunchOptions, up_opts: UpOptions, run_id: str,

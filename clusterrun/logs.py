@@ -47,16 +47,24 @@ def select(run: RunDir, plan: Plan, ranks: tuple[int, ...], node: str | None) ->
 
 
 def logs(run_id: str | None, ranks: tuple[int, ...], node: str | None, follow: bool,
-         tail: int | None, opts: WatchOptions) -> int:
+         tail: int | None, opts: WatchOptions, attempt: int | None = None) -> int:
     run = RunDir.find(run_id)
     plan = run.plan()
     files = select(run, plan, ranks, node)
     term = Terminal()
+    records = run.attempts()
+    if attempt is not None and not 0 <= attempt < max(1, len(records)):
+        raise UsageError(f"run {plan.run_id} has attempts 0-{max(1, len(records)) - 1}, not {attempt}")
     if not follow:
         if not run.ended():         # bring the logs up to date if nobody else is
             collect(run, Terminal(), opts.quiet(), follow=False)
-        for f in files:
-            _print_file(term, f, 0, tail)
+        records = run.attempts()
+        if len(records) <= 1:
+            for f in files:
+                _print_file(term, f, 0, tail)
+            return 0
+        for k in range(len(records)) if attempt is None else (attempt,):
+            _print_attempt(term, files, records, k, tail, marker=attempt is None)
         return 0
     wanted = {(f.node.node_rank, f.key) for f in files}
     shown = [0] * len(files)     # bytes of each file printed so far
@@ -85,12 +93,26 @@ def logs(run_id: str | None, ranks: tuple[int, ...], node: str | None, follow: b
         time.sleep(POLL)
 
 
-def _print_file(term: Terminal, f: LogFile, start: int, tail: int | None) -> int:
-    """Print the whole lines of f from byte `start`; returns where they end."""
+def _print_attempt(term: Terminal, files: list[LogFile], records: list[dict], k: int,
+                   tail: int | None, marker: bool) -> None:
+    """Attempt k's slice of every file (after a restart the logs hold every attempt),
+    tagged with the node names of that attempt (a spare may have taken a node's place)."""
+    if marker:
+        term.write(f"--- attempt {k} ---\n".encode())
+    begin = records[k]["starts"]
+    end = records[k + 1]["starts"] if k + 1 < len(records) else {}
+    names = records[k]["nodes"]
+    for f in files:
+        tag = f.tag.replace(f"[{f.node.name}".encode(), f"[{names[f.node.node_rank]}".encode(), 1)
+        _print_file(term, replace(f, tag=tag), begin.get(f.path.name, 0), tail, end.get(f.path.name))
+
+
+def _print_file(term: Terminal, f: LogFile, start: int, tail: int | None, stop: int | None = None) -> int:
+    """Print the whole lines of f from byte `start` (to `stop`); returns where they end."""
     try:
         with open(f.path, "rb") as fh:
             fh.seek(start)
-            data = fh.read()
+            data = fh.read() if stop is None else fh.read(max(0, stop - start))
     except FileNotFoundError:
         return start
     end = data.rfind(b"\n") + 1

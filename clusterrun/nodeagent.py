@@ -113,11 +113,11 @@ def probe(spec):
         s.close()
     elif port:
         info["port_free"] = port_free(int(port))
+    torch = None
     if spec.get("torch"):
         try:
             import torch
             info["torch"] = torch.__version__
-            info["gpus"] = torch.cuda.device_count() if torch.cuda.is_available() else 0
             import torch.distributed.run  # noqa: F401 - torchrun's entry point
             info["torchrun"] = True
         except Exception as e:      # ImportError, or a broken install
@@ -127,7 +127,149 @@ def probe(spec):
     else:
         import importlib.util
         info["torch_found"] = importlib.util.find_spec("torch") is not None
+    if spec.get("inventory"):
+        info["versions"] = torch_versions(torch if info.get("torch") else None)
+        info["smi"] = gpu_inventory(spec.get("env") or {})
     return info
+
+
+def torch_versions(torch=None):
+    """torch's version, the CUDA it was built for, and its NCCL. Without the imported
+    module (the preflight of `up`: importing torch takes seconds), from torch's own
+    version.py and the NCCL package that torch's wheel loads."""
+    out = {"torch": None, "cuda": None, "nccl": None}
+    if torch is not None:
+        out["torch"] = str(torch.__version__)
+        out["cuda"] = getattr(torch.version, "cuda", None)
+        if out["cuda"]:
+            try:
+                v = torch.cuda.nccl.version()
+                out["nccl"] = ".".join(str(x) for x in v) if isinstance(v, tuple) else nccl_code(v)
+            except Exception:       # built without NCCL, or it does not load
+                pass
+        site = os.path.dirname(os.path.dirname(os.path.abspath(torch.__file__)))
+    else:
+        import importlib.util
+        try:
+            found = importlib.util.find_spec("torch")
+        except (ImportError, ValueError):
+            found = None
+        if found is None or not found.submodule_search_locations:
+            return out
+        root = list(found.submodule_search_locations)[0]
+        text = read_text(os.path.join(root, "version.py"))
+        for key in ("torch", "cuda"):
+            name = "__version__" if key == "torch" else "cuda"
+            m = re.search(r"^%s\s*(?::[^=\n]*)?=\s*(?:'([^']*)'|\"([^\"]*)\")" % name, text, re.M)
+            out[key] = (m.group(1) or m.group(2)) if m else None
+        site = os.path.dirname(root)
+    if out["cuda"] and out["nccl"] is None:
+        out["nccl"] = nccl_package(site)
+    return out
+
+
+def nccl_code(code):
+    """NCCL's version number as a string: 22105 -> 2.21.5 (2.9 and later), 2708 -> 2.7.8."""
+    code = int(code)
+    if code >= 10000:
+        return "%d.%d.%d" % (code // 10000, code // 100 % 100, code % 100)
+    return "%d.%d.%d" % (code // 1000, code // 100 % 10, code % 100)
+
+
+def nccl_package(site):
+    """The version of the nvidia-nccl-cu* package next to torch (what its wheel loads)."""
+    try:
+        names = os.listdir(site)
+    except OSError:
+        return None
+    for name in sorted(names):
+        m = re.match(r"nvidia_nccl_cu\d+-([^-]+)\.dist-info$", name)
+        if m:
+            return m.group(1)
+    return None
+
+
+# nvidia-smi's query fields; the free-text one last, so that a comma in it cannot shift the others.
+SMI_GPU_FIELDS = ("index", "uuid", "memory.total", "memory.used", "driver_version", "name")
+SMI_APP_FIELDS = ("gpu_uuid", "pid", "used_memory", "process_name")
+SMI_TIMEOUT = 20.0
+
+
+def gpu_inventory(env_over):
+    """The GPUs as nvidia-smi sees them (it ignores CUDA_VISIBLE_DEVICES): each GPU's
+    index, model and memory, the driver and the CUDA version it supports, and every
+    process that holds GPU memory. nvidia-smi is looked for on the PATH the job gets."""
+    import shutil
+    env = dict(os.environ)
+    env.update(env_over)
+    smi = shutil.which("nvidia-smi", path=env.get("PATH"))
+    if not smi:
+        return {"found": False}
+    csv = "--format=csv,noheader,nounits"
+    argvs = {"gpus": [smi, "--query-gpu=" + ",".join(SMI_GPU_FIELDS), csv],
+             "apps": [smi, "--query-compute-apps=" + ",".join(SMI_APP_FIELDS), csv],
+             "head": [smi, "-q", "-d", "COMPUTE"]}
+    out = {"found": True, "path": smi}
+    procs = {}
+    try:
+        for key, argv in argvs.items():     # all at once: each one starts NVML, which can take a while
+            procs[key] = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                          stderr=subprocess.PIPE, env=env)
+        done = {}
+        deadline = time.monotonic() + SMI_TIMEOUT
+        for key, p in procs.items():
+            o, e = p.communicate(timeout=max(0.1, deadline - time.monotonic()))
+            done[key] = (p.returncode, o.decode("utf-8", "replace"), e.decode("utf-8", "replace"))
+    except subprocess.TimeoutExpired:
+        out["error"] = "nvidia-smi did not answer within %gs" % SMI_TIMEOUT
+        return out
+    except OSError as e:
+        out["error"] = "nvidia-smi cannot be run: %s" % (e.strerror or e)
+        return out
+    finally:
+        for p in procs.values():
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+    code, text, err = done["gpus"]
+    if code != 0:
+        said = [l.strip() for l in (text + "\n" + err).splitlines() if l.strip()]
+        out["error"] = "nvidia-smi failed (exit %d)%s" % (code, ": " + said[0] if said else "")
+        return out
+    gpus, by_uuid = [], {}
+    for row in csv_rows(text, len(SMI_GPU_FIELDS)):
+        index, uuid, total, used, driver, name = row
+        if smi_int(index) is None:
+            continue
+        gpus.append({"index": smi_int(index), "uuid": uuid, "name": name,
+                     "memory_total": smi_int(total), "memory_used": smi_int(used)})
+        by_uuid[uuid] = smi_int(index)
+        out.setdefault("driver", driver)
+    out["gpus"] = gpus
+    code, text, _ = done["apps"]
+    if code == 0:
+        out["processes"] = [{"gpu": by_uuid.get(uuid), "pid": smi_int(pid), "memory": smi_int(mem), "name": name}
+                            for uuid, pid, mem, name in csv_rows(text, len(SMI_APP_FIELDS))
+                            if smi_int(pid) is not None]
+    m = re.search(r"CUDA Version\s*:\s*([0-9][0-9.]*)", done["head"][1])
+    out["driver_cuda"] = m.group(1) if m else None
+    return out
+
+
+def csv_rows(text, n):
+    """nvidia-smi's csv,noheader lines as lists of n stripped fields (the last keeps its commas)."""
+    for line in text.splitlines():
+        fields = [f.strip() for f in line.split(",", n - 1)]
+        if len(fields) == n:
+            yield fields
+
+
+def smi_int(text):
+    """An integer field, or None for nvidia-smi's [N/A] and [Not Supported]."""
+    try:
+        return int(float(text))
+    except ValueError:
+        return None
 
 
 def port_free(port):

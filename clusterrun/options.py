@@ -25,7 +25,7 @@ class LaunchOptions:
     script: str
     script_args: tuple[str, ...] = ()
     module: bool = False
-    nproc_per_node: int | None = None        # overrides every host
+    nproc_per_node: int | str | None = None  # overrides every host; "gpu": one per GPU
     master_port: int | str | None = None     # overrides the hosts file
     env: Mapping[str, str] = field(default_factory=dict)  # overrides the hosts file
 
@@ -44,6 +44,8 @@ class UpOptions:
     transport: str | None = None        # --transport: every host on it
     hang_timeout: float | None = None   # --hang-timeout (None: the hosts file's)
     on_hang: str | None = None          # --on-hang (None: the hosts file's)
+    max_restarts: int | None = None     # --max-restarts (None: the hosts file's)
+    restart_delay: float | None = None  # --restart-delay (None: the hosts file's)
 
 
 @dataclass(frozen=True)

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from typing import Mapping
 
 from .errors import UsageError
+from .gpus import GPU, VISIBLE_VAR, describe, visible_devices
 from .hostsfile import Host, HostsFile
 from .options import LaunchOptions
 
@@ -45,6 +46,9 @@ class NodePlan:
     job_dir: str                    # node-side directory unique to run and node
     marker: str                     # CLUSTERRUN_JOB value: finds exactly this job's processes
     pick_ifname: tuple[str, ...]    # IFNAME_VARS the node must choose itself
+    # nproc_per_node is `gpu` and the node's GPU count was not known when the plan was made
+    # (only the dry run's plan): nproc is 0, and the ranks from this node on are unknown.
+    gpu_count_pending: bool = False
 
     @property
     def name(self) -> str:
@@ -65,6 +69,11 @@ class Plan:
     nodes: tuple[NodePlan, ...]
     attempt: int = 0                # the whole job's restart count (up --max-restarts)
 
+    @property
+    def complete(self) -> bool:
+        """Every node's process count is known (a dry run's plan may lack GPU counts)."""
+        return not any(n.gpu_count_pending for n in self.nodes)
+
 
 def plan_from_dict(d: dict) -> Plan:
     """Rebuild a Plan from its JSON form (plan.json in the run's directory)."""
@@ -72,6 +81,8 @@ def plan_from_dict(d: dict) -> Plan:
     for n in d["nodes"]:
         h = dict(n["host"])
         h["setup"] = tuple(h.get("setup", ()))
+        if h.get("gpus") is not None:
+            h["gpus"] = tuple(h["gpus"])
         host = Host(**h)
         nodes.append(NodePlan(**{**n, "host": host, "setup": tuple(n["setup"]), "argv": tuple(n["argv"]),
                                  "pick_ifname": tuple(n["pick_ifname"])}))
@@ -104,17 +115,26 @@ def make_plan(
     run_id: str,
     master_addr: str,
     master_port: int,
+    gpu_counts: Mapping[int, int] | None = None,
     controller_python: str,
     local_home: str,
     attempt: int = 0,
 ) -> Plan:
-    """Turn the hosts file and options into per-node commands."""
+    """Turn the hosts file and options into per-node commands.
+
+    gpu_counts: node_rank -> the GPUs the node's processes can use, as the preflight
+    found them, for the nodes whose nproc_per_node is `gpu`. A node missing from it
+    gets `gpu_count_pending` (what the dry run shows as unknown)."""
     nodes: list[NodePlan] = []
     nnodes = len(hosts.hosts)
     rank_start = 0
     for node_rank, host in enumerate(hosts.hosts):
-        nproc = opts.nproc_per_node or host.nproc_per_node
+        nproc, pending = _nproc(host, opts, (gpu_counts or {}).get(node_rank))
         env = {**host.env, **opts.env}
+        if host.gpus is not None:
+            if VISIBLE_VAR in env:
+                raise UsageError(f"{host.name}: `gpus:` sets {VISIBLE_VAR}, and --env sets it too: keep one")
+            env[VISIBLE_VAR] = visible_devices(host.gpus)
         env.setdefault("PYTHONUNBUFFERED", "1")
         env[ATTEMPT_VAR] = str(attempt)
         # Each attempt is a job of its own on the node: its own directory and marker.
@@ -130,7 +150,7 @@ def make_plan(
             python, "-m", "torch.distributed.run",
             f"--nnodes={nnodes}",
             f"--node-rank={node_rank}",
-            f"--nproc-per-node={nproc}",
+            f"--nproc-per-node={GPU if pending else nproc}",     # gpu: torchrun counts them itself
             f"--master-addr={master_addr}",
             f"--master-port={master_port}",
             "--rdzv-backend=static",
@@ -146,9 +166,33 @@ def make_plan(
             python=python, workdir=host.workdir, setup=host.setup, env=env, argv=argv,
             job_dir=job_dir, marker=marker,
             pick_ifname=tuple(v for v in IFNAME_VARS if v not in env),
+            gpu_count_pending=pending,
         ))
         rank_start += nproc
     return Plan(run_id, hosts.path, master_addr, master_port, rank_start, tuple(nodes), attempt)
+
+
+def _nproc(host: Host, opts: LaunchOptions, gpu_count: int | None) -> tuple[int, bool]:
+    """A node's process count, and whether it is still unknown (`gpu`, not yet counted)."""
+    asked = opts.nproc_per_node or host.nproc_per_node
+    if asked != GPU:
+        if host.gpus is not None and int(asked) > len(host.gpus):
+            raise UsageError(f"{host.name}: --nproc-per-node {asked} is more than the {len(host.gpus)} "
+                             f"GPU{'s' if len(host.gpus) != 1 else ''} of its `gpus: {describe(host.gpus)}`")
+        return int(asked), False
+    if host.gpus is not None:
+        return len(host.gpus), False
+    if gpu_count is None:
+        return 0, True
+    if gpu_count < 1:
+        raise UsageError(f"{host.name}: nproc_per_node is `gpu`, but the node has no GPU")
+    return gpu_count, False
+
+
+def needs_gpu_count(hosts: HostsFile, opts: LaunchOptions) -> list[int]:
+    """The node_ranks whose process count is their GPU count, which only the node can tell."""
+    return [i for i, h in enumerate(hosts.hosts)
+            if (opts.nproc_per_node or h.nproc_per_node) == GPU and h.gpus is None]
 
 
 _SECRET_WORDS = ("TOKEN", "KEY", "SECRET", "PASSWORD", "PASSWD", "CREDENTIAL")

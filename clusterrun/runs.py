@@ -128,6 +128,25 @@ class RunDir:
     def ended(self) -> bool:
         return (self.path / "result.json").exists()
 
+    # --- attempts (up --max-restarts): one set of log files, each attempt a slice ---
+
+    def start_attempt(self, plan: Plan, max_restarts: int, replaced: dict[str, str]) -> None:
+        """Record where attempt plan.attempt's lines start in every log, and which nodes run it."""
+        records = self.attempts()
+        starts = {p.name: p.stat().st_size for p in self.logs.iterdir() if p.suffix == ".log"}
+        records.append({"attempt": plan.attempt, "time": time.time(), "max_restarts": max_restarts,
+                        "starts": starts, "nodes": [n.name for n in plan.nodes], "replaced": replaced})
+        self.write_json("attempts.json", records)
+
+    def attempts(self) -> list[dict[str, Any]]:
+        """Every attempt's record, first to last ([] for a run without restarts)."""
+        return self.read_json("attempts.json") or []
+
+    def attempt_starts(self) -> dict[str, int]:
+        """Where the current attempt's bytes start in each log, by file name (none: 0)."""
+        records = self.attempts()
+        return records[-1]["starts"] if records else {}
+
     def mark_killed(self, why: str) -> None:
         """Record that the run is being stopped on purpose (kill, Ctrl-C): nodes that end
         from now on without success were killed, not failed."""

@@ -43,9 +43,17 @@ def status_data(run: RunDir, opts: WatchOptions) -> dict[str, Any]:
             "failures": s.get("failures", []),
             "quiet": {str(g): _quiet(run, g, now) for g in n.ranks},
         })
+    records = run.attempts()
     return {"run": plan.run_id, "state": run_state(len(plan.nodes), states),
             "hosts": plan.hosts_path, "world_size": plan.world_size, "nodes": nodes,
-            "hang": run.read_json("hang.json")}
+            "hang": run.read_json("hang.json"), "attempt": plan.attempt,
+            "max_restarts": records[-1]["max_restarts"] if records else 0,
+            "replaced": records[-1]["replaced"] if records else {}}
+
+
+def attempt_text(attempt: int, max_restarts: int) -> str:
+    """`attempt 2/3` for a run with restarts, else nothing."""
+    return f"attempt {attempt + 1}/{max_restarts + 1}" if max_restarts else ""
 
 
 def _quiet(run: RunDir, rank: int, now: float) -> float | None:
@@ -77,8 +85,10 @@ def status(run_id: str | None, as_json: bool, opts: WatchOptions) -> int:
     if as_json:
         print(json.dumps(data, indent=1))
         return 0
+    attempt = attempt_text(data["attempt"], data["max_restarts"])
+    replaced = "".join(f", {spare} in place of {lost}" for spare, lost in data["replaced"].items())
     print(f"run {data['run']}: {data['state']} ({len(data['nodes'])} nodes, {data['world_size']} ranks, "
-          f"{data['hosts']})")
+          f"{data['hosts']}{', ' + attempt if attempt else ''}{replaced})")
     w = max(4, *(len(n["node"]) for n in data["nodes"]))
     print(f"{'node':<{w}}  node_rank  ranks      state")
     for n in data["nodes"]:
@@ -98,13 +108,13 @@ def ps() -> int:
     if not ids:
         print(f"no runs yet under {runs_root()}")
         return 0
-    print(f"{'run':<22}  {'state':<10}  nodes  ranks  script")
+    print(f"{'run':<22}  {'state':<14}  nodes  ranks  script")
     for run_id in ids:
         run = RunDir(runs_root() / run_id)
         try:
             plan = run.plan()
         except Exception:  # noqa: BLE001 - a damaged run must not hide the others
-            print(f"{run_id:<22}  {'unreadable':<10}")
+            print(f"{run_id:<22}  {'unreadable':<14}")
             continue
         state = run_state(len(plan.nodes), run.node_states())
         if state in (RunState.STARTING, RunState.RUNNING):
@@ -112,7 +122,10 @@ def ps() -> int:
             if lock is not None:    # nobody is watching it; `clusterrun status` looks
                 lock.release()
                 state += "?"
+        records = run.attempts()
+        if records and records[-1]["max_restarts"]:
+            state += " " + attempt_text(plan.attempt, records[-1]["max_restarts"]).split()[1]
         argv = plan.nodes[0].argv
         script = argv[argv.index("-u") + 1:]      # the entry: python -u SCRIPT ARGS
-        print(f"{run_id:<22}  {state:<10}  {len(plan.nodes):>5}  {plan.world_size:>5}  {' '.join(script)}")
+        print(f"{run_id:<22}  {state:<14}  {len(plan.nodes):>5}  {plan.world_size:>5}  {' '.join(script)}")
     return 0

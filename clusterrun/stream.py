@@ -101,9 +101,10 @@ class NodeOutput:
         self._launcher = LauncherFilter(self._held_back)
         self.last_line = monotonic()        # when a rank's line last came (the hang watch)
         self.received: dict[str, int] = {}
+        starts = run.attempt_starts()       # after a restart: this attempt's bytes only
         for key, path in self._paths():
             try:
-                self.received[key] = path.stat().st_size
+                self.received[key] = path.stat().st_size - starts.get(path.name, 0)
             except FileNotFoundError:
                 pass
 

@@ -163,7 +163,7 @@ def test_bad_hosts_file_exits_2_naming_file_and_field(tmp_path):
     r = up("--dry-run", str(bad), "train.py")
     assert r.exit_code == 2
     assert r.output.startswith("clusterrun: ")
-    assert r.output == f"clusterrun: {bad}: hosts[1].nproc_per_node: must be a positive integer, got 'four'\n"
+    assert r.output == f"clusterrun: {bad}: hosts[1].nproc_per_node: must be a positive integer or `gpu`, got 'four'\n"
 
 
 def test_unknown_key_in_hosts_file(tmp_path):

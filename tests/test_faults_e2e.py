@@ -112,7 +112,7 @@ def test_a_node_whose_processes_are_all_killed_ends_the_run(cluster, ctl, tmp_pa
     out, err = p.finish(120)
     assert p.returncode == 1, err
     assert f"clusterrun: node {victim} (node_rank 1) was lost" in err, err
-    assert f"clusterrun: node {cluster.names[0]} (ranks 0-0) was stopped after node {victim} failed" in err
+    assert f"clusterrun: node {cluster.names[0]} (rank 0) was stopped after node {victim} failed" in err
     assert_nothing_left(cluster)
 
 

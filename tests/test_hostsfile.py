@@ -252,7 +252,7 @@ def test_nproc_per_node_must_be_a_positive_integer(bad):
 
 def test_nproc_per_node_default_is_checked_too():
     assert parse_error({"nproc_per_node": "four", "hosts": ["a"]}).startswith(
-        "hosts.yaml: nproc_per_node: must be a positive integer, got 'four'")
+        "hosts.yaml: nproc_per_node: must be a positive integer or `gpu`, got 'four'")
 
 
 @pytest.mark.parametrize("entry, says", [
@@ -359,7 +359,7 @@ def test_top_level_must_be_a_mapping_or_list(data):
 
 def test_errors_in_a_file_name_the_file_entry_and_field(tmp_path):
     e = load_error(tmp_path, "hosts:\n  - gpu-a\n  - host: gpu-b\n    nproc_per_node: four\n")
-    assert str(e) == f"{tmp_path / 'hosts.yaml'}: hosts[1].nproc_per_node: must be a positive integer, got 'four'"
+    assert str(e) == f"{tmp_path / 'hosts.yaml'}: hosts[1].nproc_per_node: must be a positive integer or `gpu`, got 'four'"
 
 
 # --- known bugs (see the report): pinned so they get fixed ------------------------

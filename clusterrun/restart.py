@@ -1,0 +1,92 @@
+"""Whole-job restarts (`up --max-restarts`) and spare nodes (`spares:`).
+
+When an attempt fails, every node has already been stopped (fail fast). Before the
+next attempt, each node must be there again: its connection still up, or made
+anew; a node that cannot be reached is replaced by the first reachable spare,
+which takes over its node_rank and its ranks. Then the job starts again, on every
+node, with a fresh rendezvous and CLUSTERRUN_ATTEMPT one higher.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from dataclasses import dataclass, field
+
+from .connect import connect_node
+from .errors import UnreachableError
+from .hostsfile import Host, HostsFile
+from .model import NodeResult, NodeState
+from .results import summary
+from .runs import RunDir
+from .stream import Terminal
+from .transport import Transport
+
+
+@dataclass
+class Roster:
+    """Who runs the next attempt: the hosts in node_rank order, their connections,
+    the spares not used yet, and which node each replacement stands in for."""
+
+    hosts: HostsFile
+    transports: list[Transport]
+    spares: list[Host]
+    replaced: dict[str, str] = field(default_factory=dict)     # spare's name -> the node's
+
+
+def first_failure(results: list[NodeResult], run: RunDir) -> str:
+    """What ended an attempt, as the summary's first line says it."""
+    for line in summary(results, run, tail=1):
+        return line.removeprefix("clusterrun: ")
+    return "it failed"
+
+
+def should_restart(results: list[NodeResult], run: RunDir, interrupted: bool, attempt: int,
+                   max_restarts: int) -> bool:
+    """A failed attempt with restarts left, not ended on purpose (Ctrl-C, kill)."""
+    failed = not all(r.ok for r in results)
+    return failed and attempt < max_restarts and not interrupted and run.killed_reason() is None
+
+
+def wait_delay(run: RunDir, delay: float) -> bool:
+    """Sleep the restart delay; False if the run was killed meanwhile (Ctrl-C raises)."""
+    deadline = time.monotonic() + delay
+    while time.monotonic() < deadline:
+        if run.killed_reason() is not None:
+            return False
+        time.sleep(min(0.2, max(0.0, deadline - time.monotonic())))
+    return run.killed_reason() is None
+
+
+def next_roster(roster: Roster, results: list[NodeResult], term: Terminal) -> Roster:
+    """Every node of the next attempt, connected; raises UnreachableError naming the
+    node that is missing when no spare is left to take its place."""
+    hosts = list(roster.hosts.hosts)
+    transports = list(roster.transports)
+    spares = list(roster.spares)
+    replaced = dict(roster.replaced)
+    timeout = roster.hosts.connect_timeout
+    for i, r in enumerate(results):
+        t = transports[i]
+        if r.state != NodeState.LOST and t.alive():
+            continue
+        try:                                # the node itself, if it answers again
+            t.close()
+            transports[i] = connect_node(hosts[i], timeout)
+            continue
+        except UnreachableError as e:
+            why = str(e)
+        while spares:
+            spare = spares.pop(0)
+            try:
+                transports[i] = connect_node(spare, timeout)
+            except UnreachableError as e:
+                term.message(f"clusterrun: spare {spare.name} is unreachable too: {e}")
+                continue
+            term.message(f"clusterrun: {hosts[i].name} was lost; {spare.name} takes node_rank {i}")
+            replaced[spare.name] = replaced.pop(hosts[i].name, hosts[i].name)
+            hosts[i] = dataclasses.replace(spare, nproc_per_node=hosts[i].nproc_per_node)
+            break
+        else:
+            raise UnreachableError(f"{hosts[i].name} (node_rank {i}) is missing and no spare is left: {why}")
+    return Roster(dataclasses.replace(roster.hosts, hosts=tuple(hosts)), transports, spares, replaced)

@@ -553,3 +553,23 @@ def test_hang_timeout_accepts_seconds_and_units(value, seconds):
 def test_a_bad_hang_setting_is_named(tmp_path, text):
     e = load_error(tmp_path, text + "\nhosts: [a]\n")
     assert text.split(":")[0] in str(e)
+
+
+# --- restarts and spares ----------------------------------------------------------------
+
+
+def test_restarts_and_spares_parse_with_the_defaults_of_hosts():
+    hf = parse_hosts({"user": "alice", "nproc_per_node": 4, "max_restarts": 3, "restart_delay": "10s",
+                      "hosts": ["a", "b"], "spares": ["c", {"host": "d", "nproc_per_node": 2}]})
+    assert (hf.max_restarts, hf.restart_delay) == (3, 10.0)
+    assert [(s.name, s.user, s.nproc_per_node) for s in hf.spares] == [("c", "alice", 4), ("d", "alice", 2)]
+    assert (parse_hosts({"hosts": ["a"]}).max_restarts, parse_hosts({"hosts": ["a"]}).spares) == (0, ())
+
+
+@pytest.mark.parametrize("text, field", [
+    ("max_restarts: -1\nhosts: [a]", "max_restarts"), ("max_restarts: two\nhosts: [a]", "max_restarts"),
+    ("restart_delay: soon\nhosts: [a]", "restart_delay"), ("spares: c\nhosts: [a]", "spares"),
+    ("hosts: [a]\nspares: [a]", "spares[0]"),
+])
+def test_bad_restart_settings_are_named(tmp_path, text, field):
+    assert field in str(load_error(tmp_path, text + "\n"))

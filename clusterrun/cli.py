@@ -66,6 +66,22 @@ class _Duration(click.ParamType):
 DURATION = _Duration()
 
 
+class _Nproc(click.ParamType):
+    """--nproc-per-node: a count, or `gpu` (one process per GPU of each node)."""
+
+    name = "N|gpu"
+
+    def convert(self, value, param, ctx):
+        if isinstance(value, int) or value == "gpu":
+            return value
+        if isinstance(value, str) and value.isascii() and value.isdigit() and int(value) >= 1:
+            return int(value)
+        self.fail(f"expected a positive integer or gpu, got {value!r}", param, ctx)
+
+
+NPROC = _Nproc()
+
+
 def transport_option(f):
     """--transport, shared by every command that connects from a hosts file."""
     return click.option(
@@ -82,7 +98,8 @@ def main() -> None:
 
 @main.command("up", context_settings={"ignore_unknown_options": True, "allow_interspersed_args": False})
 @click.option("-m", "--module", is_flag=True, help="SCRIPT is a module (python -m SCRIPT).")
-@click.option("--nproc-per-node", type=click.IntRange(min=1), help="Processes per node, for every node.")
+@click.option("--nproc-per-node", type=NPROC, metavar="N|gpu",
+              help="Processes per node, for every node; gpu: one per GPU the node has.")
 @click.option("--master-port", metavar="PORT|auto", help="Port of the rendezvous on node 0.")
 @click.option("--env", "env", multiple=True, metavar="KEY=VALUE", help="Set on every node; repeatable.")
 @click.option("-d", "--detach", is_flag=True, help="Return once every node has started; print the run id.")
@@ -191,11 +208,12 @@ def kill_cmd(run, all_runs, grace) -> None:
 @click.argument("hosts", type=click.Path(dir_okay=False))
 @click.option("--accept-new-host-keys", is_flag=True, help="Trust hosts not yet in known_hosts.")
 @transport_option
-def check_cmd(hosts, accept_new_host_keys, transport) -> None:
-    """Preflight every node of HOSTS, one row each."""
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+def check_cmd(hosts, accept_new_host_keys, transport, as_json) -> None:
+    """Preflight and inventory of every node of HOSTS, one row each."""
     from . import check
 
-    _run(check.check, hosts, accept_new_host_keys, transport)
+    _run(check.check, hosts, accept_new_host_keys, transport, as_json)
 
 
 @main.command("exec", context_settings={"ignore_unknown_options": True, "allow_interspersed_args": False})

@@ -15,7 +15,9 @@ from __future__ import annotations
 
 import ipaddress
 import shlex
+from typing import Callable
 
+from .gpus import ORDER_VAR, VISIBLE_VAR, describe
 from .hostsfile import Host
 from .plan import MERGE_STDERR, JOB_MARKER_VAR, NodePlan, Plan, masked, quote_path, shell_prefix
 
@@ -40,24 +42,29 @@ def render_plan(plan: Plan, *, port_auto: bool = False) -> str:
     n_nodes = len(plan.nodes)
     port = "auto (a free port on node 0, picked at start)" if port_auto else str(plan.master_port)
     w = max(4, *(len(n.name) for n in plan.nodes))
+    world = plan.world_size if plan.complete else "?"
     lines = [
-        f"{n_nodes} node{'s' if n_nodes != 1 else ''}, world size {plan.world_size}, "
+        f"{n_nodes} node{'s' if n_nodes != 1 else ''}, world size {world}, "
         f"MASTER_ADDR={plan.master_addr} MASTER_PORT={port}",
         "",
         f"{'node':<{w}}  node_rank  nproc  global ranks  ssh target",
     ]
     for n in plan.nodes:
         target = "(local, no ssh)" if n.host.is_local else n.host.host
-        lines.append(f"{n.name:<{w}}  {n.node_rank:>9}  {n.nproc:>5}  {rank_text(n):>12}  {target}")
+        nproc = "?" if n.gpu_count_pending else n.nproc
+        lines.append(f"{n.name:<{w}}  {n.node_rank:>9}  {nproc:>5}  {rank_text(plan, n):>12}  {target}")
     lines += ["", *explanation(plan, port_auto)]
     for n in plan.nodes:
-        ranks = f"global rank{'s' if n.nproc > 1 else ''} {rank_text(n)}"
+        ranks = f"global rank{'s' if n.nproc != 1 else ''} {rank_text(plan, n)}"
         lines += ["", f"# node {n.node_rank} ({n.name}): {ranks}",
                   node_line(plan, n, port_auto=port_auto)]
     return "\n".join(lines)
 
 
-def rank_text(node: NodePlan) -> str:
+def rank_text(plan: Plan, node: NodePlan) -> str:
+    """`4-7`, `4`, or `?` where a GPU count before or on this node is known only at start."""
+    if any(n.gpu_count_pending for n in plan.nodes[:node.node_rank + 1]):
+        return "?"
     return f"{node.ranks.start}-{node.ranks.stop - 1}" if node.nproc > 1 else str(node.ranks.start)
 
 
@@ -81,7 +88,53 @@ def explanation(plan: Plan, port_auto: bool) -> list[str]:
     secrets = sorted({k for n in plan.nodes for k, v in masked(n.env).items() if v != n.env[k]})
     if secrets:
         text += [f"**** stands for the value of {', '.join(secrets)} (never printed): put it in before you paste."]
-    return ["# " + t for t in text]
+    return ["# " + t for t in text + gpu_notes(plan) + nccl_notes(plan)]
+
+
+def gpu_notes(plan: Plan) -> list[str]:
+    """What `gpu` counts and `gpus:` lists do to the plan, in words."""
+    text = []
+    pending = [n for n in plan.nodes if n.gpu_count_pending]
+    if pending:
+        text.append(f"? is known only at start: nproc_per_node is gpu on {_nodes_text(plan, pending)}, "
+                    "one process per GPU, counted with nvidia-smi in the preflight; the global ranks "
+                    "from there on follow from the counts. Pasted by hand, torchrun counts them itself "
+                    "(--nproc-per-node=gpu).")
+    for devices, nodes in _grouped(plan, lambda n: n.host.gpus and describe(n.host.gpus)):
+        env = nodes[0].env
+        order = f" and {ORDER_VAR}={env[ORDER_VAR]}" if ORDER_VAR in env else ""
+        many = len(nodes[0].host.gpus or ()) > 1
+        text.append(f"gpus: {_nodes_text(plan, nodes)} use{'s' if len(nodes) == 1 else ''} "
+                    f"GPU{'s' if many else ''} {devices} ({VISIBLE_VAR}={env[VISIBLE_VAR]}{order}).")
+    return text
+
+
+def nccl_notes(plan: Plan) -> list[str]:
+    """Which NCCL variables the user set (env:, --env) and which clusterrun sets, per node."""
+    def words(n: NodePlan) -> str:
+        mine = sorted(f"{k}={v}" for k, v in masked(n.env).items() if k.startswith("NCCL_"))
+        ours = [v for v in n.pick_ifname if v.startswith("NCCL_")]
+        return (f"set by you (env:, --env): {', '.join(mine) if mine else 'none'}; set by clusterrun: "
+                + (f"{', '.join(ours)} (the interface that reaches MASTER_ADDR, picked on the node)" if ours
+                   else "none"))
+
+    return [f"NCCL on {_nodes_text(plan, nodes)}: {text}." for text, nodes in _grouped(plan, words)]
+
+
+def _grouped(plan: Plan, key: Callable[[NodePlan], str | None]) -> list[tuple[str, list[NodePlan]]]:
+    """Nodes grouped by a text that key gives them (nodes with none left out), in order."""
+    groups: dict[str, list[NodePlan]] = {}
+    for n in plan.nodes:
+        k = key(n)
+        if k:
+            groups.setdefault(k, []).append(n)
+    return list(groups.items())
+
+
+def _nodes_text(plan: Plan, nodes: list[NodePlan]) -> str:
+    if len(nodes) == len(plan.nodes) > 1:
+        return "every node"
+    return ", ".join(f"node {n.node_rank} ({n.name})" if n.host.is_local else n.name for n in nodes)
 
 
 def node_line(plan: Plan, node: NodePlan, *, port_auto: bool = False, mask: bool = True) -> str:

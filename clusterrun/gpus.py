@@ -13,6 +13,7 @@ from typing import Any, Sequence
 
 GPU = "gpu"                             # nproc_per_node: gpu
 VISIBLE_VAR = "CUDA_VISIBLE_DEVICES"
+ORDER_VAR = "CUDA_DEVICE_ORDER"
 MAX_INDEX = 1023                        # no machine has more; catches a typo like 00-77
 
 _PART_RE = re.compile(r"\s*([0-9]{1,4})\s*(?:-\s*([0-9]{1,4})\s*)?", re.ASCII)

@@ -112,10 +112,10 @@ def node_problems(node: NodePlan, inv: Inventory) -> list[str]:
         lacking = missing_devices(node.host.gpus, inv.count)
         if lacking:
             problems.append(lacking + ("" if inv.count else f" ({inv.why_none()})"))
-    elif node.gpu_count_pending and count == 0:
-        hidden = f" visible under {VISIBLE_VAR}={node.env[VISIBLE_VAR]}" if VISIBLE_VAR in node.env else ""
-        why = inv.why_none() if not inv.count else "none of its GPUs is" + hidden
-        problems.append(f"nproc_per_node is `gpu`, but the node has no GPU to count ({why})")
+    elif node.gpu_count_pending:
+        lacking = count_problem(node, inv)
+        if lacking:
+            problems.append(lacking)
     elif not node.gpu_count_pending and 0 < count < node.nproc:
         problems.append(f"{count} GPU{'s' if count != 1 else ''} < nproc_per_node {node.nproc}"
                         + (f" ({VISIBLE_VAR}={node.env[VISIBLE_VAR]})" if VISIBLE_VAR in node.env else ""))
@@ -124,6 +124,17 @@ def node_problems(node: NodePlan, inv: Inventory) -> list[str]:
                         f"for CUDA {inv.cuda} (update the driver, or install a torch for CUDA "
                         f"{_major(inv.driver_cuda)})")
     return problems
+
+
+def count_problem(node: NodePlan, inv: Inventory) -> str | None:
+    """Why a `gpu` node has no GPU to count, or None when it has some."""
+    if not node.gpu_count_pending or gpu_count(node, inv):
+        return None
+    if inv.count:
+        why = f"none of its {inv.count} is in {VISIBLE_VAR}={node.env.get(VISIBLE_VAR)}"
+    else:
+        why = inv.why_none()
+    return f"nproc_per_node is `gpu`, but the node has no GPU ({why})"
 
 
 def gpu_count(node: NodePlan, inv: Inventory) -> int:

@@ -16,8 +16,8 @@ from .errors import UnreachableError, UsageError
 from .hostsfile import HostsFile, load_hosts, with_transport
 from .options import LaunchOptions, UpOptions, WatchOptions
 from .dryrun import PLACEHOLDER_RUN_ID, render_plan
-from .plan import Plan, make_plan, master_addr_for
-from .preflight import Gate, auto_port, preflight, preflight_error
+from .plan import Plan, make_plan, master_addr_for, needs_gpu_count
+from .preflight import Gate, PreflightError, auto_port, preflight, preflight_error
 from .restart import Roster, first_failure, next_roster, should_restart, wait_delay
 from .runs import CollectorLock, RunDir, clusterrun_home, new_run_id
 from .stream import Terminal
@@ -32,8 +32,9 @@ def master_port(hosts: HostsFile, opts: LaunchOptions) -> int | str:
 
 
 def build_plan(hosts: HostsFile, opts: LaunchOptions, run_id: str, connected_addr: str | None,
-               port: int | None = None, attempt: int = 0) -> Plan:
-    """The plan for these hosts; `port` stands in for an "auto" master port."""
+               port: int | None = None, attempt: int = 0, gpu_counts: dict[int, int] | None = None) -> Plan:
+    """The plan for these hosts; `port` stands in for an "auto" master port; gpu_counts
+    are the counts the preflight found for `nproc_per_node: gpu` (else those are pending)."""
     if port is None:
         asked = master_port(hosts, opts)
         if asked == "auto":
@@ -43,6 +44,7 @@ def build_plan(hosts: HostsFile, opts: LaunchOptions, run_id: str, connected_add
         hosts, opts, run_id=run_id,
         master_addr=master_addr_for(hosts, connected_addr), master_port=port,
         controller_python=sys.executable, local_home=str(clusterrun_home()), attempt=attempt,
+        gpu_counts=gpu_counts,
     )
 
 
@@ -93,13 +95,16 @@ def up(hosts_path: str, opts: LaunchOptions, up_opts: UpOptions) -> int:
     run.start_attempt(plan, restarts, {})
     ctl = RunController(plan, run, transports, term, ctl_opts)
     try:
-        checked_in_start = not up_opts.skip_check and master_port(hosts, opts) != "auto"
+        checked_in_start = (not up_opts.skip_check and master_port(hosts, opts) != "auto"
+                            and not needs_gpu_count(hosts, opts))     # else prepare() checked already
         gate = Gate(plan, opts, plan.master_port) if checked_in_start else None
         ctl.launch(start=True, gate=gate)
         if gate is not None and not gate.wait():
             ctl.wait()                  # every node has answered "stop" and ended
             shutil.rmtree(run.path, ignore_errors=True)
             raise preflight_error(gate.problems or [])
+        for warning in gate.warnings if gate is not None else ():
+            term.message(f"clusterrun: warning: {warning}")
         term.message(f"clusterrun: run {run_id}: {plural(len(plan.nodes), 'node')}, "
                      f"{plural(plan.world_size, 'rank')} (logs: {run.path})")
         if up_opts.detach:
@@ -152,6 +157,14 @@ def _next_attempt(ctl: RunController, results: list, roster: Roster, opts: Launc
     if port == "auto":
         plan = build_plan(roster.hosts, opts, run.run_id, roster.transports[0].peer_addr,
                           port=auto_port(plan, roster.transports), attempt=attempt)
+    if not plan.complete:           # nproc_per_node: gpu: count again (a spare may stand in)
+        try:
+            counts = preflight(plan, roster.transports, opts, plan.master_port, checks=False).gpu_counts
+        except PreflightError as e:
+            term.message(f"clusterrun: no further attempt: {e}")
+            return None
+        plan = build_plan(roster.hosts, opts, run.run_id, roster.transports[0].peer_addr,
+                          port=plan.master_port, attempt=attempt, gpu_counts=counts)
     run.write_plan(plan)
     run.start_attempt(plan, restarts, roster.replaced)
     nxt = RunController(plan, run, roster.transports, term, ctl.opts)
@@ -161,8 +174,8 @@ def _next_attempt(ctl: RunController, results: list, roster: Roster, opts: Launc
 
 def prepare(hosts: HostsFile, opts: LaunchOptions, up_opts: UpOptions, run_id: str,
             transports: list[Transport], term: Terminal) -> Plan:
-    """Before anything starts: the plan, --sync, and an automatic port (which needs
-    the preflight first, in a session of its own)."""
+    """Before anything starts: the plan, --sync, and an automatic port or the GPU counts
+    of `nproc_per_node: gpu` (which need the preflight first, in a session of its own)."""
     asked = master_port(hosts, opts)
     plan = build_plan(hosts, opts, run_id, transports[0].peer_addr, port=0 if asked == "auto" else None)
     if up_opts.sync:
@@ -170,13 +183,16 @@ def prepare(hosts: HostsFile, opts: LaunchOptions, up_opts: UpOptions, run_id: s
         sent = sync_all(plan, transports, Path.cwd())
         if sent:
             term.message("clusterrun: synced " + ", ".join(f"{n} ({k} files)" for n, k in sent.items()))
-    if asked != "auto":
+    if asked != "auto" and plan.complete:
         return plan     # the preflight, unless skipped, happens inside the start (Gate)
     term.progress(f"checking {len(hosts.hosts)} nodes")
-    free = auto_port(plan, transports) if up_opts.skip_check else preflight(plan, transports, opts, asked)
-    if asked == "auto":
-        plan = build_plan(hosts, opts, run_id, transports[0].peer_addr, port=free)
-    return plan
+    if up_opts.skip_check and plan.complete:
+        return build_plan(hosts, opts, run_id, transports[0].peer_addr, port=auto_port(plan, transports))
+    verdict = preflight(plan, transports, opts, asked, checks=not up_opts.skip_check)
+    for warning in verdict.warnings:
+        term.message(f"clusterrun: warning: {warning}")
+    return build_plan(hosts, opts, run_id, transports[0].peer_addr,
+                      port=verdict.free_port if asked == "auto" else None, gpu_counts=verdict.gpu_counts)
 
 
 def plural(n: int, word: str) -> str:

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from typing import Mapping
 
 from .errors import UsageError
-from .gpus import GPU, VISIBLE_VAR, describe, visible_devices
+from .gpus import GPU, ORDER_VAR, VISIBLE_VAR, describe, visible_devices
 from .hostsfile import Host, HostsFile
 from .options import LaunchOptions
 
@@ -135,6 +135,9 @@ def make_plan(
             if VISIBLE_VAR in env:
                 raise UsageError(f"{host.name}: `gpus:` sets {VISIBLE_VAR}, and --env sets it too: keep one")
             env[VISIBLE_VAR] = visible_devices(host.gpus)
+            # CUDA numbers GPUs fastest first, nvidia-smi by PCI bus: this makes `gpus:` mean
+            # the indices nvidia-smi shows, also on a machine with mixed models.
+            env.setdefault(ORDER_VAR, "PCI_BUS_ID")
         env.setdefault("PYTHONUNBUFFERED", "1")
         env[ATTEMPT_VAR] = str(attempt)
         # Each attempt is a job of its own on the node: its own directory and marker.

@@ -2,14 +2,19 @@
 
 Each node's agent probes in parallel: python, the script, torch and torchrun,
 GPUs, the interface that reaches MASTER_ADDR, and on the master node its port.
+`judge` turns the answers into what stops the run (each with its node), warnings,
+the port node 0 picked and the GPU counts of `nproc_per_node: gpu`.
 """
 
 from __future__ import annotations
 
 import threading
+from dataclasses import dataclass, field
 from typing import Any, Sequence
 
 from .errors import ClusterrunError
+from .inventory import Inventory, count_problem, gpu_count, held, held_text, mismatches
+from .inventory import node_problems as inventory_problems
 from .options import LaunchOptions
 from .plan import NodePlan, Plan
 from .parallel import each
@@ -23,7 +28,9 @@ class PreflightError(ClusterrunError):
 
 def probe_spec(plan: Plan, node: NodePlan, script: str | None, module: bool, port: int | str | None,
                torch: bool) -> dict[str, Any]:
-    spec: dict[str, Any] = {"mode": "probe", "torch": torch, "master_addr": plan.master_addr}
+    # The node's env goes along for nvidia-smi: the PATH the job gets is where it is looked for.
+    spec: dict[str, Any] = {"mode": "probe", "torch": torch, "master_addr": plan.master_addr,
+                            "inventory": True, "env": dict(node.env)}
     if script:
         spec.update(script=script, module=module)
     if node.node_rank == 0 and port is not None:
@@ -66,23 +73,67 @@ def node_problems(node: NodePlan, r: dict[str, Any] | str, opts: LaunchOptions, 
     return problems
 
 
-def preflight_error(problems: list[str]) -> PreflightError:
+def preflight_error(problems: list[str], skippable: bool = True) -> PreflightError:
     return PreflightError("preflight failed, nothing was started:\n  " + "\n  ".join(problems)
-                          + "\n(--skip-check skips these checks)")
+                          + ("\n(--skip-check skips these checks)" if skippable else ""))
 
 
-def preflight(plan: Plan, transports: Sequence[Transport], opts: LaunchOptions, port: int | str) -> int | None:
+@dataclass
+class Verdict:
+    """What the probes of all nodes say about starting the run."""
+
+    problems: list[str] = field(default_factory=list)     # "node: cause", in node order
+    warnings: list[str] = field(default_factory=list)     # "node: ...": GPU memory held by others
+    free_port: int | None = None                          # node 0's pick for an "auto" port
+    gpu_counts: dict[int, int] = field(default_factory=dict)   # node_rank -> count, for `gpu` nodes
+
+
+def judge(plan: Plan, results: Sequence[dict[str, Any] | str], opts: LaunchOptions, port: int | str,
+          checks: bool = True) -> Verdict:
+    """Every node's problems (its own, then how it differs from the others), or, with
+    checks=False (--skip-check), only what the plan cannot do without: the GPU count of a
+    `gpu` node."""
+    per_node: list[list[str]] = [[] for _ in plan.nodes]
+    pairs: list[tuple[NodePlan, Inventory]] = []
+    v = Verdict()
+    for node, r in zip(plan.nodes, results):
+        mine = per_node[node.node_rank]
+        if checks:
+            mine += node_problems(node, r, opts, port)
+        elif isinstance(r, str) and node.gpu_count_pending:
+            mine.append(f"{node.name}: {r}")
+        if not isinstance(r, dict):
+            continue
+        inv = Inventory.from_probe(r)
+        pairs.append((node, inv))
+        found = inventory_problems(node, inv) if checks else [p for p in [count_problem(node, inv)] if p]
+        mine += [f"{node.name}: {p}" for p in found]
+        v.warnings += [f"{node.name}: {held_text(p)}" for p in held(node, inv)]
+        if node.gpu_count_pending and gpu_count(node, inv):
+            v.gpu_counts[node.node_rank] = gpu_count(node, inv)
+    if checks:
+        for rank, found in mismatches(pairs).items():
+            per_node[rank] += [f"{plan.nodes[rank].name}: {p}" for p in found]
+    v.problems = [p for mine in per_node for p in mine]
+    first = results[0] if results else None
+    v.free_port = first.get("free_port") if isinstance(first, dict) else None
+    return v
+
+
+def preflight(plan: Plan, transports: Sequence[Transport], opts: LaunchOptions, port: int | str,
+              checks: bool = True) -> Verdict:
     """Before anything starts, in a session of its own: python runs, the script is
-    there, torch is installed, the master port is free. Raises PreflightError
-    naming every node at fault. Returns the free port node 0 picked for "auto".
-    (Without "auto", `up` runs the same checks inside the start: see Gate.)"""
-    specs = [probe_spec(plan, n, opts.script, opts.module, port, torch=False) for n in plan.nodes]
-    results = probe_all(plan, transports, specs)
-    problems = [p for node, r in zip(plan.nodes, results) for p in node_problems(node, r, opts, port)]
-    if problems:
-        raise preflight_error(problems)
-    first = results[0]
-    return first.get("free_port") if isinstance(first, dict) else None
+    there, torch is installed, the master port is free, the GPUs are there and the
+    nodes agree (versions). Raises PreflightError naming every node at fault. Returns
+    the free port node 0 picked for "auto" and the GPU counts of `gpu` nodes.
+    (Without "auto" or `gpu`, `up` runs the same checks inside the start: see Gate.)
+    checks=False (--skip-check): only the port and the GPU counts."""
+    specs = [probe_spec(plan, n, opts.script if checks else None, opts.module, port, torch=False)
+             for n in plan.nodes]
+    verdict = judge(plan, probe_all(plan, transports, specs), opts, port, checks)
+    if verdict.problems:
+        raise preflight_error(verdict.problems, skippable=checks)
+    return verdict
 
 
 class Gate:
@@ -94,6 +145,7 @@ class Gate:
         self._answers: dict[int, dict[str, Any] | str] = {}
         self._cv = threading.Condition()
         self.problems: list[str] | None = None
+        self.warnings: list[str] = []
 
     def spec(self, node: NodePlan) -> dict[str, Any]:
         return probe_spec(self.plan, node, self.opts.script, self.opts.module, self.port, torch=False)
@@ -105,8 +157,10 @@ class Gate:
             self._cv.notify_all()
             self._cv.wait_for(lambda: len(self._answers) == len(self.plan.nodes))
             if self.problems is None:
-                self.problems = [p for n in self.plan.nodes
-                                 for p in node_problems(n, self._answers[n.node_rank], self.opts, self.port)]
+                verdict = judge(self.plan, [self._answers[n.node_rank] for n in self.plan.nodes],
+                                self.opts, self.port)
+                self.warnings = verdict.warnings
+                self.problems = verdict.problems
             return not self.problems
 
     def wait(self) -> bool:

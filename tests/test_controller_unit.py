@@ -184,7 +184,9 @@ def test_after_every_probe_passes_every_node_gets_go_and_its_lines_reach_the_ter
     assert code == EXIT_OK
     assert order == ["probe"] * 3 + ["go"] * 3, "no node starts before every node has probed"
     assert c.commands() == {"nodeW": [b"go", b"rm"], "nodeX": [b"go", b"rm"], "nodeY": [b"go", b"rm"]}
-    checks = [c.session(n.name).spec["check"] for n in plan.nodes]    # type: ignore[index]
+    checks = [dict(c.session(n.name).spec["check"]) for n in plan.nodes]    # type: ignore[index]
+    for n, check in zip(plan.nodes, checks):    # the GPU inventory, with nvidia-smi on the job's PATH
+        assert check.pop("inventory") is True and check.pop("env") == dict(n.env)
     assert checks[0] == {"mode": "probe", "torch": False, "master_addr": "10.0.0.1", "script": "train.py",
                          "module": False, "port": 29500}, "only node 0 checks the master port"
     assert checks[1] == checks[2] == {"mode": "probe", "torch": False, "master_addr": "10.0.0.1",

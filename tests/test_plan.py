@@ -472,6 +472,8 @@ localhost          2      1             5  (local, no ssh)
 # every node stopped when one fails (here, the others wait in their collectives until
 # you press Ctrl-C there); every process on every node ended on Ctrl-C or
 # `clusterrun kill`; logs and status under ~/.clusterrun/runs.
+# NCCL on node0, node 2 (localhost): set by you (env:, --env): NCCL_DEBUG=WARN; set by clusterrun: NCCL_SOCKET_IFNAME (the interface that reaches MASTER_ADDR, picked on the node).
+# NCCL on gpu-b: set by you (env:, --env): NCCL_DEBUG=WARN, NCCL_SOCKET_IFNAME=ib0; set by clusterrun: none.
 
 # node 0 (node0): global ranks 0-2
 ssh -t -p 2222 -i '~/.ssh/id_ed25519' -l alice gpu-a 'cd ~/'"'"'my project'"'"' && { source ~/venv/bin/activate; } </dev/null && SRC=$(ip -o route get 10.0.0.1 | sed -n "s/.* src \([^ ]*\).*/\1/p") && IF=$(ip -o addr show to "$SRC" | sed -n "1s/^[0-9]*: *\([^ @]*\).*/\1/p") && env NCCL_DEBUG=WARN PYTHONUNBUFFERED=1 CLUSTERRUN_ATTEMPT=0 GLOO_SOCKET_IFNAME="${GLOO_SOCKET_IFNAME:-$IF}" NCCL_SOCKET_IFNAME="${NCCL_SOCKET_IFNAME:-$IF}" TP_SOCKET_IFNAME="${TP_SOCKET_IFNAME:-$IF}" ~/venv/bin/python -m torch.distributed.run --nnodes=3 --node-rank=0 --nproc-per-node=3 --master-addr=10.0.0.1 --master-port=29500 --rdzv-backend=static --max-restarts=0 train.py --lr 0.1 --name '"'"'my run'"'"''

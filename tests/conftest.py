@@ -25,6 +25,7 @@ import itertools
 import os
 import shutil
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -375,3 +376,83 @@ def cluster(tmp_path_factory: pytest.TempPathFactory):
             if session_done:
                 pytest.fail(msg, pytrace=False)  # reported as a teardown error
             print(msg)  # don't mask the setup error that got us here
+
+
+# --- shared by the unit tests of the controller side -----------------------------------------
+
+UNIT_RUN_ID = "20260101-000000-abc123"
+
+
+@pytest.fixture()
+def home(tmp_path, monkeypatch):
+    """A CLUSTERRUN_HOME of the test's own (not created: clusterrun makes it)."""
+    h = tmp_path / "crh"
+    monkeypatch.setenv("CLUSTERRUN_HOME", str(h))
+    return h
+
+
+@pytest.fixture()
+def plan():
+    """nodeW has ranks 0-2, nodeX ranks 3-4 (so nodeX's local rank 1 is global rank 4)."""
+    from clusterrun.hostsfile import parse_hosts
+    from clusterrun.options import LaunchOptions
+    from clusterrun.plan import make_plan
+
+    hosts = parse_hosts({"hosts": [{"host": "gpu-w", "name": "nodeW", "nproc_per_node": 3},
+                                   {"host": "gpu-x", "name": "nodeX", "nproc_per_node": 2}]})
+    return make_plan(hosts, LaunchOptions("train.py"), run_id=UNIT_RUN_ID, master_addr="10.0.0.1",
+                     master_port=29500, controller_python="/usr/bin/python3", local_home="/tmp/crh")
+
+
+@pytest.fixture()
+def run(home):
+    from clusterrun.runs import RunDir
+
+    return RunDir.create(UNIT_RUN_ID)
+
+
+@pytest.fixture()
+def fake_sessions():
+    """No thread of a failed test stays blocked on a session of tests/fakenode.py."""
+    import fakenode
+
+    fakenode.reset()
+    yield
+    fakenode.hang_up_all()
+
+
+# --- a non-root user on the nodes (e2e) -----------------------------------------------------
+
+@pytest.fixture
+def crtuser(cluster, tmp_path):
+    """A non-root user on the nodes (they share this machine's /etc/passwd), removed
+    afterwards. It may traverse (o+x, not list) the directories on the way to the
+    controller's Python, torch and the test's files, as on a machine with a shared
+    install; the modes are restored afterwards."""
+    _remove_user("crtuser")
+    # "*": no password, but not locked (sshd without PAM refuses locked accounts)
+    subprocess.run(["useradd", "-m", "-s", "/bin/bash", "-p", "*", "crtuser"], check=True)
+    changed: dict[Path, int] = {}
+    for leaf in (Path(os.path.realpath(sys.executable)), Path(sys.executable), tmp_path / "x"):
+        for d in leaf.parents:
+            mode = d.stat().st_mode
+            if d not in changed and not mode & 0o001:
+                changed[d] = mode
+                d.chmod(mode | 0o001)
+    tmp_path.chmod(0o755)
+    try:
+        yield "crtuser"
+    finally:
+        for d, mode in changed.items():
+            d.chmod(mode)
+        _remove_user("crtuser")
+
+
+def _remove_user(name: str) -> None:
+    """Kill the user's processes (bounded wait), then remove the user and its home."""
+    deadline = time.monotonic() + 10
+    while subprocess.run(["pkill", "-KILL", "-u", name], capture_output=True).returncode == 0:
+        if time.monotonic() > deadline:
+            break
+        time.sleep(0.2)
+    subprocess.run(["userdel", "-r", name], capture_output=True)

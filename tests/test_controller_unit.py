@@ -16,7 +16,6 @@ from typing import Callable, TypeVar
 
 import pytest
 
-import fakenode
 from clusterrun.controller import RunController
 from clusterrun.errors import EXIT_JOB_FAILED, EXIT_OK
 from clusterrun.hostsfile import parse_hosts
@@ -31,19 +30,7 @@ RUN_ID = "20260101-000000-abc123"
 LAUNCH = LaunchOptions("train.py")
 
 
-@pytest.fixture(autouse=True)
-def fakes():
-    """No thread of a failed test stays blocked on a fake session."""
-    fakenode.reset()
-    yield
-    fakenode.hang_up_all()
-
-
-@pytest.fixture()
-def home(tmp_path, monkeypatch):
-    h = tmp_path / "crh"
-    monkeypatch.setenv("CLUSTERRUN_HOME", str(h))
-    return h
+pytestmark = pytest.mark.usefixtures("fake_sessions")
 
 
 @pytest.fixture()

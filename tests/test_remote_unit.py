@@ -26,39 +26,12 @@ from clusterrun.remote import RemoteJob, start_agent
 from clusterrun.runs import RunDir
 from clusterrun.stream import NodeOutput
 from clusterrun.transport import LocalTransport
-import fakenode
 from fakenode import HEARTBEAT, FakeProcess, FakeTransport, Screen, data_frame, event_frame
 
 RUN_ID = "20260101-000000-abc123"
 
 
-@pytest.fixture(autouse=True)
-def fakes():
-    """No thread of a failed test stays blocked on a fake session."""
-    fakenode.reset()
-    yield
-    fakenode.hang_up_all()
-
-
-@pytest.fixture()
-def home(tmp_path, monkeypatch):
-    h = tmp_path / "crh"
-    monkeypatch.setenv("CLUSTERRUN_HOME", str(h))
-    return h
-
-
-@pytest.fixture()
-def plan() -> Plan:
-    """nodeW has ranks 0-2, nodeX ranks 3-4 (so nodeX's local rank 1 is global rank 4)."""
-    hosts = parse_hosts({"hosts": [{"host": "gpu-w", "name": "nodeW", "nproc_per_node": 3},
-                                   {"host": "gpu-x", "name": "nodeX", "nproc_per_node": 2}]})
-    return make_plan(hosts, LaunchOptions("train.py"), run_id=RUN_ID, master_addr="10.0.0.1",
-                     master_port=29500, controller_python="/usr/bin/python3", local_home="/tmp/crh")
-
-
-@pytest.fixture()
-def run(home) -> RunDir:
-    return RunDir.create(RUN_ID)
+pytestmark = pytest.mark.usefixtures("fake_sessions")
 
 
 @pytest.fixture()
@@ -363,11 +336,12 @@ def test_stop_sends_one_kill_a_concurrent_stop_shares_its_answer_and_the_stream_
     assert [r for r in left if r is not None] == [], "the stop took the report; none is left over"
 
 
-def test_a_stop_whose_agent_dies_before_answering_falls_back_to_the_kill_mode(plan, run, screen):
+def streaming_job_with_a_kill_mode(plan, run, screen, forced: bool):
+    """nodeX's job, its streaming agent's session open; a later kill-mode session answers `killed`."""
     def kill_mode(p: FakeProcess) -> None:
         assert p.spec is not None
         if p.spec["mode"] == "kill":
-            p.preamble().event("killed", forced=True, left=0)
+            p.preamble().event("killed", forced=forced, left=0)
             p.exit(0)
 
     t = FakeTransport("gpu-x", agent=kill_mode)
@@ -376,6 +350,11 @@ def test_a_stop_whose_agent_dies_before_answering_falls_back_to_the_kill_mode(pl
     job_run = Running(j)
     p = t.next_process()
     p.wait_for_spec()
+    return t, j, job_run, p, started
+
+
+def test_a_stop_whose_agent_dies_before_answering_falls_back_to_the_kill_mode(plan, run, screen):
+    t, j, job_run, p, started = streaming_job_with_a_kill_mode(plan, run, screen, forced=True)
     p.on_command = lambda p, line: p.hang_up() if line.startswith(b"kill ") else None
     p.preamble().event("started", pgid=4242, ifname="eth0", hostname="gpu-x")
     assert started.wait(5)
@@ -389,18 +368,7 @@ def test_a_stop_whose_agent_dies_before_answering_falls_back_to_the_kill_mode(pl
 
 
 def test_a_kill_that_cannot_be_written_falls_back_at_once(plan, run, screen):
-    def kill_mode(p: FakeProcess) -> None:
-        assert p.spec is not None
-        if p.spec["mode"] == "kill":
-            p.preamble().event("killed", forced=False, left=0)
-            p.exit(0)
-
-    t = FakeTransport("gpu-x", agent=kill_mode)
-    started = threading.Event()
-    j = node_job(plan, run, screen, t, on_started=lambda n, ev: started.set())
-    job_run = Running(j)
-    p = t.next_process()
-    p.wait_for_spec()
+    t, j, job_run, p, started = streaming_job_with_a_kill_mode(plan, run, screen, forced=False)
     p.preamble().event("started", pgid=4242, ifname="eth0", hostname="gpu-x")
     assert started.wait(5)
     p.accepts_stdin = False                     # the channel will not take the kill

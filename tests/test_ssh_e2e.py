@@ -14,7 +14,6 @@ import os
 import re
 import shutil
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -286,41 +285,6 @@ def test_connect_timeout_from_the_ssh_config(cluster, ctl, tmp_path, ssh_config)
 
 
 # --- users and addresses --------------------------------------------------------------
-
-@pytest.fixture
-def crtuser(cluster, tmp_path):
-    """A non-root user on the nodes (they share this machine's /etc/passwd), removed
-    afterwards. It may traverse (o+x, not list) the directories on the way to the
-    controller's Python, torch and the test's files, as on a machine with a shared
-    install; the modes are restored afterwards."""
-    _remove_user("crtuser")
-    # "*": no password, but not locked (sshd without PAM refuses locked accounts)
-    subprocess.run(["useradd", "-m", "-s", "/bin/bash", "-p", "*", "crtuser"], check=True)
-    changed: dict[Path, int] = {}
-    for leaf in (Path(os.path.realpath(sys.executable)), Path(sys.executable), tmp_path / "x"):
-        for d in leaf.parents:
-            mode = d.stat().st_mode
-            if d not in changed and not mode & 0o001:
-                changed[d] = mode
-                d.chmod(mode | 0o001)
-    tmp_path.chmod(0o755)
-    try:
-        yield "crtuser"
-    finally:
-        for d, mode in changed.items():
-            d.chmod(mode)
-        _remove_user("crtuser")
-
-
-def _remove_user(name: str) -> None:
-    """Kill the user's processes (bounded wait), then remove the user and its home."""
-    deadline = time.monotonic() + 10
-    while subprocess.run(["pkill", "-KILL", "-u", name], capture_output=True).returncode == 0:
-        if time.monotonic() > deadline:
-            break
-        time.sleep(0.2)
-    subprocess.run(["userdel", "-r", name], capture_output=True)
-
 
 def test_a_run_as_a_non_root_user(cluster, tmp_path, crtuser):
     from test_up_e2e import up

@@ -12,7 +12,6 @@ import re
 import pytest
 
 from test_lifecycle_e2e import Controller
-from test_ssh_e2e import crtuser  # noqa: F401  (the fixture)
 from test_up_e2e import assert_nothing_left, hosts_file, up, write
 
 pytestmark = pytest.mark.e2e
@@ -96,7 +95,7 @@ def test_stacks_group_the_waiting_ranks_and_name_the_stuck_one(cluster, ctl, tmp
     assert_nothing_left(cluster)
 
 
-def test_stacks_as_a_user_who_may_not_ptrace_and_without_py_spy(cluster, tmp_path, crtuser):  # noqa: F811
+def test_stacks_as_a_user_who_may_not_ptrace_and_without_py_spy(cluster, tmp_path, crtuser):
     """The workers dump their own stacks: no ptrace, no root, no py-spy needed."""
     ctl = Controller(cluster, tmp_path)
     run_id, release = start_hung(cluster, ctl, tmp_path, user=crtuser)

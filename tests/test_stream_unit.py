@@ -20,48 +20,15 @@ from clusterrun import nodeagent
 from clusterrun.errors import EXIT_INTERRUPTED, EXIT_JOB_FAILED, EXIT_OK
 from clusterrun.hostsfile import parse_hosts
 from clusterrun.options import LaunchOptions
-from clusterrun.plan import Plan, make_plan
+from clusterrun.plan import make_plan
 from clusterrun.model import NodeResult, RankFailure
 from clusterrun.results import exit_code, summary
 from clusterrun.runs import RunDir
-from clusterrun.stream import NodeOutput, Terminal, use_color
+from clusterrun.stream import NodeOutput, use_color
+from fakenode import Screen
 
 RUN_ID = "20260101-000000-abc123"
 ANSI = re.compile(rb"\x1b\[[0-9;]*m")
-
-
-@pytest.fixture()
-def home(tmp_path, monkeypatch):
-    h = tmp_path / "crh"
-    monkeypatch.setenv("CLUSTERRUN_HOME", str(h))
-    return h
-
-
-@pytest.fixture()
-def plan() -> Plan:
-    """nodeW has ranks 0-2, nodeX ranks 3-4 (so nodeX's local rank 1 is global rank 4)."""
-    hosts = parse_hosts({"hosts": [{"host": "gpu-w", "name": "nodeW", "nproc_per_node": 3},
-                                   {"host": "gpu-x", "name": "nodeX", "nproc_per_node": 2}]})
-    return make_plan(hosts, LaunchOptions("train.py"), run_id=RUN_ID, master_addr="10.0.0.1",
-                     master_port=29500, controller_python="/usr/bin/python3", local_home="/tmp/crh")
-
-
-@pytest.fixture()
-def run(home) -> RunDir:
-    return RunDir.create(RUN_ID)
-
-
-class Screen:
-    """A Terminal writing to memory: stdout bytes and stderr text, neither a tty."""
-
-    def __init__(self) -> None:
-        self.out = io.BytesIO()
-        self.err = io.StringIO()
-        self.term = Terminal(self.out, self.err)
-
-    @property
-    def text(self) -> bytes:
-        return self.out.getvalue()
 
 
 @pytest.fixture()

@@ -48,7 +48,9 @@ def parse_devices(value: Any) -> tuple[int, ...]:
         raise ValueError("lists no GPU")
     twice = sorted({i for i in out if out.count(i) > 1})
     if twice:
-        raise ValueError(f"GPU {', '.join(map(str, twice))} is listed twice")
+        many = len(twice) > 1
+        raise ValueError(f"GPU{'s' if many else ''} {', '.join(map(str, twice))} "
+                         f"{'are' if many else 'is'} listed twice")
     return tuple(out)
 
 

@@ -156,15 +156,21 @@ def torch_versions(torch=None):
             found = None
         if found is None or not found.submodule_search_locations:
             return out
-        root = list(found.submodule_search_locations)[0]
-        text = read_text(os.path.join(root, "version.py"))
-        for key in ("torch", "cuda"):
-            name = "__version__" if key == "torch" else "cuda"
-            m = re.search(r"^%s\s*(?::[^=\n]*)?=\s*(?:'([^']*)'|\"([^\"]*)\")" % name, text, re.M)
-            out[key] = (m.group(1) or m.group(2)) if m else None
-        site = os.path.dirname(root)
+        return torch_file_versions(list(found.submodule_search_locations)[0])
     if out["cuda"] and out["nccl"] is None:
         out["nccl"] = nccl_package(site)
+    return out
+
+
+def torch_file_versions(root):
+    """torch_versions from the files of the torch package in `root`, without importing it."""
+    out = {"torch": None, "cuda": None, "nccl": None}
+    text = read_text(os.path.join(root, "version.py"))
+    for key, name in (("torch", "__version__"), ("cuda", "cuda")):
+        m = re.search(r"^%s\s*(?::[^=\n]*)?=\s*(?:'([^']*)'|\"([^\"]*)\")" % name, text, re.M)
+        out[key] = (m.group(1) or m.group(2)) if m else None
+    if out["cuda"]:
+        out["nccl"] = nccl_package(os.path.dirname(root))
     return out
 
 

@@ -155,7 +155,7 @@ def test_no_value_is_run_by_a_shell_except_setup_lines(cluster, ctl, tmp_path):
     bad = hosts_file(tmp_path, [{"host": cluster.names[0], "python": f"{sys.executable}; touch {mark}"}],
                      "bad.yaml")
     r = ctl.run("up", str(bad), str(script))
-    assert r.returncode == 2 and "cannot run" in r.stderr
+    assert r.returncode == 2 and f"python {sys.executable}; touch {mark} not found" in r.stderr, r.stderr
     for where in (odd, tmp_path, Path.home(), Path("/root"), Path("/"), Path.cwd()):
         assert not (where / mark).exists(), where
 

@@ -501,7 +501,7 @@ def _py_spy():
 def _dump(pid, where, spy):
     """One process read by py-spy (native frames too); faulthandler if py-spy cannot attach."""
     try:
-        r = subprocess.run([spy, "dump", "--native", "--pid", str(pid)], stdout=subprocess.PIPE,
+        r = subprocess.run([spy, "dump", "--native", "--full-filenames", "--pid", str(pid)], stdout=subprocess.PIPE,
                            stderr=subprocess.PIPE, timeout=20)
         if r.returncode == 0:
             return "py-spy", r.stdout.decode("utf-8", "replace")

@@ -7,7 +7,10 @@ every other rank waiting in a collective, nothing printed.
 
 from __future__ import annotations
 
+import os
 import re
+import subprocess
+import sys
 
 import pytest
 
@@ -161,4 +164,46 @@ def test_modules_and_spawned_main_classes_run_unchanged_under_the_stack_handler(
     assert sorted(l.split("] ", 1)[1] for l in s.stdout.splitlines() if "] spawned " in l) == [
         "spawned [0, 1, 4, 9] rank 0", "spawned [0, 1, 4, 9] rank 1"]
     assert "sitecustomize" not in s.stdout + s.stderr + m.stdout + m.stderr
+    assert_nothing_left(cluster)
+
+
+@pytest.fixture(scope="session")
+def py_spy(tmp_path_factory) -> str:
+    """py-spy installed with pip into a directory of the test's own: its bin directory."""
+    target = tmp_path_factory.mktemp("py-spy")
+    pip = subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--disable-pip-version-check",
+                          "--target", str(target), "py-spy"], capture_output=True, text=True, timeout=300)
+    if pip.returncode != 0 or not (target / "bin" / "py-spy").exists():
+        if os.environ.get("CI") == "true":
+            pytest.fail(f"cannot install py-spy: {pip.stderr[-500:]}")
+        pytest.skip("cannot install py-spy (offline?)")
+    return str(target / "bin")
+
+
+@pytest.mark.transports("paramiko")      # how a rank is read, not how the node is reached
+def test_native_stacks_are_read_by_py_spy_where_it_is_and_the_job_runs_on(cluster, ctl, tmp_path, py_spy):
+    # The nodes find py-spy on the PATH their login (and setup) gives the agent.
+    run_id, release = start_hung(cluster, ctl, tmp_path, setup=f"export PATH={py_spy}:$PATH")
+    r = ctl.run("stacks", "--native", "--rank", "3", run_id)
+    assert r.returncode == 0, r.stdout + r.stderr
+    ((header, frames),) = groups(r.stdout)
+    assert header == f"rank 3 ({cluster.names[1]}): read by py-spy"
+    assert any(re.fullmatch(r".*/hang\.py:6 in wait_for_shard", f) for f in frames), frames
+    release.touch()
+    ctl.wait_for(lambda: ctl.status(run_id)["state"] != "running", "the run to end")
+    assert ctl.status(run_id)["state"] == "succeeded"
+    assert_nothing_left(cluster)
+
+
+@pytest.mark.transports("paramiko")
+def test_a_detached_runs_collector_watches_for_hangs(cluster, ctl, tmp_path):
+    run_id, release = start_hung(cluster, ctl, tmp_path, hang_timeout="15s")
+    ctl.wait_for(lambda: ctl.status(run_id)["hang"] is not None, "the collector to find the hang", timeout=120)
+    hang = ctl.status(run_id)["hang"]
+    assert re.fullmatch(rf"no output for \d+s: rank 3 \({cluster.names[1]}\) is in wait_for_shard "
+                        r"\(hang\.py:6\); ranks 0-2 wait in barrier", hang["diagnosis"]), hang
+    assert "hang: no output for" in ctl.run("status", run_id).stdout
+    release.touch()                         # on_hang: report: the run goes on
+    ctl.wait_for(lambda: ctl.status(run_id)["state"] != "running", "the run to end")
+    assert ctl.status(run_id)["state"] == "succeeded"
     assert_nothing_left(cluster)

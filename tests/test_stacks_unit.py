@@ -148,3 +148,45 @@ def test_without_a_majority_every_group_is_named_where_it_is():
     n1, n2 = nodes()
     groups = group([stack(n1, 0, "<module>", "a"), stack(n2, 2, "<module>", "b")])
     assert diagnosis(groups) == "rank 0 (node1) is in a (train.py:11); rank 2 (node2) is in b (train.py:11)"
+
+
+FORKING = """\
+import multiprocessing as mp, sys, time
+
+def load_batches():
+    time.sleep(30)
+
+if __name__ == "__main__":
+    child = mp.get_context("fork").Process(target=load_batches, daemon=True)
+    child.start()
+    print("ready", flush=True)
+    time.sleep(30)
+"""
+
+
+def test_a_ranks_forked_child_answers_for_itself_under_its_rank(job, tmp_path):
+    """--children: a DataLoader-style worker forked by the rank re-arms with a file of its own."""
+    marker = f"test-{os.getpid()}-{id(job)}"        # this test's processes only
+    env = {"PATH": os.environ["PATH"], "RANK": "0", "LOCAL_RANK": "0", "CLUSTERRUN_JOB": marker}
+    signal_later: list[int] = []
+    nodeagent.arm_stacks(str(job), env)
+    script = tmp_path / "forking.py"
+    script.write_text(FORKING)
+    p = subprocess.Popen([sys.executable, "-u", str(script)], env=env, stdout=subprocess.PIPE, text=True)
+    try:
+        assert p.stdout.readline() == "ready\n"
+        (rank,) = nodeagent.stacks(str(job), {"marker": marker, "children": True})
+        for c in rank["children"]:
+            signal_later.append(c["pid"])
+        assert (rank["rank"], rank["pid"], rank["how"]) == (0, p.pid, "faulthandler")
+        (child,) = rank["children"]
+        assert child["how"] == "faulthandler" and child["pid"] != p.pid
+        assert [f.func for f in parse(child["how"], child["text"])[0]][-1] == "load_batches"
+        assert [f.func for f in parse(rank["how"], rank["text"])[0]] == ["<module>"]
+    finally:
+        for pid in [p.pid, *signal_later]:
+            try:
+                os.kill(pid, 9)
+            except ProcessLookupError:
+                pass
+        p.wait()

@@ -246,16 +246,23 @@ def lint_cmd(scripts) -> None:
 @click.option("--connect-timeout", type=float, help="The hosts file's connect_timeout.")
 @click.option("--hang-timeout", type=float, help="up's hang timeout, in seconds.")
 @click.option("--on-hang", type=click.Choice(ON_HANG), default="report")
-def collect_cmd(run, lock_fd, connect_timeout, hang_timeout, on_hang) -> None:
+@click.option("--restarts-on-stdin", is_flag=True, help="up's restart settings, as JSON on stdin.")
+def collect_cmd(run, lock_fd, connect_timeout, hang_timeout, on_hang, restarts_on_stdin) -> None:
     """Stream a detached run into its logs (started by `up --detach`)."""
     from .controller import collect
     from .runs import CollectorLock, RunDir
     from .stream import Terminal
 
     held = CollectorLock(lock_fd) if lock_fd is not None else None
-    _run(collect, RunDir.find(run), Terminal(),
+    term, after = Terminal(), None
+    if restarts_on_stdin:           # the run restarts itself: what `up` knew, never written down
+        from .launch import Restarts, run_attempts
+
+        restarts = Restarts.from_json(sys.stdin.read())
+        after = lambda ctl, results: run_attempts(ctl, results, restarts, term)  # noqa: E731
+    _run(collect, RunDir.find(run), term,
          WatchOptions(print_lines=False, connect_timeout=connect_timeout, hang_timeout=hang_timeout,
-                      on_hang=on_hang), True, None, held)
+                      on_hang=on_hang), True, None, held, after)
 
 if __name__ == "__main__":  # pragma: no cover
     main()

@@ -269,8 +269,13 @@ def _stop_quietly(job: RemoteJob, grace: float) -> None:
         pass
 
 
+# After an attempt ends: the next attempt's controller and results (up --max-restarts).
+Continue = Callable[["RunController", list[NodeResult]], "tuple[RunController, list[NodeResult]]"]
+
+
 def collect(run: RunDir, term: Terminal, opts: WatchOptions, follow: bool = True,
-            before: Callable[[], None] | None = None, held: CollectorLock | None = None) -> int | None:
+            before: Callable[[], None] | None = None, held: CollectorLock | None = None,
+            after: Continue | None = None) -> int | None:
     """Become the run's collector if nobody is: attach to every node and stream.
 
     Returns the exit code once the run ended (follow), or None when another
@@ -286,12 +291,13 @@ def collect(run: RunDir, term: Terminal, opts: WatchOptions, follow: bool = True
         if run.ended():
             return exit_code([], False)
         plan = run.plan()
-        return collect_with(run, plan, connect_live(run, plan, opts), term, opts, follow)
+        return collect_with(run, plan, connect_live(run, plan, opts), term, opts, follow, after)
 
 
 def collect_with(run: RunDir, plan: Plan, transports: Sequence[Transport | None], term: Terminal,
-                 opts: WatchOptions, follow: bool = True) -> int:
-    """Collect with these connections (None for nodes already ended); the caller holds the lock."""
+                 opts: WatchOptions, follow: bool = True, after: Continue | None = None) -> int:
+    """Collect with these connections (None for nodes already ended); the caller holds the lock.
+    `after`: what happens once the attempt has ended (the restarts of a detached run)."""
     ctl = RunController(plan, run, transports, term, opts)
     try:
         ctl.launch(start=False, follow=follow)
@@ -300,6 +306,8 @@ def collect_with(run: RunDir, plan: Plan, transports: Sequence[Transport | None]
             return EXIT_INTERRUPTED
         if not follow and any(r.state == NodeState.RUNNING for r in results):
             return 0
+        if after is not None:
+            ctl, results = after(ctl, results)
         return ctl.finish(results)
     finally:
         ctl.close()

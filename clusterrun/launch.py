@@ -5,15 +5,18 @@ The same `make_plan` feeds `--dry-run` and the real run.
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import os
 import shutil
 import subprocess
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 from .controller import RunController
 from .errors import UnreachableError, UsageError
-from .hostsfile import HostsFile, load_hosts, with_transport
+from .hostsfile import Host, HostsFile, load_hosts, with_transport
 from .options import LaunchOptions, UpOptions, WatchOptions
 from .dryrun import PLACEHOLDER_RUN_ID, render_plan
 from .plan import Plan, make_plan, master_addr_for, needs_gpu_count
@@ -66,9 +69,6 @@ def dry_run(hosts_path: str, opts: LaunchOptions, transport: str | None = None) 
 
 def up(hosts_path: str, opts: LaunchOptions, up_opts: UpOptions) -> int:
     hosts = with_transport(load_hosts(hosts_path), up_opts.transport)
-    if up_opts.detach and (up_opts.max_restarts or (up_opts.max_restarts is None and hosts.max_restarts)):
-        raise UsageError("restarts (--max-restarts, max_restarts:) need an attached `up` for now: "
-                         "run it without --detach (in tmux or nohup, say)")
     term = Terminal()
     lint_warnings(opts, term)
     term.progress(f"connecting to {len(hosts.hosts)} nodes")
@@ -91,8 +91,10 @@ def up(hosts_path: str, opts: LaunchOptions, up_opts: UpOptions) -> int:
         accept_new_host_keys=up_opts.accept_new_host_keys,
         hang_timeout=up_opts.hang_timeout or hosts.hang_timeout, on_hang=up_opts.on_hang or hosts.on_hang,
     )
-    restarts = hosts.max_restarts if up_opts.max_restarts is None else up_opts.max_restarts
-    run.start_attempt(plan, restarts, {})
+    restarts = Restarts(
+        hosts, opts, hosts.max_restarts if up_opts.max_restarts is None else up_opts.max_restarts,
+        hosts.restart_delay if up_opts.restart_delay is None else up_opts.restart_delay)
+    run.start_attempt(plan, restarts.max_restarts, {})
     ctl = RunController(plan, run, transports, term, ctl_opts)
     try:
         checked_in_start = (not up_opts.skip_check and master_port(hosts, opts) != "auto"
@@ -108,24 +110,54 @@ def up(hosts_path: str, opts: LaunchOptions, up_opts: UpOptions) -> int:
         term.message(f"clusterrun: run {run_id}: {plural(len(plan.nodes), 'node')}, "
                      f"{plural(plan.world_size, 'rank')} (logs: {run.path})")
         if up_opts.detach:
-            return _detach(ctl, run, lock, term)
-        results = ctl.wait()
-        roster = Roster(hosts, transports, list(hosts.spares))
-        delay = hosts.restart_delay if up_opts.restart_delay is None else up_opts.restart_delay
-        while should_restart(results, run, ctl.interrupted, plan.attempt, restarts):
-            nxt = _next_attempt(ctl, results, roster, opts, plan, delay, restarts, term)
-            if nxt is None:
-                break
-            ctl, plan, roster = nxt
-            results = ctl.wait()
-        else:
-            if restarts and not all(r.ok for r in results) and plan.attempt == restarts:
-                term.message(f"clusterrun: attempt {plan.attempt + 1} of {restarts + 1} failed too: "
-                             "no restart left")
+            return _detach(ctl, run, lock, term, restarts)
+        ctl, results = run_attempts(ctl, ctl.wait(), restarts, term)
         return ctl.finish(results)
     finally:
         ctl.close()
         lock.release()
+
+
+@dataclass(frozen=True)
+class Restarts:
+    """What a run needs to start itself again (`--max-restarts`): the hosts file with its
+    spares, and what to run. The attached `up` keeps it; `up -d` hands it to the
+    collector over a pipe, so the env's secrets are never written down."""
+
+    hosts: HostsFile
+    launch: LaunchOptions
+    max_restarts: int = 0
+    delay: float = 5.0
+
+    def to_json(self) -> str:
+        return json.dumps(dataclasses.asdict(self))
+
+    @classmethod
+    def from_json(cls, text: str) -> Restarts:
+        d = json.loads(text)
+        host = lambda h: Host(**{k: tuple(v) if isinstance(v, list) else v for k, v in h.items()})  # noqa: E731
+        hosts = d["hosts"]
+        hosts = HostsFile(**{**hosts, "hosts": tuple(map(host, hosts["hosts"])),
+                             "spares": tuple(map(host, hosts["spares"]))})
+        launch = LaunchOptions(**{**d["launch"], "script_args": tuple(d["launch"]["script_args"])})
+        return cls(hosts, launch, d["max_restarts"], d["delay"])
+
+
+def run_attempts(ctl: RunController, results: list, restarts: Restarts, term: Terminal
+                 ) -> tuple[RunController, list]:
+    """While an attempt failed and restarts are left: the next attempt. The controller
+    and the results of the last attempt."""
+    plan, most = ctl.plan, restarts.max_restarts
+    roster = Roster(restarts.hosts, [], list(restarts.hosts.spares))
+    while should_restart(results, ctl.run, ctl.interrupted, plan.attempt, most):
+        nxt = _next_attempt(ctl, results, roster, restarts.launch, plan, restarts.delay, most, term)
+        if nxt is None:
+            return ctl, results
+        ctl, plan, roster = nxt
+        results = ctl.wait()
+    if most and not all(r.ok for r in results) and plan.attempt == most:
+        term.message(f"clusterrun: attempt {plan.attempt + 1} of {most + 1} failed too: no restart left")
+    return ctl, results
 
 
 def _next_attempt(ctl: RunController, results: list, roster: Roster, opts: LaunchOptions,
@@ -210,20 +242,20 @@ def lint_warnings(opts: LaunchOptions, term: Terminal) -> None:
             term.message("clusterrun: warning: " + format_finding(f).replace("\n", "\n  "))
 
 
-def _detach(ctl: RunController, run: RunDir, lock: CollectorLock, term: Terminal) -> int:
+def _detach(ctl: RunController, run: RunDir, lock: CollectorLock, term: Terminal, restarts: Restarts) -> int:
     """Wait until every node has started, then hand the run to a background collector."""
     ctl.wait_started()
     ctl.detach()
     # The collector inherits the locked file itself: the run is never without a
     # collector, not even for the moment a `status` could take the lock in between.
-    spawn_collector(run, lock, ctl.opts)
+    spawn_collector(run, lock, ctl.opts, restarts if restarts.max_restarts else None)
     lock.release()
     term.clear_progress()
     print(run.run_id, flush=True)   # the last line on stdout, like `docker run -d`
     return 0
 
 
-def spawn_collector(run: RunDir, lock: CollectorLock, opts: WatchOptions) -> None:
+def spawn_collector(run: RunDir, lock: CollectorLock, opts: WatchOptions, restarts: Restarts | None) -> None:
     """`clusterrun _collect RUN` in its own session, outliving this shell, holding
     the run's collector lock (the same open file: flock belongs to it, not to a process)."""
     log = os.open(run.path / "collector.log", os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
@@ -232,8 +264,15 @@ def spawn_collector(run: RunDir, lock: CollectorLock, opts: WatchOptions) -> Non
         argv.append(f"--connect-timeout={opts.connect_timeout:g}")
     if opts.hang_timeout is not None:
         argv += [f"--hang-timeout={opts.hang_timeout:g}", f"--on-hang={opts.on_hang}"]
-    subprocess.Popen(
-        argv, stdin=subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True,
-        pass_fds=(lock.fd,), env={**os.environ, "CLUSTERRUN_HOME": str(clusterrun_home())},
+    if restarts is not None:
+        argv.append("--restarts-on-stdin")
+    p = subprocess.Popen(
+        argv, stdin=subprocess.PIPE if restarts else subprocess.DEVNULL, stdout=log, stderr=log,
+        start_new_session=True, pass_fds=(lock.fd,),
+        env={**os.environ, "CLUSTERRUN_HOME": str(clusterrun_home())},
     )
+    if restarts is not None:
+        assert p.stdin is not None
+        p.stdin.write(restarts.to_json().encode())
+        p.stdin.close()
     os.close(log)

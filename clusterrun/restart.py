@@ -29,7 +29,7 @@ class Roster:
     the spares not used yet, and which node each replacement stands in for."""
 
     hosts: HostsFile
-    transports: list[Transport]
+    transports: list[Transport | None]      # None: not connected (a collector found it ended)
     spares: list[Host]
     replaced: dict[str, str] = field(default_factory=dict)     # spare's name -> the node's
 
@@ -68,10 +68,11 @@ def next_roster(roster: Roster, results: list[NodeResult], term: Terminal) -> Ro
     timeout = roster.hosts.connect_timeout
     for i, r in enumerate(results):
         t = transports[i]
-        if r.state != NodeState.LOST and t.alive():
+        if t is not None and r.state != NodeState.LOST and t.alive():
             continue
         try:                                # the node itself, if it answers again
-            t.close()
+            if t is not None:
+                t.close()
             transports[i] = connect_node(hosts[i], timeout)
             continue
         except UnreachableError as e:

@@ -573,3 +573,13 @@ def test_restarts_and_spares_parse_with_the_defaults_of_hosts():
 ])
 def test_bad_restart_settings_are_named(tmp_path, text, field):
     assert field in str(load_error(tmp_path, text + "\n"))
+
+
+def test_the_restart_settings_a_detached_run_receives_come_back_whole():
+    from clusterrun.launch import Restarts
+    from clusterrun.options import LaunchOptions
+
+    hf = parse_hosts({"max_restarts": 2, "gpus": "0-1", "setup": ["a", "b"], "env": {"K": "v"},
+                      "hosts": ["x", "y:gpu"], "spares": [{"host": "z", "port": 2222}]})
+    r = Restarts(hf, LaunchOptions("t.py", ("--lr", "1"), env={"T": "s"}, nproc_per_node=None), 2, 1.5)
+    assert Restarts.from_json(r.to_json()) == r

@@ -143,3 +143,18 @@ def test_a_spare_takes_the_place_of_a_node_whose_sshd_died(cluster, ctl, tmp_pat
     st = ctl.status()
     assert st["replaced"] == {spare: victim} and [n["node"] for n in st["nodes"]] == [n1, spare]
     assert_nothing_left(cluster)
+
+
+def test_a_detached_run_restarts_itself_and_keeps_no_secret(cluster, ctl, tmp_path):
+    """The collector restarts the run; what it needs comes over a pipe, not the disk."""
+    script = write(tmp_path / "flaky.py", FLAKY)
+    hosts = hosts_file(tmp_path, cluster.names[:2], nproc_per_node=2, max_restarts=2, restart_delay=1)
+    r = ctl.run("up", "--detach", "--env", "HF_TOKEN=hunter2-secret", str(hosts), str(script))
+    assert r.returncode == 0, r.stdout + r.stderr
+    run_id = r.stdout.strip().splitlines()[-1]
+    ctl.wait_for(lambda: ctl.status(run_id)["state"] == "succeeded", "the restarted run to succeed")
+    assert ctl.status(run_id)["attempt"] == 1
+    assert f"[{cluster.names[1]} g3 l1] rank 3 done in attempt 1" in ctl.run("logs", run_id).stdout.splitlines()
+    home = tmp_path / "crhome"
+    assert not [p for p in home.rglob("*") if p.is_file() and b"hunter2-secret" in p.read_bytes()]
+    assert_nothing_left(cluster)

@@ -153,12 +153,16 @@ def test_without_a_majority_every_group_is_named_where_it_is():
 FORKING = """\
 import multiprocessing as mp, sys, time
 
-def load_batches():
+def load_batches(started):
+    started.set()
     time.sleep(30)
 
 if __name__ == "__main__":
-    child = mp.get_context("fork").Process(target=load_batches, daemon=True)
+    ctx = mp.get_context("fork")
+    started = ctx.Event()
+    child = ctx.Process(target=load_batches, args=(started,), daemon=True)
     child.start()
+    started.wait(10)                    # the child is in load_batches (and armed: at fork)
     print("ready", flush=True)
     time.sleep(30)
 """

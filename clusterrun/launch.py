@@ -182,26 +182,29 @@ def _next_attempt(ctl: RunController, results: list, roster: Roster, opts: Launc
         term.message("clusterrun: interrupted during the restart delay: no further attempt")
         ctl.interrupted = True
         return None
-    attempt = plan.attempt + 1
-    port = master_port(roster.hosts, opts)
-    plan = build_plan(roster.hosts, opts, run.run_id, roster.transports[0].peer_addr,
-                      port=0 if port == "auto" else None, attempt=attempt)
-    if port == "auto":
-        plan = build_plan(roster.hosts, opts, run.run_id, roster.transports[0].peer_addr,
-                          port=auto_port(plan, roster.transports), attempt=attempt)
-    if not plan.complete:           # nproc_per_node: gpu: count again (a spare may stand in)
-        try:
-            counts = preflight(plan, roster.transports, opts, plan.master_port, checks=False).gpu_counts
-        except PreflightError as e:
-            term.message(f"clusterrun: no further attempt: {e}")
-            return None
-        plan = build_plan(roster.hosts, opts, run.run_id, roster.transports[0].peer_addr,
-                          port=plan.master_port, attempt=attempt, gpu_counts=counts)
+    try:
+        plan = _attempt_plan(roster, opts, run.run_id, plan.attempt + 1)
+    except PreflightError as e:
+        term.message(f"clusterrun: no further attempt: {e}")
+        return None
     run.write_plan(plan)
     run.start_attempt(plan, restarts, roster.replaced)
     nxt = RunController(plan, run, roster.transports, term, ctl.opts)
     nxt.launch(start=True)
     return nxt, plan, roster
+
+
+def _attempt_plan(roster: Roster, opts: LaunchOptions, run_id: str, attempt: int) -> Plan:
+    """The next attempt's plan. What only the nodes can say (an auto port, the GPU counts
+    of `nproc_per_node: gpu`: a spare may stand in) is asked with a provisional plan first."""
+    hosts, transports, addr = roster.hosts, roster.transports, roster.transports[0].peer_addr
+    auto = master_port(hosts, opts) == "auto"
+    plan = build_plan(hosts, opts, run_id, addr, port=0 if auto else None, attempt=attempt)
+    if not auto and plan.complete:
+        return plan
+    port = auto_port(plan, transports) if auto else plan.master_port
+    counts = None if plan.complete else preflight(plan, transports, opts, port, checks=False).gpu_counts
+    return build_plan(hosts, opts, run_id, addr, port=port, attempt=attempt, gpu_counts=counts)
 
 
 def prepare(hosts: HostsFile, opts: LaunchOptions, up_opts: UpOptions, run_id: str,

@@ -49,12 +49,23 @@ def login_steps(node: NodePlan) -> str:
     agent), each stopping the login line with its own mark if it fails."""
     steps = []
     if node.workdir:
-        steps.append(f"cd {quote_path(node.workdir)} || {{ echo {FAILED_MARK}workdir >&2; exit 1; }}; ")
+        steps.append(_workdir_step(quote_path(node.workdir)))
     setup = [setup_part(s) for s in node.setup if s.strip()]
     if setup:
         steps.append("{ " + " && ".join(setup) + "; } </dev/null || "
                      f"{{ echo \"{FAILED_MARK}setup $?\" >&2; exit 1; }}; ")
     return "".join(steps)
+
+
+# Shells word a failed cd each their own way (bash: "No such file or directory",
+# dash: "can't cd to"), so the reason comes from test(1), which every POSIX shell has.
+_CD_REASONS = {"missing": "No such file or directory", "notdir": "Not a directory",
+               "denied": "Permission denied"}
+
+
+def _workdir_step(quoted: str) -> str:
+    why = f"$([ -d {quoted} ] && echo denied || {{ [ -e {quoted} ] && echo notdir || echo missing; }})"
+    return f"cd {quoted} || {{ echo \"{FAILED_MARK}workdir {why}\" >&2; exit 1; }}; "
 
 
 def agent_command(node: NodePlan, prefix: str | None = None, token: str = "") -> str:
@@ -70,8 +81,7 @@ def login_failure(node: NodePlan, code: int | None, stderr: str, login: bytes = 
     mark = next((line[len(FAILED_MARK):].split() for line in lines if line.startswith(FAILED_MARK)), None)
     rest = [line for line in lines if not line.startswith(FAILED_MARK)]
     if mark and mark[0] == "workdir":
-        why = rest[-1].rsplit("cd: ", 1)[-1] if rest else "cannot be entered"
-        return f"workdir {why}" if why.startswith(f"{node.workdir}:") else f"workdir {node.workdir}: {why}"
+        return f"workdir {node.workdir}: {_CD_REASONS.get(mark[-1], 'cannot be entered')}"
     if mark and mark[0] == "setup":
         out = rest or login.decode("utf-8", "replace").splitlines()
         last = " | ".join(line.strip() for line in out[-3:] if line.strip())

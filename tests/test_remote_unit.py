@@ -385,19 +385,22 @@ def test_a_kill_that_cannot_be_written_falls_back_at_once(plan, run, screen):
 # --- why the login line ended before the agent spoke (real shell, LocalTransport) ------------
 
 
+@pytest.mark.parametrize("shell", ["/bin/bash", "/bin/dash"])      # a login shell of each kind
 @pytest.mark.parametrize("entry, cause", [
     ({"workdir": "/nonexistent/clusterrun-wd"}, "workdir /nonexistent/clusterrun-wd: No such file or directory"),
+    ({"workdir": "/etc/hostname"}, "workdir /etc/hostname: Not a directory"),
     ({"setup": ["echo getting ready", "ls /nonexistent/clusterrun-x"]},
      "setup failed with exit code 2: ls: cannot access '/nonexistent/clusterrun-x': No such file or directory"),
     ({"setup": "echo only this\nfalse"}, "setup failed with exit code 1: only this"),
     ({"python": "/nonexistent/bin/python3"}, "python /nonexistent/bin/python3 not found"),
     ({"python": "/tmp/clusterrun-not-executable"}, "python /tmp/clusterrun-not-executable cannot be run"),
 ])
-def test_each_login_failure_is_told_in_its_own_words(entry, cause, tmp_path):
+def test_each_login_failure_is_told_in_its_own_words(entry, cause, shell, tmp_path, monkeypatch):
     from clusterrun.options import LaunchOptions
     from clusterrun.plan import make_plan
     from clusterrun.transport import LocalTransport
 
+    monkeypatch.setenv("SHELL", shell)
     Path("/tmp/clusterrun-not-executable").write_text("")
     os.chmod("/tmp/clusterrun-not-executable", 0o644)         # not a program
     hosts = parse_hosts({"hosts": [{"host": "localhost", **entry}]})

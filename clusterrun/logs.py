@@ -59,19 +59,19 @@ def logs(run_id: str | None, ranks: tuple[int, ...], node: str | None, follow: b
         if not run.ended():         # bring the logs up to date if nobody else is
             collect(run, Terminal(), opts.quiet(), follow=False)
         records = run.attempts()
-        if len(records) <= 1:
-            for f in files:
-                _print_file(term, f, 0, tail)
-            return 0
-        for k in range(len(records)) if attempt is None else (attempt,):
-            _print_attempt(term, files, records, k, tail, marker=attempt is None)
+        if attempt is not None and records:
+            _print_attempt(term, files, records, attempt, tail, marker=False)
+        else:
+            _show_so_far(term, files, records, tail)
         return 0
     wanted = {(f.node.node_rank, f.key) for f in files}
     shown = [0] * len(files)     # bytes of each file printed so far
+    seen = [0]                   # attempts whose lines have begun to show
 
     def show_existing() -> None:
-        for i, f in enumerate(files):
-            shown[i] = _print_file(term, f, 0, tail)
+        records = run.attempts()
+        shown[:] = _show_so_far(term, files, records, tail)
+        seen[0] = len(records)
 
     # Following is watching: Ctrl-C stops following, never the run; the run's own
     # summary is `up`'s and `status`'s to give.
@@ -82,29 +82,59 @@ def logs(run_id: str | None, ranks: tuple[int, ...], node: str | None, follow: b
         return code
     if code is not None:
         return 0
-    # Another process is collecting this run: follow its files until the run ends.
+    # Another process is collecting this run (and may restart it): follow its files
+    # until the run ends, with a marker where each new attempt begins.
     show_existing()
     while True:
         ended = run.ended()
-        for i, f in enumerate(files):
-            shown[i] = _print_file(term, f, shown[i], None)
+        records = run.attempts()    # read before the files: an attempt is recorded before its lines land
+        for k in range(max(seen[0], 1), len(records)):
+            shown[:] = _print_slices(term, files, shown, records[k - 1], records[k]["starts"])
+            term.write(_marker(k))
+        seen[0] = len(records)
+        shown[:] = _print_slices(term, files, shown, records[-1] if records else None, {})
         if ended:
             return 0
         time.sleep(POLL)
 
 
+def _marker(k: int) -> bytes:
+    return f"--- attempt {k} ---\n".encode()
+
+
+def _show_so_far(term: Terminal, files: list[LogFile], records: list[dict], tail: int | None) -> list[int]:
+    """What the logs hold now, each attempt under its marker where the run may restart;
+    returns where each file's lines end."""
+    if not records or (len(records) == 1 and not records[0].get("max_restarts")):
+        return [_print_file(term, f, 0, tail) for f in files]
+    return [_print_attempt(term, files, records, k, tail, marker=True) for k in range(len(records))][-1]
+
+
+def _print_slices(term: Terminal, files: list[LogFile], shown: list[int], record: dict | None,
+                  stops: dict[str, int]) -> list[int]:
+    """Each file's new whole lines (up to its `stops` offset), tagged as in `record`'s attempt."""
+    return [_print_file(term, _as_in(f, record), shown[i], None, stops.get(f.path.name))
+            for i, f in enumerate(files)]
+
+
+def _as_in(f: LogFile, record: dict | None) -> LogFile:
+    """f tagged with the name its node had in an attempt (a spare may have taken its place)."""
+    name = record["nodes"][f.node.node_rank] if record else f.node.name
+    if name == f.node.name:
+        return f
+    return replace(f, tag=f.tag.replace(f"[{f.node.name}".encode(), f"[{name}".encode(), 1))
+
+
 def _print_attempt(term: Terminal, files: list[LogFile], records: list[dict], k: int,
-                   tail: int | None, marker: bool) -> None:
+                   tail: int | None, marker: bool) -> list[int]:
     """Attempt k's slice of every file (after a restart the logs hold every attempt),
-    tagged with the node names of that attempt (a spare may have taken a node's place)."""
+    tagged with the node names of that attempt; returns where each slice's lines end."""
     if marker:
-        term.write(f"--- attempt {k} ---\n".encode())
+        term.write(_marker(k))
     begin = records[k]["starts"]
     end = records[k + 1]["starts"] if k + 1 < len(records) else {}
-    names = records[k]["nodes"]
-    for f in files:
-        tag = f.tag.replace(f"[{f.node.name}".encode(), f"[{names[f.node.node_rank]}".encode(), 1)
-        _print_file(term, replace(f, tag=tag), begin.get(f.path.name, 0), tail, end.get(f.path.name))
+    return [_print_file(term, _as_in(f, records[k]), begin.get(f.path.name, 0), tail, end.get(f.path.name))
+            for f in files]
 
 
 def _print_file(term: Terminal, f: LogFile, start: int, tail: int | None, stop: int | None = None) -> int:

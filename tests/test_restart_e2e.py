@@ -152,9 +152,15 @@ def test_a_detached_run_restarts_itself_and_keeps_no_secret(cluster, ctl, tmp_pa
     r = ctl.run("up", "--detach", "--env", "HF_TOKEN=hunter2-secret", str(hosts), str(script))
     assert r.returncode == 0, r.stdout + r.stderr
     run_id = r.stdout.strip().splitlines()[-1]
-    ctl.wait_for(lambda: ctl.status(run_id)["state"] == "succeeded", "the restarted run to succeed")
+    # Followed from the start, each attempt's lines come under their marker, as in plain `logs`.
+    followed = ctl.run("logs", "-f", "--rank", "3", run_id)
+    assert followed.returncode == 0 and ctl.status(run_id)["state"] == "succeeded", followed.stderr
+    n2 = cluster.names[1]
+    assert [l for l in followed.stdout.splitlines() if l.startswith("---") or "] rank 3 " in l] == [
+        "--- attempt 0 ---", f"[{n2} g3 l1] rank 3 attempt 0",
+        "--- attempt 1 ---", f"[{n2} g3 l1] rank 3 attempt 1", f"[{n2} g3 l1] rank 3 done in attempt 1"]
     assert ctl.status(run_id)["attempt"] == 1
-    assert f"[{cluster.names[1]} g3 l1] rank 3 done in attempt 1" in ctl.run("logs", run_id).stdout.splitlines()
+    assert ctl.run("logs", "--rank", "3", run_id).stdout == followed.stdout
     home = tmp_path / "crhome"
     assert not [p for p in home.rglob("*") if p.is_file() and b"hunter2-secret" in p.read_bytes()]
     assert_nothing_left(cluster)

@@ -13,6 +13,7 @@ import subprocess
 import sys
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Sequence
 
 from .controller import RunController
 from .errors import UnreachableError, UsageError
@@ -20,8 +21,8 @@ from .hostsfile import Host, HostsFile, load_hosts, with_transport
 from .options import LaunchOptions, UpOptions, WatchOptions
 from .dryrun import PLACEHOLDER_RUN_ID, render_plan
 from .plan import Plan, make_plan, master_addr_for, needs_gpu_count
-from .preflight import Gate, PreflightError, auto_port, preflight, preflight_error
-from .restart import Roster, first_failure, next_roster, should_restart, wait_delay
+from .preflight import Gate, PreflightError, auto_port, judge, preflight, preflight_error, probe_all, probe_spec
+from .restart import Roster, Vet, first_failure, next_roster, should_restart, wait_delay
 from .runs import CollectorLock, RunDir, clusterrun_home, new_run_id
 from .stream import Terminal
 from .sync import sync_all
@@ -93,7 +94,8 @@ def up(hosts_path: str, opts: LaunchOptions, up_opts: UpOptions) -> int:
     )
     restarts = Restarts(
         hosts, opts, hosts.max_restarts if up_opts.max_restarts is None else up_opts.max_restarts,
-        hosts.restart_delay if up_opts.restart_delay is None else up_opts.restart_delay)
+        hosts.restart_delay if up_opts.restart_delay is None else up_opts.restart_delay,
+        check=not up_opts.skip_check)
     run.start_attempt(plan, restarts.max_restarts, {})
     ctl = RunController(plan, run, transports, term, ctl_opts)
     try:
@@ -128,6 +130,7 @@ class Restarts:
     launch: LaunchOptions
     max_restarts: int = 0
     delay: float = 5.0
+    check: bool = True      # a spare must pass the preflight (not with --skip-check)
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self))
@@ -140,7 +143,7 @@ class Restarts:
         hosts = HostsFile(**{**hosts, "hosts": tuple(map(host, hosts["hosts"])),
                              "spares": tuple(map(host, hosts["spares"]))})
         launch = LaunchOptions(**{**d["launch"], "script_args": tuple(d["launch"]["script_args"])})
-        return cls(hosts, launch, d["max_restarts"], d["delay"])
+        return cls(hosts, launch, d["max_restarts"], d["delay"], d["check"])
 
 
 def run_attempts(ctl: RunController, results: list, restarts: Restarts, term: Terminal
@@ -150,7 +153,7 @@ def run_attempts(ctl: RunController, results: list, restarts: Restarts, term: Te
     plan, most = ctl.plan, restarts.max_restarts
     roster = Roster(restarts.hosts, [], list(restarts.hosts.spares))
     while should_restart(results, ctl.run, ctl.interrupted, plan.attempt, most):
-        nxt = _next_attempt(ctl, results, roster, restarts.launch, plan, restarts.delay, most, term)
+        nxt = _next_attempt(ctl, results, roster, restarts, plan, term)
         if nxt is None:
             return ctl, results
         ctl, plan, roster = nxt
@@ -160,20 +163,20 @@ def run_attempts(ctl: RunController, results: list, restarts: Restarts, term: Te
     return ctl, results
 
 
-def _next_attempt(ctl: RunController, results: list, roster: Roster, opts: LaunchOptions,
-                  plan: Plan, delay: float, restarts: int, term: Terminal
-                  ) -> tuple[RunController, Plan, Roster] | None:
+def _next_attempt(ctl: RunController, results: list, roster: Roster, restarts: Restarts,
+                  plan: Plan, term: Terminal) -> tuple[RunController, Plan, Roster] | None:
     """After a failed attempt: wait the delay, bring every node back (or a spare in its
     place), and start the next attempt. None: the run ends here (killed, or a node missing)."""
-    run = ctl.run
-    term.message(f"clusterrun: attempt {plan.attempt + 1} of {restarts + 1} failed: "
+    run, opts, delay = ctl.run, restarts.launch, restarts.delay
+    term.message(f"clusterrun: attempt {plan.attempt + 1} of {restarts.max_restarts + 1} failed: "
                  f"{first_failure(results, run)}; restarting in {delay:g}s")
     roster.transports = ctl.end_attempt()
     try:
         if not wait_delay(run, delay):
             term.message(f"clusterrun: {run.killed_reason()} during the restart delay: no further attempt")
             return None
-        roster = next_roster(roster, results, term)
+        vet = _spare_vet(opts, run.run_id, plan.attempt + 1) if restarts.check else None
+        roster = next_roster(roster, results, term, vet)
     except UnreachableError as e:
         term.message(f"clusterrun: no further attempt: {e}")
         return None
@@ -188,10 +191,23 @@ def _next_attempt(ctl: RunController, results: list, roster: Roster, opts: Launc
         term.message(f"clusterrun: no further attempt: {e}")
         return None
     run.write_plan(plan)
-    run.start_attempt(plan, restarts, roster.replaced)
+    run.start_attempt(plan, restarts.max_restarts, roster.replaced)
     nxt = RunController(plan, run, roster.transports, term, ctl.opts)
     nxt.launch(start=True)
     return nxt, plan, roster
+
+
+def _spare_vet(opts: LaunchOptions, run_id: str, attempt: int) -> Vet:
+    """The preflight a spare passes before it stands in: the nodes already there are
+    probed with it, so that a version differing from theirs is its problem too."""
+    def vet(hosts: HostsFile, transports: Sequence[Transport | None], i: int) -> list[str]:
+        addr = transports[0].peer_addr      # type: ignore[union-attr]  (nodes before i are connected)
+        plan = build_plan(hosts, opts, run_id, addr, port=0, attempt=attempt)
+        specs = [probe_spec(plan, n, opts.script, opts.module, None, torch=False) for n in plan.nodes]
+        mine = plan.nodes[i].name + ": "
+        return [p.removeprefix(mine) for p in judge(plan, probe_all(plan, transports, specs), opts, 0).problems
+                if p.startswith(mine)]
+    return vet
 
 
 def _attempt_plan(roster: Roster, opts: LaunchOptions, run_id: str, attempt: int) -> Plan:

@@ -2,9 +2,10 @@
 
 When an attempt fails, every node has already been stopped (fail fast). Before the
 next attempt, each node must be there again: its connection still up, or made
-anew; a node that cannot be reached is replaced by the first reachable spare,
-which takes over its node_rank and its ranks. Then the job starts again, on every
-node, with a fresh rendezvous and CLUSTERRUN_ATTEMPT one higher.
+anew; a node that cannot be reached is replaced by the first spare that is
+reachable and passes the preflight (python, script, torch, versions alike), which
+takes over its node_rank and its ranks. Then the job starts again, on every node,
+with a fresh rendezvous and CLUSTERRUN_ATTEMPT one higher.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import time
 from dataclasses import dataclass, field
+from typing import Callable, Sequence
 
 from .connect import connect_node
 from .errors import UnreachableError
@@ -32,6 +34,11 @@ class Roster:
     transports: list[Transport | None]      # None: not connected (a collector found it ended)
     spares: list[Host]
     replaced: dict[str, str] = field(default_factory=dict)     # spare's name -> the node's
+
+
+# What keeps a spare at node_rank i of these hosts, connected so, from standing in
+# (the preflight's problems with it, in words); none: it may.
+Vet = Callable[[HostsFile, Sequence["Transport | None"], int], list[str]]
 
 
 def first_failure(results: list[NodeResult], run: RunDir) -> str:
@@ -58,17 +65,23 @@ def wait_delay(run: RunDir, delay: float) -> bool:
     return run.killed_reason() is None
 
 
-def next_roster(roster: Roster, results: list[NodeResult], term: Terminal) -> Roster:
+def next_roster(roster: Roster, results: list[NodeResult], term: Terminal, vet: Vet | None = None) -> Roster:
     """Every node of the next attempt, connected; raises UnreachableError naming the
-    node that is missing when no spare is left to take its place."""
+    node that is missing when no spare is left to take its place. `vet`: the
+    preflight a spare must pass first (none with --skip-check)."""
     hosts = list(roster.hosts.hosts)
     transports = list(roster.transports)
     spares = list(roster.spares)
     replaced = dict(roster.replaced)
     timeout = roster.hosts.connect_timeout
+
+    def settled(j: int) -> bool:        # a node whose connection this attempt can use as it is
+        t = transports[j]
+        return t is not None and results[j].state != NodeState.LOST and t.alive()
+
     for i, r in enumerate(results):
         t = transports[i]
-        if t is not None and r.state != NodeState.LOST and t.alive():
+        if settled(i):
             continue
         try:                                # the node itself, if it answers again
             if t is not None:
@@ -84,9 +97,18 @@ def next_roster(roster: Roster, results: list[NodeResult], term: Terminal) -> Ro
             except UnreachableError as e:
                 term.message(f"clusterrun: spare {spare.name} is unreachable too: {e}")
                 continue
-            term.message(f"clusterrun: {hosts[i].name} was lost; {spare.name} takes node_rank {i}")
-            replaced[spare.name] = replaced.pop(hosts[i].name, hosts[i].name)
-            hosts[i] = dataclasses.replace(spare, nproc_per_node=hosts[i].nproc_per_node)
+            lost, hosts[i] = hosts[i], dataclasses.replace(spare, nproc_per_node=hosts[i].nproc_per_node)
+            # Probed with the nodes already there (not those still to be brought back).
+            there = [c if j <= i or settled(j) else None for j, c in enumerate(transports)]
+            problems = vet(dataclasses.replace(roster.hosts, hosts=tuple(hosts)), there, i) if vet else []
+            if problems:
+                term.message(f"clusterrun: spare {spare.name} cannot stand in: {'; '.join(problems)}")
+                hosts[i] = lost
+                transports[i].close()       # type: ignore[union-attr]
+                transports[i] = None
+                continue
+            term.message(f"clusterrun: {lost.name} was lost; {spare.name} takes node_rank {i}")
+            replaced[spare.name] = replaced.pop(lost.name, lost.name)
             break
         else:
             raise UnreachableError(f"{hosts[i].name} (node_rank {i}) is missing and no spare is left: {why}")

@@ -116,10 +116,11 @@ SPARE_JOB = """\
 
 
 def test_a_spare_takes_the_place_of_a_node_whose_sshd_died(cluster, ctl, tmp_path):
-    n1, victim, spare = cluster.names[:3]
+    n1, victim, spare, unfit = cluster.names[:4]
     script = write(tmp_path / "spare.py", SPARE_JOB)
-    hosts = hosts_file(tmp_path, [n1, victim], nproc_per_node=2, spares=[spare], max_restarts=1,
-                       restart_delay=1)
+    # The first spare cannot run the job (no such python): the preflight passes it over.
+    hosts = hosts_file(tmp_path, [n1, victim], nproc_per_node=2, max_restarts=1, restart_delay=1,
+                       spares=[{"host": unfit, "python": "/nonexistent/bin/python3"}, spare])
     p = ctl.start("up", str(hosts), str(script))
     try:
         p.wait_for(f"[{victim} g3 l1] tick 3 5")
@@ -136,7 +137,9 @@ def test_a_spare_takes_the_place_of_a_node_whose_sshd_died(cluster, ctl, tmp_pat
                                  capture_output=True, text=True, timeout=60)
         assert restart.returncode == 0, restart.stderr
     assert p.returncode == 0, out + err
-    assert f"clusterrun: {victim} was lost; {spare} takes node_rank 1" in err.splitlines(), err
+    said = err.splitlines()
+    assert f"clusterrun: spare {unfit} cannot stand in: python /nonexistent/bin/python3 not found" in said, err
+    assert f"clusterrun: {victim} was lost; {spare} takes node_rank 1" in said, err
     # The spare runs the lost node's ranks, under its own name.
     assert {f"[{spare} g2 l0] done 2 attempt 1", f"[{spare} g3 l1] done 3 attempt 1",
             f"[{n1} g0 l0] done 0 attempt 1"} <= set(out.splitlines()), out

@@ -1,0 +1,75 @@
+"""Who runs the next attempt (restart.next_roster), with stand-in connections: a lost node
+comes back if it answers, else the first spare that is reachable and passes the preflight
+takes its place (the end-to-end test is in test_restart_e2e.py)."""
+
+from __future__ import annotations
+
+import io
+
+import pytest
+
+from clusterrun import restart
+from clusterrun.errors import UnreachableError
+from clusterrun.hostsfile import parse_hosts
+from clusterrun.model import NodeResult, NodeState
+from clusterrun.stream import Terminal
+
+
+class Link:
+    def __init__(self, name: str) -> None:
+        self.name, self.closed = name, False
+
+    def alive(self) -> bool:
+        return not self.closed
+
+    def close(self, linger: bool = False) -> None:
+        self.closed = True
+
+
+@pytest.fixture
+def setting(plan, monkeypatch):
+    """nodeW is up; nodeX was lost and does not answer; spares: one unreachable, one
+    unfit, one fit."""
+    hosts = parse_hosts({"nproc_per_node": 2, "hosts": ["gpu-w", "gpu-x"],
+                         "spares": ["gone", "unfit", "fit"]})
+    made: dict[str, Link] = {}
+
+    def connect(host, timeout):
+        if host.host in ("gpu-x", "gone"):
+            raise UnreachableError(f"{host.host}: connection refused")
+        made[host.host] = Link(host.host)
+        return made[host.host]
+
+    monkeypatch.setattr(restart, "connect_node", connect)
+    roster = restart.Roster(hosts, [Link("gpu-w"), Link("gpu-x")], list(hosts.spares))
+    results = [NodeResult(plan.nodes[0], NodeState.EXITED, 1), NodeResult(plan.nodes[1], NodeState.LOST)]
+    err = io.StringIO()
+    return roster, results, Terminal(io.BytesIO(), err), err, made
+
+
+def test_the_first_spare_that_is_reachable_and_fit_takes_the_lost_nodes_place(setting):
+    roster, results, term, err, made = setting
+    vetted = []
+
+    def vet(hosts, transports, i):
+        vetted.append(([h.host for h in hosts.hosts], i, transports[i].name))
+        return ["torch 2.1.0 differs from the others' 2.13.0"] if hosts.hosts[i].host == "unfit" else []
+
+    nxt = restart.next_roster(roster, results, term, vet)
+    assert [h.host for h in nxt.hosts.hosts] == ["gpu-w", "fit"]
+    assert [t.name for t in nxt.transports] == ["gpu-w", "fit"] and nxt.transports[0] is roster.transports[0]
+    assert nxt.replaced == {"fit": "gpu-x"} and nxt.spares == []
+    assert vetted == [(["gpu-w", "unfit"], 1, "unfit"), (["gpu-w", "fit"], 1, "fit")]
+    assert made["unfit"].closed and not made["fit"].closed
+    assert err.getvalue().splitlines() == [
+        "clusterrun: spare gone is unreachable too: gone: connection refused",
+        "clusterrun: spare unfit cannot stand in: torch 2.1.0 differs from the others' 2.13.0",
+        "clusterrun: gpu-x was lost; fit takes node_rank 1",
+    ]
+
+
+def test_with_no_fit_spare_left_the_missing_node_is_named(setting):
+    roster, results, term, err, made = setting
+    with pytest.raises(UnreachableError, match=r"^gpu-x \(node_rank 1\) is missing and no spare is left"):
+        restart.next_roster(roster, results, term, lambda hosts, transports, i: ["script 't.py' not found"])
+    assert all(link.closed for link in made.values())

@@ -11,7 +11,7 @@ from .errors import EXIT_INTERRUPTED, UsageError
 from .options import WatchOptions
 from .plan import NodePlan, Plan
 from .runs import RunDir
-from .stream import Terminal, tag_for, tag_lines
+from .stream import Terminal, shown_lines, tag_for, tag_lines
 
 POLL = 0.2
 
@@ -148,7 +148,7 @@ def _print_file(term: Terminal, f: LogFile, start: int, tail: int | None, stop: 
     end = data.rfind(b"\n") + 1
     if not end:
         return start
-    data = data[:end]
+    data = shown_lines(data[:end])
     if tail is not None:
         data = b"".join(data.splitlines(keepends=True)[-tail:]) if tail else b""
     if data:

@@ -857,7 +857,8 @@ class Changes(object):
 
 
 def read_frames(sources, final=False):
-    """Frames for whatever the sources grew by: only whole lines, unless final."""
+    """Frames for whatever the sources grew by: whole lines, and the redraws of a line
+    with carriage returns (a progress bar); everything once final."""
     frames = []
     for src in sources.values():
         data = os.read(src.fd, READ_MAX)
@@ -874,6 +875,9 @@ def read_frames(sources, final=False):
             if cut < len(buf):
                 buf += b"\n"
             cut = len(buf)
+        elif buf.find(b"\r", cut) >= 0:
+            # A progress bar's redraw goes at once; a last \r waits (it may be a \r\n's).
+            cut = len(buf) - (buf[-1:] == b"\r")
         elif cut == 0 and len(buf) > LINE_MAX:
             cut = len(buf)          # runaway line with no newline: pass it on as-is
         if cut:

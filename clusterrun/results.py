@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import os
 import signal
+from pathlib import Path
 from typing import Sequence
 
 from .errors import EXIT_INTERRUPTED, EXIT_JOB_FAILED, EXIT_OK
 from .model import NodeResult, NodeState, RankFailure
 from .plan import NodePlan
-from .runs import RunDir, tail_lines
+from .runs import RunDir
+from .stream import shown_lines
 
 TAIL = 10   # last lines shown per failing rank
 
@@ -105,3 +108,19 @@ def exit_code(results: Sequence[NodeResult], interrupted: bool) -> int:
     if interrupted:
         return EXIT_INTERRUPTED
     return EXIT_OK if all(r.ok for r in results) else EXIT_JOB_FAILED
+
+
+def tail_lines(path: Path, n: int) -> list[str]:
+    """The last n lines of a log, read from its end, as a terminal leaves them (a
+    progress bar's line is its last redraw, so its redraws are not n lines)."""
+    try:
+        with open(path, "rb") as f:
+            f.seek(0, os.SEEK_END)
+            size = f.tell()
+            f.seek(max(0, size - 64 * 1024))
+            data = f.read()
+    except OSError:
+        return []
+    end = data.rfind(b"\n") + 1
+    data = shown_lines(data[:end]) + data[end:].rsplit(b"\r", 1)[-1]
+    return data.decode("utf-8", "replace").splitlines()[-n:]

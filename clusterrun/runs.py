@@ -200,16 +200,3 @@ def _jsonable(o: Any) -> Any:
     if isinstance(o, (range, tuple, set)):
         return list(o)
     return dict(o) if hasattr(o, "items") else str(o)
-
-
-def tail_lines(path: Path, n: int) -> list[str]:
-    """The last n lines of a file, read from its end."""
-    try:
-        with open(path, "rb") as f:
-            f.seek(0, os.SEEK_END)
-            size = f.tell()
-            f.seek(max(0, size - 64 * 1024))
-            data = f.read()
-    except OSError:
-        return []
-    return data.decode("utf-8", "replace").splitlines()[-n:]

@@ -3,11 +3,17 @@
 This is the hottest path in clusterrun. Data arrives in chunks of whole lines
 per output file; tagging a chunk is one bytes.replace, not a loop over lines,
 and each chunk is one write to its log and one write to the terminal.
+
+A progress bar (tqdm, and what HF Trainer prints) redraws one line with carriage
+returns and ends it only when it is done. The node agent passes each redraw on at
+once; the terminal shows it as its progress line, and the line it ends with as
+the last redraw alone. Only chunks with a carriage return take that way.
 """
 
 from __future__ import annotations
 
 import os
+import re
 import sys
 import threading
 from time import monotonic
@@ -45,6 +51,7 @@ class Terminal:
         self._progress = ""
         self._show_progress = _isatty(self._err)
         self._closed = False
+        self._bar: tuple[bytes, float] | None = None    # whose bar the progress line shows, since when
 
     def write(self, data: bytes) -> None:
         with self._lock:
@@ -71,6 +78,26 @@ class Terminal:
 
     def clear_progress(self) -> None:
         self.progress("")
+
+    def bar(self, tag: bytes, redraw: bytes) -> None:
+        """A rank's progress bar, at its latest redraw, as the progress line; b"": the
+        bar ended. The rank whose bar shows keeps the line while it redraws, so that
+        the bars of several ranks do not take turns on it."""
+        if not self._show_progress:
+            return
+        now = monotonic()
+        with self._lock:
+            if self._bar is not None and self._bar[0] != tag and now - self._bar[1] < BAR_HOLD:
+                return
+            if not redraw:
+                self._bar = None
+                return
+            self._bar = (tag, now)
+            label = _ESCAPES.sub("", tag.decode("utf-8", "replace"))
+            text = _ESCAPES.sub("", redraw.decode("utf-8", "replace"))
+            self._progress = label + text[:max(0, _columns(self._err) - len(label) - 1)]
+            self._err.write("\r\x1b[K" + self._progress)
+            self._err.flush()
 
     def message(self, text: str) -> None:
         """clusterrun's own words: untagged, on stderr."""
@@ -99,6 +126,7 @@ class NodeOutput:
         self._routes: dict[str, tuple[bytes | None, BinaryIO]] = {}
         self._color = _COLORS[node.node_rank % len(_COLORS)] if color else 0
         self._launcher = LauncherFilter(self._held_back)
+        self._open: dict[str, bytes] = {}   # per file: the last redraw of a line not ended yet
         self.last_line = monotonic()        # when a rank's line last came (the hang watch)
         self.received: dict[str, int] = {}
         starts = run.attempt_starts()       # after a restart: this attempt's bytes only
@@ -114,22 +142,39 @@ class NodeOutput:
             yield str(local), self.run.rank_log(self.node.rank_start + local)
 
     def data(self, key: str, chunk: bytes) -> None:
-        """A chunk of whole lines (ending in \n) from the node-side file `key`."""
+        """A chunk from the node-side file `key`: whole lines (ending in \n), else the
+        redraws of a progress bar (see the module's doc)."""
         route = self._routes.get(key)
         if route is None:
             route = self._routes[key] = self._route(key)
         tag, log = route
         log.write(chunk)
         self.received[key] = self.received.get(key, 0) + len(chunk)
-        if key == "L":
-            if tag is not None:
-                chunk = self._launcher.feed(chunk)
-                if chunk:
-                    self.term.write(tag_lines(tag, chunk))
+        if key != "L":
+            self.last_line = monotonic()
+        if tag is None:
             return
-        self.last_line = monotonic()
-        if tag is not None:
+        if b"\r" in chunk or key in self._open or chunk[-1:] != b"\n":
+            chunk = self._redrawn(key, tag, chunk)
+        if key == "L":
+            chunk = self._launcher.feed(chunk)
+        if chunk:
             self.term.write(tag_lines(tag, chunk))
+
+    def _redrawn(self, key: str, tag: bytes, chunk: bytes) -> bytes:
+        """The whole lines of a chunk with carriage returns as a terminal shows them
+        (each its last redraw); a line still being redrawn is kept for when it ends
+        and shown meanwhile as the progress line."""
+        data = self._open.pop(key, b"") + chunk
+        end = data.rfind(b"\n") + 1
+        lines, rest = shown_lines(data[:end]), data[end:]
+        if rest and b"\r" not in rest:     # a runaway line (no newline for LINE_MAX): shown in pieces
+            return lines + rest + b"\n"
+        redraw = last_redraw(rest)
+        if rest:
+            self._open[key] = b"\r" + redraw
+        self.term.bar(tag, redraw)
+        return lines
 
     def _held_back(self, n: int) -> bytes:
         return (f"(torchrun's own report of this, {n} lines, is in the node's log: "
@@ -175,6 +220,31 @@ class NodeOutput:
 def tag_lines(tag: bytes, chunk: bytes) -> bytes:
     """Prefix every line of a chunk of whole lines: one replace, no loop over lines."""
     return tag + chunk[:-1].replace(b"\n", b"\n" + tag) + b"\n"
+
+
+def shown_lines(chunk: bytes) -> bytes:
+    """Whole lines as a terminal leaves them: a line redrawn with carriage returns
+    (a progress bar) as its last redraw; `\r\n` as `\n`."""
+    if b"\r" not in chunk:
+        return chunk
+    return b"".join(last_redraw(line) + b"\n" for line in chunk[:-1].split(b"\n"))
+
+
+def last_redraw(text: bytes) -> bytes:
+    """What follows the last carriage return that something follows."""
+    return text.rstrip(b"\r").rsplit(b"\r", 1)[-1]
+
+
+BAR_HOLD = 2.0      # seconds a rank's bar keeps the progress line after its last redraw
+_ESCAPES = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
+
+
+def _columns(stream) -> int:
+    """The terminal's width (80 where it does not say: a pty nobody sized has 0)."""
+    try:
+        return os.get_terminal_size(stream.fileno()).columns or 80
+    except (AttributeError, ValueError, OSError):
+        return 80
 
 
 def tag_for(label: str, color: int = 0) -> bytes:

@@ -71,3 +71,14 @@ def test_a_run_without_restarts_shows_no_marker(plan, run, capsysbinary):
     logs.logs(UNIT_RUN_ID, (3,), None, True, None, WatchOptions())
     logs.logs(UNIT_RUN_ID, (3,), None, False, None, WatchOptions())
     assert capsysbinary.readouterr().out == b"[nodeX g3 l0] only\n" * 2
+
+
+def test_a_progress_bar_in_a_log_shows_as_its_last_redraw_and_counts_as_one_line(plan, run, capsysbinary):
+    run.write_plan(plan)
+    run.rank_log(3).write_bytes(b"epoch 1\n\r 50%|##  |\r100%|####|\nloss 0.5\n\r 10%|")    # a bar going on
+    run.write_json("result.json", {})
+    logs.logs(UNIT_RUN_ID, (3,), None, False, None, WatchOptions())
+    assert capsysbinary.readouterr().out == (b"[nodeX g3 l0] epoch 1\n[nodeX g3 l0] 100%|####|\n"
+                                             b"[nodeX g3 l0] loss 0.5\n")
+    logs.logs(UNIT_RUN_ID, (3,), None, False, 2, WatchOptions())
+    assert capsysbinary.readouterr().out == b"[nodeX g3 l0] 100%|####|\n[nodeX g3 l0] loss 0.5\n"

@@ -214,6 +214,21 @@ def test_a_runaway_line_without_newline_is_passed_on_in_pieces(files, monkeypatc
     assert files.frames() == b"D 0 25\n" + b"x" * 25
 
 
+def test_a_progress_bars_redraws_go_at_once_and_a_last_carriage_return_waits(files):
+    def frame(data: bytes) -> bytes:
+        return b"D 0 %d\n" % len(data) + data
+
+    files.add("0")
+    files.append("0", b"epoch 1\n\r  0%|")
+    assert files.frames() == frame(b"epoch 1\n\r  0%|")     # not held until the bar ends
+    files.append("0", b"\r 50%|##")
+    assert files.frames() == frame(b"\r 50%|##")
+    files.append("0", b"\r100%|####|\r")        # the last \r may be the start of a \r\n
+    assert files.frames() == frame(b"\r100%|####|")
+    files.append("0", b"\nnext")
+    assert files.frames() == frame(b"\r\n"), "the \\r\\n goes whole; `next` waits for its newline"
+
+
 def test_binary_and_crlf_bytes_pass_through_unchanged(files):
     files.add("0")
     payload = b"\xff\xfe\x00 progress\r 50%\r100%\r\n"

@@ -116,11 +116,78 @@ def test_a_new_collector_resumes_where_the_local_logs_end(plan, run, screen):
 
 def test_bytes_are_passed_through_untouched(plan, run, screen):
     out = output(plan, run, screen)
-    payload = b"\xff\xfe not utf-8\r progress 50%\r100%\n  indented\t\n\n"
+    payload = b"\xff\xfe not utf-8\r progress 50%\r100%\n  indented\t\n\ncrlf\r\n"
     out.data(key(0), payload)
     out.close()
-    assert run.rank_log(3).read_bytes() == payload
-    assert screen.text == b"".join(b"[nodeX g3 l0] " + line + b"\n" for line in payload.split(b"\n")[:-1])
+    assert run.rank_log(3).read_bytes() == payload, "the log keeps every byte"
+    # The terminal shows a redrawn line as a terminal leaves it: its last redraw.
+    assert screen.text == b"[nodeX g3 l0] 100%\n[nodeX g3 l0]   indented\t\n[nodeX g3 l0] \n[nodeX g3 l0] crlf\n"
+
+
+# --- progress bars (carriage returns) --------------------------------------------------------
+
+
+class TtyErr(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+def tqdm_like(out: NodeOutput, local: int, steps: int) -> None:
+    """The chunks the agent passes on for a bar: each redraw at once, then its newline."""
+    for i in range(steps + 1):
+        out.data(key(local), b"\r%3d%%|%s%s|" % (100 * i // steps, b"#" * i, b" " * (steps - i)))
+    out.data(key(local), b"\n")
+
+
+def test_a_progress_bar_shows_its_last_redraw_once_it_ends_and_its_log_keeps_every_byte(plan, run, screen):
+    out = output(plan, run, screen)
+    out.data(key(0), b"epoch 1\n")
+    before = out.last_line
+    tqdm_like(out, 0, 4)
+    out.data(key(0), b"loss 0.5\n")
+    out.close()
+    assert screen.text == b"[nodeX g3 l0] epoch 1\n[nodeX g3 l0] 100%|####|\n[nodeX g3 l0] loss 0.5\n"
+    assert run.rank_log(3).read_bytes() == (b"epoch 1\n\r  0%|    |\r 25%|#   |\r 50%|##  |\r 75%|### |"
+                                            b"\r100%|####|\nloss 0.5\n")
+    assert out.last_line > before, "a redraw is a sign of life for the hang watch"
+    assert screen.messages == [], "not a terminal: no progress line"
+
+
+def test_on_a_terminal_the_bar_is_the_progress_line_and_one_rank_keeps_it(plan, run):
+    err = TtyErr()
+    screen_out = io.BytesIO()
+    from clusterrun.stream import Terminal
+    out = NodeOutput(plan.nodes[1], run, Terminal(screen_out, err), False)
+    out.data(key(0), b"\r 10%|#")
+    assert err.getvalue().endswith("\r\x1b[K[nodeX g3 l0]  10%|#")
+    out.data(key(1), b"\r 90%|#########")       # another rank's bar: the first keeps the line
+    assert "90%" not in err.getvalue()
+    out.data(key(0), b"\r 20%|##")
+    assert err.getvalue().endswith("\r\x1b[K[nodeX g3 l0]  20%|##")
+    out.data(key(0), b" done\n")                 # the first bar ends: its line is printed whole
+    assert screen_out.getvalue() == b"[nodeX g3 l0]  20%|## done\n"
+    out.data(key(1), b"\r 95%|#########")
+    assert err.getvalue().endswith("\r\x1b[K[nodeX g4 l1]  95%|#########")
+    out.close()
+
+
+def test_the_progress_line_fits_the_terminal_and_carries_no_escape_codes(plan, run):
+    err = TtyErr()                   # no size to ask for: 80 columns
+    from clusterrun.stream import Terminal
+    out = NodeOutput(plan.nodes[1], run, Terminal(io.BytesIO(), err), True)     # coloured tags
+    out.data(key(0), b"\r\x1b[32m" + b"#" * 200)
+    shown = err.getvalue().rsplit("\r\x1b[K", 1)[-1]
+    assert shown == "[nodeX g3 l0] " + "#" * (79 - len("[nodeX g3 l0] "))
+    out.close()
+
+
+def test_a_runaway_line_is_shown_in_pieces_with_no_byte_lost(plan, run, screen):
+    out = output(plan, run, screen)
+    out.data(key(0), b"x" * 10)         # the agent passes on a line longer than LINE_MAX as is
+    out.data(key(0), b"y" * 5 + b"\n")
+    out.close()
+    assert screen.text == b"[nodeX g3 l0] xxxxxxxxxx\n[nodeX g3 l0] yyyyy\n"
+    assert run.rank_log(3).read_bytes() == b"x" * 10 + b"y" * 5 + b"\n"
 
 
 def test_colour_wraps_the_tag_only_and_differs_per_node(plan, run, screen):
@@ -249,6 +316,15 @@ def test_summary_names_the_failing_rank_then_its_last_lines_then_the_ranks_it_to
         "clusterrun: node nodeW (ranks 0-2) was stopped after rank 4 failed",
     ]
     assert exit_code(results, interrupted=False) == EXIT_JOB_FAILED == 1
+
+
+def test_summary_shows_a_progress_bar_as_one_line_not_its_redraws(plan, run):
+    x = plan.nodes[1]
+    run.rank_log(4).write_bytes(b"epoch 3\n" + b"".join(b"\r %d%%|" % i for i in range(40))
+                                + b"\nTraceback (most recent call last):\nValueError: bad batch\n")
+    results = [NodeResult(x, "exited", 1, [RankFailure(rank=4, local_rank=1, exitcode=1)])]
+    assert summary(results, run, tail=3)[1:] == ["  |  39%|", "  | Traceback (most recent call last):",
+                                                 "  | ValueError: bad batch"]
 
 
 def test_summary_the_guides_example(run):

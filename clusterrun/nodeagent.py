@@ -513,7 +513,10 @@ def _dump(pid, where, spy):
 
 
 def _dump_all(pids, where, settle=0.05, limit=5.0):
-    """Ask each armed process for its stacks at once; read each file once it stops growing."""
+    """Ask each armed process for its stacks at once; read each file once the process
+    is done writing it: the signal neither pending nor held blocked by the handler
+    (faulthandler writes piece by piece, and a busy machine may pause it between
+    pieces), and the file no longer growing."""
     sig = signal.SIGRTMIN + STACK_SIGNAL_OFFSET
     asked = {}
     out = {}
@@ -524,24 +527,55 @@ def _dump_all(pids, where, settle=0.05, limit=5.0):
             continue
         try:
             os.truncate(path, 0)
+            blocked_before = _signal_state(pid, sig)[1]
             os.kill(pid, sig)
-            asked[pid] = path
+            asked[pid] = (path, blocked_before)
         except OSError as e:
             out[pid] = ("unavailable", "%s\n" % e.strerror)
     sizes = {}
     deadline = time.monotonic() + limit
-    while asked and time.monotonic() < deadline:
-        time.sleep(settle)
-        for pid, path in list(asked.items()):
+    while asked:
+        late = time.monotonic() >= deadline
+        if not late:
+            time.sleep(settle)
+        for pid, (path, blocked_before) in list(asked.items()):
             size = os.path.getsize(path) if os.path.exists(path) else 0
-            if size and sizes.get(pid) == size:
+            pending, blocked = _signal_state(pid, sig)
+            writing = pending or bool(blocked - blocked_before)
+            if size and (late or (sizes.get(pid) == size and not writing)):
                 with open(path) as f:
                     out[pid] = ("faulthandler", f.read())
                 del asked[pid]
+            elif late:
+                out[pid] = ("unavailable", "no answer within %gs (the process may be stopped)\n" % limit)
+                del asked[pid]
             sizes[pid] = size
-    for pid in asked:
-        out[pid] = ("unavailable", "no answer within %gs (the process may be stopped)\n" % limit)
     return out
+
+
+def _signal_state(pid, sig):
+    """Whether sig is pending for pid, and which of its threads block it (a thread in
+    faulthandler's handler does: it is registered without SA_NODEFER). Linux's
+    /proc; elsewhere nothing is known and the file's size alone decides."""
+    bit = 1 << (sig - 1)
+    pending, blocked = False, set()
+    try:
+        tids = os.listdir("/proc/%d/task" % pid)
+    except OSError:
+        return pending, blocked
+    for tid in tids:
+        try:
+            with open("/proc/%d/task/%s/status" % (pid, tid)) as f:
+                for line in f:
+                    name = line[:7]
+                    if name in ("SigPnd:", "ShdPnd:", "SigBlk:") and int(line.split()[1], 16) & bit:
+                        if name == "SigBlk:":
+                            blocked.add(tid)
+                        else:
+                            pending = True
+        except (OSError, ValueError, IndexError):
+            continue
+    return pending, blocked
 
 
 def _stat_fields(pid):

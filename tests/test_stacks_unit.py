@@ -58,6 +58,45 @@ def test_a_worker_dumps_its_stacks_on_request_and_runs_on(job, tmp_path):
     assert p.wait(10) == 0 and p.stdout.read() == "released\n"      # undisturbed
 
 
+# Stands in for a dump that a busy machine pauses halfway: the signal stays pending (blocked)
+# while the file is written in two parts, 0.3 s apart, as faulthandler's handler holds it.
+SLOW_DUMPER = """\
+import os, signal, sys, time
+sig = signal.SIGRTMIN + %d
+signal.signal(sig, lambda *a: None)
+signal.pthread_sigmask(signal.SIG_BLOCK, {sig})
+where = sys.argv[1]
+open(os.path.join(where, "%%d.txt" %% os.getpid()), "w").close()     # as arming does
+open(os.path.join(where, "%%d.ready" %% os.getpid()), "w").close()
+print("ready", flush=True)
+deadline = time.time() + 30
+while sig not in signal.sigpending() and time.time() < deadline:
+    time.sleep(0.01)
+with open(os.path.join(where, "%%d.txt" %% os.getpid()), "a") as f:
+    f.write("Current thread 0x1 (most recent call first):\\n"); f.flush()
+    time.sleep(0.3)
+    f.write('  File "worker.py", line 5 in wait_for_shard\\n'); f.flush()
+signal.pthread_sigmask(signal.SIG_UNBLOCK, {sig})
+time.sleep(30)
+""" % nodeagent.STACK_SIGNAL_OFFSET
+
+
+def test_a_dump_paused_halfway_is_read_only_once_the_process_is_done_with_it(job, tmp_path):
+    where = job / "stacks"
+    where.mkdir()
+    script = tmp_path / "slow.py"
+    script.write_text(SLOW_DUMPER)
+    p = subprocess.Popen([sys.executable, str(script), str(where)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert p.stdout.readline() == "ready\n"
+        how, text = nodeagent._dump_all([p.pid], str(where))[p.pid]
+        assert (how, text.splitlines()) == ("faulthandler", ["Current thread 0x1 (most recent call first):",
+                                                             '  File "worker.py", line 5 in wait_for_shard'])
+    finally:
+        p.kill()
+        p.wait()
+
+
 def test_a_process_without_the_handler_is_never_signalled(job):
     sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
     try:

@@ -9,7 +9,7 @@ from .errors import EXIT_JOB_FAILED, UnreachableError, UsageError
 from .hostsfile import Host, load_hosts, with_transport
 from .parallel import each
 from .plan import quote_path, setup_part
-from .stream import Terminal, tag_for, tag_lines
+from .stream import Terminal, shown_lines, tag_for, tag_lines
 from .connect import connect_node
 from .transport import Transport
 
@@ -74,7 +74,8 @@ def run_exec(hosts_path: str, argv: Sequence[str], color: bool = False, accept_n
 
 
 def run_one(t: Transport, command: str, term: Terminal, tag: bytes) -> int | None:
-    """Run one node's command, its output tagged line by line; its exit code."""
+    """Run one node's command, its output tagged line by line (a line redrawn with \\r,
+    a progress bar, as its last redraw); its exit code."""
     proc = t.exec(command, merge_stderr=True)
     pending = b""
     while True:
@@ -84,10 +85,10 @@ def run_one(t: Transport, command: str, term: Terminal, tag: bytes) -> int | Non
         chunk = pending + chunk
         cut = chunk.rfind(b"\n") + 1
         if cut:
-            term.write(tag_lines(tag, chunk[:cut]))
+            term.write(tag_lines(tag, shown_lines(chunk[:cut])))
         pending = chunk[cut:]
     if pending:
-        term.write(tag_lines(tag, pending + b"\n"))
+        term.write(tag_lines(tag, shown_lines(pending + b"\n")))
     code = proc.wait()
     proc.close()
     return code

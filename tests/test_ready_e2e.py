@@ -57,6 +57,9 @@ def test_exec_tags_lines_by_node_and_names_failures(cluster, ctl, tmp_path):
         assert f"[{name}] on {name}" in r.stdout.splitlines()
         assert f"[{name}] to stderr" in r.stdout.splitlines()
     assert "failed on 1 of 3 nodes: crt-n2 (exit 4)" in r.stderr
+    # A line redrawn with \r (a download's progress bar) shows as its last redraw.
+    bar = ctl.run("exec", str(hosts), "--", "printf", "\r 10%%\r 50%%\r100%% done\n")
+    assert sorted(bar.stdout.split("\n")) == ["", *(f"[{n}] 100% done" for n in cluster.names[:3])], bar.stdout
     # Arguments arrive literally: nothing is run by a shell that was not asked for.
     ok = ctl.run("exec", str(hosts), "--", "printf", "%s|", "a b", f"$(touch {marker})", "it's")
     assert ok.returncode == 0, ok.stderr

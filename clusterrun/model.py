@@ -55,6 +55,7 @@ class RankFailure:
     exitcode: int | None            # negative: killed by that signal; None: not known
     exit_time: float | None = None  # the node's clock (time.time()) when it ended
     stopped: bool = False           # clusterrun's stop had reached the node by then
+    oom: bool = False               # SIGKILLed by the node kernel's OOM killer
 
 
 @dataclass

@@ -601,9 +601,10 @@ class RankWatch(threading.Thread):
     def __init__(self, torchrun_pid):
         threading.Thread.__init__(self, name="rank-watch", daemon=True)
         self.torchrun = torchrun_pid
-        self.ranks = {}         # pid -> {"rank", "local_rank", "exit_time", "status"}
+        self.ranks = {}         # pid -> {"rank", "local_rank", "exit_time", "status"[, "oom"]}
         self._wake_r, self._wake_w = os.pipe()
         self._done = False
+        self._oom_kills = oom_kills()   # the kernel's count, to tell a worker it OOM-killed
 
     def finish(self):
         self._done = True
@@ -648,6 +649,31 @@ class RankWatch(threading.Thread):
         if r["exit_time"] is None:
             r["exit_time"] = time.time()
             r["status"] = _wait_status(pid)
+            if r["status"] == -signal.SIGKILL:
+                self._oom(r)
+
+    def _oom(self, r):
+        """A worker ended by SIGKILL while the kernel's OOM kill count went up: its OOM
+        killer took it (the count is counted before the kill). One kill per worker."""
+        now = oom_kills()
+        if now is not None and self._oom_kills is not None and now > self._oom_kills:
+            r["oom"] = True
+            self._oom_kills += 1
+
+
+VMSTAT = "/proc/vmstat"
+
+
+def oom_kills():
+    """How many processes the kernel's OOM killer has ended since boot (None: unknown)."""
+    try:
+        with open(VMSTAT, "rb") as f:
+            for line in f:
+                if line.startswith(b"oom_kill "):
+                    return int(line.split()[1])
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
 
 
 def _children(pid):
@@ -703,7 +729,7 @@ def rank_outcomes(watched, reported, stop_time):
         if code == 0 or (code is None and not stopped and r["rank"] not in codes):
             continue
         out.append({"rank": r["rank"], "local_rank": r["local_rank"], "exitcode": code,
-                    "exit_time": r["exit_time"], "stopped": stopped})
+                    "exit_time": r["exit_time"], "stopped": stopped, "oom": r.get("oom", False)})
     for f in reported:              # a rank torchrun reports that was never seen running
         if f["rank"] not in seen:
             out.append(dict(f, exit_time=None, stopped=stop_time is not None))

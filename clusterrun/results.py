@@ -44,9 +44,10 @@ _STOP_SIGNALS = (-signal.SIGTERM, -signal.SIGKILL)
 
 
 def _by_torchrun(f: RankFailure, node_failures: Sequence[RankFailure]) -> bool:
-    """Ended by its own node's torchrun, which stops the other local workers when one fails."""
-    return f.exitcode in _STOP_SIGNALS and any(
-        o is not f and not o.stopped and o.exitcode not in _STOP_SIGNALS
+    """Ended by its own node's torchrun, which stops the other local workers when one
+    fails (an OOM-killed worker failed on its own, whatever its signal)."""
+    return f.exitcode in _STOP_SIGNALS and not f.oom and any(
+        o is not f and not o.stopped and (o.oom or o.exitcode not in _STOP_SIGNALS)
         and (o.exit_time or 0) <= (f.exit_time or 0) for o in node_failures)
 
 
@@ -72,6 +73,8 @@ def summary(results: Sequence[NodeResult], run: RunDir, tail: int = TAIL) -> lis
     lines: list[str] = []
     for f, node in own:
         what = describe_code(f.exitcode) if f.exitcode is not None else "exited (its code was not recorded)"
+        if f.oom:
+            what += ": out of memory (the node's kernel OOM killer ended it)"
         lines.append(f"clusterrun: rank {f.rank} ({node.name}, local rank {f.local_rank}) {what}")
         lines += [f"  | {t}" for t in tail_lines(run.rank_log(f.rank), tail)]
     for r in whole:

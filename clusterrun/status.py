@@ -10,7 +10,7 @@ from .controller import collect
 from .options import WatchOptions
 from .model import FINAL_STATES, NodeState, RunState
 from .runs import RunDir, list_run_ids, runs_root
-from .results import describe_code
+from .results import describe_code, describe_ranks
 from .stream import Terminal
 
 
@@ -74,7 +74,8 @@ def _ago(seconds: float | None) -> str:
 def describe_node(n: dict[str, Any]) -> str:
     state = n["state"]
     if state == NodeState.EXITED:
-        return describe_code(n["code"])
+        oom = [f["rank"] for f in n.get("failures", []) if f.get("oom")]
+        return describe_code(n["code"]) + (f" ({describe_ranks(oom)} out of memory)" if oom else "")
     if n.get("message"):
         return f"{state}: {n['message']}"
     return state

@@ -560,6 +560,38 @@ def test_rank_watch_records_when_and_how_each_worker_ended():
     assert ranks[5]["exit_time"] < ranks[6]["exit_time"]
 
 
+# Both workers end by SIGKILL; torchrun reaps them only later, so their statuses are there to read.
+KILLED_TORCHRUN = r"""
+import os, subprocess, sys, time
+kids = [
+    subprocess.Popen([sys.executable, "-c", "import os, time; time.sleep(0.5); os.kill(os.getpid(), 9)"],
+                     env={**os.environ, "RANK": "5", "LOCAL_RANK": "0"}),
+    subprocess.Popen([sys.executable, "-c", "import os, time; time.sleep(1.0); os.kill(os.getpid(), 9)"],
+                     env={**os.environ, "RANK": "6", "LOCAL_RANK": "1"}),
+]
+time.sleep(3)
+for k in kids:
+    k.wait()
+"""
+
+
+def test_a_worker_sigkilled_as_the_kernels_oom_kill_count_rises_is_marked_out_of_memory(tmp_path, monkeypatch):
+    vmstat = tmp_path / "vmstat"
+    vmstat.write_text("pgfault 100\noom_kill 5\n")
+    monkeypatch.setattr(nodeagent, "VMSTAT", str(vmstat))
+    torchrun = subprocess.Popen([sys.executable, "-c", KILLED_TORCHRUN])
+    watch = nodeagent.RankWatch(torchrun.pid)
+    watch.start()
+    vmstat.write_text("pgfault 100\noom_kill 6\n")       # one OOM kill, before rank 5's end
+    assert torchrun.wait(timeout=30) == 0
+    watch.finish()
+    ranks = {r["rank"]: r for r in watch.ranks.values()}
+    assert (ranks[5]["status"], ranks[5].get("oom")) == (-9, True)
+    assert (ranks[6]["status"], ranks[6].get("oom")) == (-9, None), "one OOM kill marks one worker"
+    out = nodeagent.rank_outcomes(watch.ranks, [], stop_time=None)
+    assert [(f["rank"], f["oom"]) for f in out] == [(5, True), (6, False)]
+
+
 def watched(rank, local, t, status):
     return {"rank": rank, "local_rank": local, "exit_time": t, "status": status}
 

@@ -327,6 +327,17 @@ def test_summary_shows_a_progress_bar_as_one_line_not_its_redraws(plan, run):
                                                  "  | ValueError: bad batch"]
 
 
+def test_summary_says_out_of_memory_for_an_oom_killed_rank_and_stopped_for_the_rest(plan, run):
+    x = plan.nodes[1]
+    results = [NodeResult(x, "exited", 1, [RankFailure(rank=3, local_rank=0, exitcode=-9, exit_time=10.0, oom=True),
+                                           RankFailure(rank=4, local_rank=1, exitcode=-15, exit_time=10.2)])]
+    assert summary(results, run) == [
+        "clusterrun: rank 3 (nodeX, local rank 0) was killed by SIGKILL: out of memory "
+        "(the node's kernel OOM killer ended it)",
+        "clusterrun: rank 4 (nodeX, local rank 1) was stopped (SIGTERM) after rank 3 failed",
+    ]
+
+
 def test_summary_the_guides_example(run):
     """GUIDE.md: rank 3 on node2 (local rank 1) fails, rank 2 on node2 is stopped."""
     hosts = parse_hosts({"hosts": ["node0:1", "node1:1", "node2:2"]})

@@ -234,6 +234,91 @@ def test_failing_rank_is_named_with_its_exit_code_and_last_lines(cluster, tmp_pa
     assert_nothing_left(cluster)
 
 
+@pytest.fixture
+def memory_cgroup(tmp_path):
+    """A memory cgroup of 64 MiB (v1 or v2) that a worker can move itself into, removed afterwards."""
+    import os
+    import uuid
+
+    root = Path("/sys/fs/cgroup")
+    v2 = (root / "cgroup.controllers").exists()
+    parent = root if v2 else root / "memory"
+    cg = parent / f"clusterrun-test-oom-{uuid.uuid4().hex[:8]}"
+    try:
+        cg.mkdir()
+        if v2:
+            (cg / "memory.max").write_text(str(64 << 20))
+            if (cg / "memory.swap.max").exists():
+                (cg / "memory.swap.max").write_text("0")
+        else:
+            (cg / "memory.limit_in_bytes").write_text(str(64 << 20))
+            if (cg / "memory.memsw.limit_in_bytes").exists():
+                (cg / "memory.memsw.limit_in_bytes").write_text(str(64 << 20))
+    except OSError as e:
+        reason = f"no memory cgroup can be made here ({e}), so no process can be OOM-killed safely"
+        if cg.exists():
+            cg.rmdir()
+        if os.environ.get("CI") == "true":
+            pytest.fail(f"{reason}; CI=true, so this is an error, not a skip")
+        pytest.skip(reason)
+    yield cg
+    for _ in range(50):             # empty once the killed worker is gone
+        try:
+            cg.rmdir()
+            break
+        except OSError:
+            import time
+            time.sleep(0.1)
+
+
+@pytest.mark.transports("paramiko")
+def test_a_rank_the_oom_killer_ends_is_named_as_out_of_memory(cluster, tmp_path, memory_cgroup):
+    """Rank 1 outgrows its memory cgroup and the kernel's OOM killer ends it (SIGKILL): the
+    summary and `status --json` say out of memory, and its node's other rank was stopped."""
+    import time
+
+    from test_lifecycle_e2e import Controller
+
+    # The nodes' /sys is their network namespace's, without the cgroup mounts, so the
+    # test moves the rank into the cgroup, from here (the pids are the same).
+    script = write(tmp_path / "hog.py", """\
+        import os, pathlib, sys, time
+        import torch.distributed as dist
+        dist.init_process_group("gloo")
+        rank, here = dist.get_rank(), pathlib.Path(sys.argv[1])
+        if rank == 1:
+            (here / "hog.pid").write_text(str(os.getpid()))
+            deadline = time.time() + 60
+            while not (here / "moved").exists() and time.time() < deadline:
+                time.sleep(0.05)
+            hog = bytearray(512 << 20)      # more than the cgroup's 64 MiB
+            print("the hog survived", flush=True)
+        dist.barrier()
+        time.sleep(600)
+    """)
+    hosts = hosts_file(tmp_path, cluster.names[:1], nproc_per_node=2)
+    ctl = Controller(cluster, tmp_path)
+    p = ctl.start("up", str(hosts), str(script), str(tmp_path))
+    deadline = time.monotonic() + 120
+    while not (tmp_path / "hog.pid").exists():
+        assert p.proc.poll() is None and time.monotonic() < deadline, "".join(p.err)
+        time.sleep(0.1)
+    (memory_cgroup / "cgroup.procs").write_text((tmp_path / "hog.pid").read_text())
+    (tmp_path / "moved").touch()
+    out, err_text = p.finish(120)
+    assert p.returncode == 1, out + err_text
+    n1 = cluster.names[0]
+    err = err_text.splitlines()
+    assert (f"clusterrun: rank 1 ({n1}, local rank 1) was killed by SIGKILL: out of memory "
+            "(the node's kernel OOM killer ended it)") in err, err_text
+    assert f"clusterrun: rank 0 ({n1}, local rank 0) was stopped (SIGTERM) after rank 1 failed" in err, err_text
+    assert "the hog survived" not in out
+    (node,) = ctl.status()["nodes"]
+    assert [(f["rank"], f["exitcode"], f["oom"]) for f in node["failures"]][0] == (1, -9, True)
+    assert ctl.run("status").stdout.splitlines()[-1].endswith("(rank 1 out of memory)")
+    assert_nothing_left(cluster)
+
+
 def test_burst_of_lines_from_every_rank_arrives_whole_and_in_order(cluster, tmp_path):
     n_lines = 20000
     script = write(tmp_path / "burst.py", f"""\

@@ -730,9 +730,10 @@ def rank_outcomes(watched, reported, stop_time):
             continue
         out.append({"rank": r["rank"], "local_rank": r["local_rank"], "exitcode": code,
                     "exit_time": r["exit_time"], "stopped": stopped, "oom": r.get("oom", False)})
-    for f in reported:              # a rank torchrun reports that was never seen running
-        if f["rank"] not in seen:
-            out.append(dict(f, exit_time=None, stopped=stop_time is not None))
+    for f in reported:              # a rank torchrun reports that was never seen running (it
+        if f["rank"] not in seen:   # ended before the watch looked): stopped only if a signal did it
+            stopped = stop_time is not None and f["exitcode"] in (-signal.SIGTERM, -signal.SIGKILL)
+            out.append(dict(f, exit_time=None, stopped=stopped, oom=False))
     out.sort(key=lambda f: (f["exit_time"] is None, f["exit_time"] or 0))
     return out
 

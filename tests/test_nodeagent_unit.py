@@ -611,3 +611,11 @@ def test_rank_outcomes_take_torchruns_codes_when_a_status_was_missed():
     # ...and a rank torchrun reports that was never seen running still counts.
     out = nodeagent.rank_outcomes({}, reported, stop_time=None)
     assert [(f["rank"], f["exitcode"], f["exit_time"]) for f in out] == [(0, 7, None)]
+
+
+def test_a_rank_too_quick_for_the_watch_is_stopped_only_if_a_signal_ended_it():
+    """A script that fails at once (an ImportError, an argparse error) ends before the watch
+    first looks: its exit code, not clusterrun's later stop, says it failed on its own."""
+    reported = [{"rank": 0, "local_rank": 0, "exitcode": 2}, {"rank": 1, "local_rank": 1, "exitcode": -15}]
+    out = nodeagent.rank_outcomes({}, reported, stop_time=12.0)
+    assert [(f["rank"], f["exitcode"], f["stopped"]) for f in out] == [(0, 2, False), (1, -15, True)]

@@ -189,6 +189,30 @@ def test_ranks_that_all_fail_on_their_own_are_all_named_and_none_is_called_stopp
     assert_nothing_left(cluster)
 
 
+@pytest.mark.transports("paramiko")
+def test_a_script_that_fails_at_once_everywhere_is_named_failed_on_every_node(cluster, tmp_path):
+    """An ImportError on every rank: each rank ends before the node's watch first looks. A rank
+    that exited with a code of its own is never called stopped, whenever clusterrun's stop came."""
+    script = write(tmp_path / "typo.py", "import clusterrun_no_such_module\n")
+    names = cluster.names[:3]
+    hosts = hosts_file(tmp_path, names, nproc_per_node=1)
+    r = up(cluster, tmp_path, str(hosts), str(script))
+    assert r.returncode == 1, r.stdout + r.stderr
+    run_id = next(l.split()[2].rstrip(":") for l in r.stderr.splitlines() if l.startswith("clusterrun: run "))
+    st = subprocess.run([sys.executable, "-m", "clusterrun", "status", "--json", run_id],
+                        env=cluster.env(clusterrun_home=tmp_path / "crhome"), capture_output=True, text=True,
+                        timeout=60)
+    nodes = json.loads(st.stdout)["nodes"]
+    own = [(n["node"], f["rank"]) for n in nodes for f in n["failures"] if f["exitcode"] == 1]
+    assert own, st.stdout
+    assert all(not f["stopped"] for n in nodes for f in n["failures"] if f["exitcode"] == 1), st.stdout
+    err = r.stderr.splitlines()
+    for node, g in own:
+        assert f"clusterrun: rank {g} ({node}, local rank 0) exited with code 1" in err, r.stderr
+        assert not [l for l in err if l.startswith(f"clusterrun: node {node} ") and "stopped" in l], r.stderr
+    assert_nothing_left(cluster)
+
+
 def test_failing_rank_is_named_with_its_exit_code_and_last_lines(cluster, tmp_path):
     script = write(tmp_path / "fail.py", """\
         import sys, time

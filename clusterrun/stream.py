@@ -154,27 +154,29 @@ class NodeOutput:
             self.last_line = monotonic()
         if tag is None:
             return
+        redraw = None
         if b"\r" in chunk or key in self._open or chunk[-1:] != b"\n":
-            chunk = self._redrawn(key, tag, chunk)
+            chunk, redraw = self._redrawn(key, chunk)
         if key == "L":
             chunk = self._launcher.feed(chunk)
         if chunk:
             self.term.write(tag_lines(tag, chunk))
+        if redraw is not None:              # after the lines that came before it
+            self.term.bar(tag, redraw)
 
-    def _redrawn(self, key: str, tag: bytes, chunk: bytes) -> bytes:
+    def _redrawn(self, key: str, chunk: bytes) -> tuple[bytes, bytes | None]:
         """The whole lines of a chunk with carriage returns as a terminal shows them
-        (each its last redraw); a line still being redrawn is kept for when it ends
-        and shown meanwhile as the progress line."""
+        (each its last redraw), and the line still being redrawn (b"": none), which is
+        kept for when it ends and shown meanwhile as the progress line."""
         data = self._open.pop(key, b"") + chunk
         end = data.rfind(b"\n") + 1
         lines, rest = shown_lines(data[:end]), data[end:]
         if rest and b"\r" not in rest:     # a runaway line (no newline for LINE_MAX): shown in pieces
-            return lines + rest + b"\n"
+            return lines + rest + b"\n", None
         redraw = last_redraw(rest)
         if rest:
             self._open[key] = b"\r" + redraw
-        self.term.bar(tag, redraw)
-        return lines
+        return lines, redraw
 
     def _held_back(self, n: int) -> bytes:
         return (f"(torchrun's own report of this, {n} lines, is in the node's log: "

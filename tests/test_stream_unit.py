@@ -171,6 +171,27 @@ def test_on_a_terminal_the_bar_is_the_progress_line_and_one_rank_keeps_it(plan, 
     out.close()
 
 
+def test_lines_before_a_bar_in_the_same_chunk_are_printed_before_the_bar_is_drawn(plan, run):
+    class Both(io.StringIO):        # stdout and stderr on one terminal, in the order written
+        def isatty(self) -> bool:
+            return True
+
+    screen_both = Both()
+
+    class Out:
+        def write(self, data: bytes) -> None:
+            screen_both.write(data.decode())
+
+        def flush(self) -> None:
+            pass
+
+    from clusterrun.stream import Terminal
+    out = NodeOutput(plan.nodes[1], run, Terminal(Out(), screen_both), False)   # type: ignore[arg-type]
+    out.data(key(0), b"line A\n\r  0%|")
+    assert screen_both.getvalue() == "[nodeX g3 l0] line A\n\r\x1b[K[nodeX g3 l0]   0%|"
+    out.close()
+
+
 def test_the_progress_line_fits_the_terminal_and_carries_no_escape_codes(plan, run):
     err = TtyErr()                   # no size to ask for: 80 columns
     from clusterrun.stream import Terminal

@@ -167,6 +167,13 @@ class RunController:
         with self._started:
             self._started.wait_for(lambda: self.running_or_done() >= len(self.jobs))
 
+    def abandon(self) -> list[NodeResult]:
+        """Ctrl-C while the nodes are checked: end every node's session (none started) and
+        wait for each node's thread to be done."""
+        for job in self.jobs:
+            job.abandon()
+        return self.wait()
+
     def detach(self) -> None:
         self.handed_over = True     # a background collector takes the connections over
         self._close_control()

@@ -9,6 +9,7 @@ import dataclasses
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -69,6 +70,7 @@ def dry_run(hosts_path: str, opts: LaunchOptions, transport: str | None = None) 
 
 
 def up(hosts_path: str, opts: LaunchOptions, up_opts: UpOptions) -> int:
+    signal.signal(signal.SIGTERM, _interrupt)
     hosts = with_transport(load_hosts(hosts_path), up_opts.transport)
     term = Terminal()
     lint_warnings(opts, term)
@@ -103,7 +105,7 @@ def up(hosts_path: str, opts: LaunchOptions, up_opts: UpOptions) -> int:
                             and not needs_gpu_count(hosts, opts))     # else prepare() checked already
         gate = Gate(plan, opts, plan.master_port) if checked_in_start else None
         ctl.launch(start=True, gate=gate)
-        if gate is not None and not gate.wait():
+        if gate is not None and not _gate_passed(gate, ctl, run, term):
             ctl.wait()                  # every node has answered "stop" and ended
             shutil.rmtree(run.path, ignore_errors=True)
             raise preflight_error(gate.problems or [])
@@ -195,6 +197,27 @@ def _next_attempt(ctl: RunController, results: list, roster: Roster, restarts: R
     nxt = RunController(plan, run, roster.transports, term, ctl.opts)
     nxt.launch(start=True)
     return nxt, plan, roster
+
+
+def _interrupt(signum: int, frame: object) -> None:
+    """SIGTERM (a cancelled CI job, `timeout`, a scheduler) ends a run as Ctrl-C does,
+    every node stopped, as torchrun itself does on SIGTERM."""
+    raise KeyboardInterrupt
+
+
+def _gate_passed(gate: Gate, ctl: RunController, run: RunDir, term: Terminal) -> bool:
+    """Whether every node passed the preflight inside the start. Ctrl-C meanwhile: no node
+    starts and the run is not kept. The sessions are ended, so that a node whose
+    `setup:` still runs is not waited for (that setup ends there by itself; its agent
+    then finds no "go" and exits)."""
+    try:
+        return gate.wait()
+    except KeyboardInterrupt:
+        if gate.abort("interrupted"):
+            ctl.abandon()       # every node's thread is done with the run's files
+            shutil.rmtree(run.path, ignore_errors=True)
+            term.message("clusterrun: interrupted while the nodes were checked: nothing was started")
+        raise
 
 
 def _spare_vet(opts: LaunchOptions, run_id: str, attempt: int) -> Vet:

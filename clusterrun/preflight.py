@@ -155,7 +155,7 @@ class Gate:
         with self._cv:
             self._answers.setdefault(node.node_rank, r)
             self._cv.notify_all()
-            self._cv.wait_for(lambda: len(self._answers) == len(self.plan.nodes))
+            self._cv.wait_for(lambda: len(self._answers) == len(self.plan.nodes) or self.problems is not None)
             if self.problems is None:
                 verdict = judge(self.plan, [self._answers[n.node_rank] for n in self.plan.nodes],
                                 self.opts, self.port)
@@ -167,6 +167,15 @@ class Gate:
         with self._cv:
             self._cv.wait_for(lambda: self.problems is not None)
             return not self.problems
+
+    def abort(self, why: str) -> bool:
+        """No node starts (Ctrl-C while the nodes are checked); False if it is too late:
+        every node had answered and was told to start."""
+        with self._cv:
+            if self.problems is None:
+                self.problems = [why]
+                self._cv.notify_all()
+            return self.problems != []
 
 
 def auto_port(plan: Plan, transports: Sequence[Transport]) -> int:

@@ -157,6 +157,7 @@ class RemoteJob:
         # still opening, or the link was down): the next agent this job runs kills at once.
         self._undelivered_stop: float | None = None
         self._awaiting_report = False
+        self._abandoned = False
 
     def start_spec(self) -> dict[str, Any]:
         n = self.node
@@ -180,6 +181,8 @@ class RemoteJob:
             try:
                 proc, mark = start_agent(self.node, self.transport, spec)
                 self._agent = proc
+                if self._abandoned:
+                    proc.close()
                 try:
                     result = self._read(proc, mark, starting=spec["mode"] == "start")
                 finally:
@@ -304,6 +307,15 @@ class RemoteJob:
         else:
             why = proc.stderr_text().strip() or f"the node agent exited with code {code}"
         return NodeResult(self.node, NodeState.FAILED_TO_START, code, message=why)
+
+    def abandon(self) -> None:
+        """Ctrl-C before anything started: end this node's session now, not once its
+        `setup:` is done (that setup ends on the node by itself), and reconnect to nothing."""
+        self._abandoned = True
+        self.reconnect = None
+        agent = self._agent
+        if agent is not None:
+            agent.close()
 
     def detach(self) -> None:
         """Let go of the node; the job keeps running there."""

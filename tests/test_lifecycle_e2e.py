@@ -294,6 +294,42 @@ def test_ctrl_c_tears_every_node_down_and_exits_130(cluster, ctl, tmp_path):
     assert re.search(r"^clusterrun: node crt-n\d \(ranks \d-\d\) was killed \(Ctrl-C\)$", err, re.M), err
 
 
+@pytest.mark.transports("paramiko")
+def test_sigterm_to_up_stops_every_node_as_ctrl_c_does(cluster, ctl, tmp_path):
+    """A cancelled CI job or `timeout` sends SIGTERM: the run is torn down, not left running."""
+    p = ctl.ticker(cluster, 2, 100000, 0.05)
+    p.wait_for(" tick 1 3")
+    p.proc.send_signal(signal.SIGTERM)
+    out, err = p.finish(60)
+    assert p.returncode == 130, err
+    assert "clusterrun: interrupted: stopping every node (Ctrl-C again to stop waiting)" in err.splitlines(), err
+    assert_nothing_left(cluster)
+    assert ctl.status()["state"] == "killed"
+
+
+def test_ctrl_c_while_the_nodes_are_checked_starts_nothing_and_keeps_no_run(cluster, ctl, tmp_path):
+    """Ctrl-C while one node's `setup:` still runs (the preflight waits for every node): exit
+    130, no run left in `ps`, and once that setup ends, nothing starts there."""
+    script = write(tmp_path / "never.py", "print('this should never run', flush=True)\n")
+    in_setup = tmp_path / "in-setup"
+    hosts = hosts_file(tmp_path, [cluster.names[0], {"host": cluster.names[1],
+                                                      "setup": f"touch {in_setup} && sleep 4"}])
+    p = ctl.start("up", str(hosts), str(script))
+    deadline = time.monotonic() + 60
+    while not in_setup.exists():
+        assert p.proc.poll() is None and time.monotonic() < deadline, "".join(p.err)
+        time.sleep(0.1)
+    p.proc.send_signal(signal.SIGINT)
+    out, err = p.finish(60)
+    assert p.returncode == 130, err
+    assert "clusterrun: interrupted while the nodes were checked: nothing was started" in err.splitlines(), err
+    assert "this should never run" not in out
+    assert not list((tmp_path / "crhome" / "runs").glob("*")), "no run is kept"
+    assert "no runs yet" in ctl.run("ps").stdout
+    time.sleep(4)                   # the setup ends; the agent then finds no "go"
+    assert_nothing_left(cluster)
+
+
 def test_ssh_session_killed_on_the_node_mid_run_loses_no_line(cluster, ctl, tmp_path):
     node = cluster.names[1]
     p = ctl.ticker(cluster, 2, 300, 0.02)

@@ -19,7 +19,7 @@ from typing import Sequence
 from .errors import ClusterrunError, UsageError
 from .plan import NodePlan, Plan, quote_path
 from .parallel import each
-from .remote import read_preamble, start_agent
+from .remote import login_failure, login_steps, read_preamble, start_agent
 from .transport import Transport
 
 SKIP_DIRS = frozenset({".git", ".hg", ".svn", "__pycache__", ".venv", "venv", "node_modules",
@@ -84,14 +84,25 @@ def _ignored(rel: str, name: str, is_dir: bool, patterns: Sequence[str]) -> bool
     return False
 
 
+def sync_login(node: NodePlan) -> str:
+    """The sync agent's login line: the workdir is made first (a first sync creates it),
+    then the login every agent mode has (cd, then `setup:`, each failure with its mark),
+    so that the python the hosts file names is found as in the run itself."""
+    assert node.workdir
+    # `|| exit`: a workdir that cannot be made ends the line with mkdir's own words.
+    return f"mkdir -p {quote_path(node.workdir)} || exit; " + login_steps(node)
+
+
 def sync_node(node: NodePlan, transport: Transport, root: Path, files: list[LocalFile]) -> int:
     """Bring one node's workdir up to date; returns how many files were sent."""
-    assert node.workdir
-    wd = quote_path(node.workdir)
-    proc, mark = start_agent(node, transport, {"mode": "sync"}, prefix=f"mkdir -p {wd} && cd {wd} && ")
+    proc, mark = start_agent(node, transport, {"mode": "sync"}, prefix=sync_login(node))
     try:
         proc.send(json.dumps([f.rel for f in files]).encode() + b"\n")
-        line = proc.stdout.readline() if read_preamble(proc, mark)[0] else b""
+        spoke, login = read_preamble(proc, mark)
+        if not spoke:
+            why = login_failure(node, proc.wait(timeout=30), proc.stderr_text(), login)
+            raise SyncError(f"{node.name}: cannot sync into {node.workdir}: {why}")
+        line = proc.stdout.readline()
         try:
             have = json.loads(line)
         except ValueError:

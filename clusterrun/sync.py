@@ -4,6 +4,9 @@ One exec per node: the node says what it has (size, mtime) for our file list,
 we send a tar stream of the files that differ, the node unpacks it. Nodes are
 synced in parallel. Version control, caches and virtualenvs are skipped, and
 so is whatever the top-level .gitignore names (simple patterns; no `!`).
+A link to a file is sent as a copy of that file (inside the project or not); a
+link to a directory is not followed (it is often a data set on shared storage,
+too big to copy, and may loop), and a dangling link is skipped.
 """
 
 from __future__ import annotations
@@ -11,6 +14,7 @@ from __future__ import annotations
 import fnmatch
 import json
 import os
+import stat
 import tarfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -56,8 +60,12 @@ def project_files(root: Path) -> list[LocalFile]:
             rel = rel_dir + name
             if any(fnmatch.fnmatch(name, p) for p in SKIP_FILES) or _ignored(rel, name, False, ignore):
                 continue
-            st = os.lstat(os.path.join(dirpath, name))
-            if os.path.isfile(os.path.join(dirpath, name)):
+            try:
+                # A link counts as the file it points to, which is what is sent (sync_node).
+                st = os.stat(os.path.join(dirpath, name))
+            except OSError:
+                continue            # a dangling link: nothing to send
+            if stat.S_ISREG(st.st_mode):
                 out.append(LocalFile(rel, st.st_size, int(st.st_mtime)))
     return out
 
@@ -109,7 +117,9 @@ def sync_node(node: NodePlan, transport: Transport, root: Path, files: list[Loca
             err = proc.stderr_text().strip() or line.decode("utf-8", "replace").strip()
             raise SyncError(f"{node.name}: cannot sync into {node.workdir}: {err}") from None
         changed = [f for f in files if have.get(f.rel) != [f.size, f.mtime]]
-        with tarfile.open(fileobj=_Sender(proc), mode="w|") as tar:
+        # dereference: a link goes as a regular file with its target's content; the node
+        # agent unpacks only regular files and directories, never links.
+        with tarfile.open(fileobj=_Sender(proc), mode="w|", dereference=True) as tar:
             for f in changed:
                 tar.add(root / f.rel, arcname=f.rel, recursive=False)
         proc.close_stdin()

@@ -72,3 +72,27 @@ def test_a_workdir_that_cannot_be_made_says_why(tmp_path, project):
         sync(node, project)
     assert str(e.value).startswith(f"localhost: cannot sync into {tmp_path / 'afile' / 'wd'}: mkdir: ")
     assert str(e.value).endswith("Not a directory")
+
+
+def test_a_link_to_a_file_arrives_as_that_file_and_is_not_sent_again(tmp_path, project):
+    (project / "configs").mkdir()
+    (project / "configs" / "base.yaml").write_text("lr: 0.1\n")
+    (project / "config.yaml").symlink_to("configs/base.yaml")          # inside the project
+    (tmp_path / "shared.txt").write_text("from outside\n")
+    (project / "shared.txt").symlink_to(tmp_path / "shared.txt")       # outside it
+    (tmp_path / "dataset").mkdir()
+    (tmp_path / "dataset" / "big.bin").write_bytes(b"x" * 100)
+    (project / "data").symlink_to(tmp_path / "dataset")                # a directory: not followed
+    (project / "gone.txt").symlink_to(tmp_path / "nowhere")            # dangling: skipped
+    wd = tmp_path / "wd"
+    node = local_node(tmp_path, workdir=str(wd))
+    assert sync(node, project) == 4
+    assert sorted(str(p.relative_to(wd)) for p in wd.rglob("*")) == [
+        "config.yaml", "configs", "configs/base.yaml", "shared.txt", "train.py"]
+    assert not (wd / "config.yaml").is_symlink() and (wd / "config.yaml").read_text() == "lr: 0.1\n"
+    assert not (wd / "shared.txt").is_symlink() and (wd / "shared.txt").read_text() == "from outside\n"
+    assert sync(node, project) == 0
+    (project / "configs" / "base.yaml").write_text("lr: 0.2\n")
+    os.utime(project / "configs" / "base.yaml", (1, 1))                # differs even within a second
+    assert sync(node, project) == 2                                    # the file and the link to it
+    assert (wd / "config.yaml").read_text() == "lr: 0.2\n"

@@ -35,7 +35,7 @@ PORT_PLACEHOLDER = "PORT"
 _CLUSTERRUN_ONLY = ("--rdzv-id=", "--log-dir=", "--redirects=")
 
 
-def render_plan(plan: Plan, *, port_auto: bool = False) -> str:
+def render_plan(plan: Plan, *, port_auto: bool = False, start_dir: str | None = None) -> str:
     """The rank table, then every node's line to run it by hand.
 
     port_auto: the plan's master port stands for `auto`; PORT is shown in its place."""
@@ -57,7 +57,7 @@ def render_plan(plan: Plan, *, port_auto: bool = False) -> str:
     for n in plan.nodes:
         ranks = f"global rank{'s' if n.nproc != 1 else ''} {rank_text(plan, n)}"
         lines += ["", f"# node {n.node_rank} ({n.name}): {ranks}",
-                  node_line(plan, n, port_auto=port_auto)]
+                  node_line(plan, n, port_auto=port_auto, start_dir=start_dir)]
     return "\n".join(lines)
 
 
@@ -137,16 +137,29 @@ def _nodes_text(plan: Plan, nodes: list[NodePlan]) -> str:
     return ", ".join(f"node {n.node_rank} ({n.name})" if n.host.is_local else n.name for n in nodes)
 
 
-def node_line(plan: Plan, node: NodePlan, *, port_auto: bool = False, mask: bool = True) -> str:
+def node_line(plan: Plan, node: NodePlan, *, port_auto: bool = False, mask: bool = True,
+              start_dir: str | None = None) -> str:
     """One line to paste into a terminal on the controller: `ssh -t TARGET 'CMD'`, or
     `( CMD )` for a localhost node (a subshell: its `cd` and variables stay in it).
 
     `-t`: the remote command gets a terminal, so Ctrl-C in this one reaches torchrun,
-    and a closed terminal hangs it up. (Without a local terminal ssh warns and goes on.)"""
+    and a closed terminal hangs it up. (Without a local terminal ssh warns and goes on.)
+
+    start_dir: the directory `up` was started in, where a localhost node runs (or
+    where its relative workdir is); its line cds there first, so that it runs the
+    same in any terminal it is pasted into."""
     cmd = node_command(plan, node, port_auto=port_auto, mask=mask)
     if node.host.is_local:
-        return f"( {cmd} )"
+        return f"( {_start_dir_step(node, start_dir)}{cmd} )"
     return f"{ssh_argv_text(node.host, tty=True)} {shlex.quote(cmd)}"
+
+
+def _start_dir_step(node: NodePlan, start_dir: str | None) -> str:
+    """`cd START_DIR && ` for a localhost node whose directory depends on where `up`
+    was started: no workdir, or a relative one. An absolute or ~ workdir needs none."""
+    if start_dir is None or (node.workdir and node.workdir.startswith(("/", "~"))):
+        return ""
+    return f"cd {shlex.quote(start_dir)} && "
 
 
 def node_command(plan: Plan, node: NodePlan, *, port_auto: bool = False, mask: bool = True) -> str:

@@ -66,7 +66,8 @@ def dry_run(hosts_path: str, opts: LaunchOptions, transport: str | None = None) 
                        node=first.name).hostname
     auto = master_port(hosts, opts) == "auto"
     plan = build_plan(hosts, opts, PLACEHOLDER_RUN_ID, addr, port=0 if auto else None)
-    return render_plan(plan, port_auto=auto)
+    # A localhost node runs where `up` is started: its pasted line goes there first.
+    return render_plan(plan, port_auto=auto, start_dir=os.getcwd())
 
 
 def up(hosts_path: str, opts: LaunchOptions, up_opts: UpOptions) -> int:

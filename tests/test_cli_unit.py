@@ -157,6 +157,37 @@ def test_the_demos_lines_pasted_into_two_shells_run_it_by_hand(tmp_path, home):
     assert not home.exists(), "neither the dry run nor the pasted lines write clusterrun state"
 
 
+@pytest.mark.parametrize("workdir, ran_in", [(None, "."), ("sub dir", "sub dir")])
+def test_a_localhost_line_pasted_into_a_new_terminal_runs_where_up_would(tmp_path, monkeypatch, workdir, ran_in):
+    """A localhost node runs in the directory `up` starts in (or its relative workdir
+    there); a new terminal starts elsewhere, so the pasted line goes there first."""
+    start = tmp_path / "my project"
+    (start / "sub dir").mkdir(parents=True)
+    recorder = tmp_path / "record-cwd"
+    recorder.write_text(f"#!{sys.executable}\nimport os, sys\nopen(sys.argv[0] + '.out', 'w').write(os.getcwd())\n")
+    recorder.chmod(0o755)
+    hosts = tmp_path / "hosts.yaml"
+    entry = {"host": "localhost", "python": str(recorder), **({"workdir": workdir} if workdir else {})}
+    hosts.write_text(json.dumps({"hosts": [entry]}))
+    monkeypatch.chdir(start)
+    r = up("--dry-run", str(hosts), "train.py")
+    assert r.exit_code == 0, r.output
+    (line,) = node_lines(r.output)
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    sh = subprocess.run(["sh", "-c", line], cwd=elsewhere, capture_output=True, text=True, timeout=30)
+    assert sh.returncode == 0, sh.stderr
+    assert Path(str(recorder) + ".out").read_text() == str((start / ran_in).resolve())
+
+
+def test_a_localhost_line_with_an_absolute_workdir_needs_no_start_directory(tmp_path, monkeypatch):
+    hosts = tmp_path / "hosts.yaml"
+    hosts.write_text(json.dumps({"hosts": [{"host": "localhost", "workdir": str(tmp_path)}]}))
+    monkeypatch.chdir(tmp_path)
+    (line,) = node_lines(up("--dry-run", str(hosts), "train.py").output)
+    assert line.startswith(f"( cd {tmp_path} && ") and line.count("cd ") == 1
+
+
 def test_bad_hosts_file_exits_2_naming_file_and_field(tmp_path):
     bad = tmp_path / "bad hosts.yaml"
     bad.write_text("hosts:\n  - localhost\n  - host: localhost\n    nproc_per_node: four\n")

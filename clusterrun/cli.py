@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shlex
 import sys
 
 import click
@@ -90,13 +91,56 @@ def transport_option(f):
              "(one ControlMaster per node); overrides the hosts file's `transport:`.")(f)
 
 
+class _UpCommand(click.Command):
+    """`up`, which keeps the words it was given: a SCRIPT that is an option (typed
+    after HOSTS, as torchrun takes them) is then answered with the command reordered."""
+
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        ctx.meta["up_args"] = list(args)
+        return super().parse_args(ctx, args)
+
+
+def _options_after_hosts(ctx: click.Context, hosts: str, script: str, script_args: tuple[str, ...]) -> None:
+    """A SCRIPT that starts with `-` is an option of `up` typed after HOSTS, where
+    everything is the script's: a usage error (exit 2) with the command as it should be."""
+    if not script.startswith("-") or script == "-":
+        return
+    msg = (f"SCRIPT {script!r} starts with '-': options of `up` go before HOSTS "
+           "(everything after SCRIPT is the script's own)")
+    fixed = _reordered(ctx, [script, *script_args])
+    before = ctx.meta.get("up_args", [])[:-(2 + len(script_args))]
+    if fixed is not None and "--" not in before:
+        msg += ":\n  " + shlex.join(["clusterrun", "up", *before, *fixed[0], hosts, *fixed[1]])
+    raise click.UsageError(msg, ctx)
+
+
+def _reordered(ctx: click.Context, words: list[str]) -> tuple[list[str], list[str]] | None:
+    """Split the words after HOSTS into `up`'s options (with their values) and SCRIPT
+    with its arguments; None when a word is no option of `up` or no SCRIPT follows."""
+    options = {name: p for p in ctx.command.params if isinstance(p, click.Option)
+               for name in (*p.opts, *p.secondary_opts)}
+    i = 0
+    while i < len(words) and words[i].startswith("-") and words[i] != "-":
+        if words[i] == "--":            # `HOSTS -- SCRIPT`: up needs no `--`; leave it out
+            return (words[:i], words[i + 1:]) if i + 1 < len(words) else None
+        name, eq, _ = words[i].partition("=")
+        param = options.get(name)
+        if param is None or (eq and param.is_flag):
+            return None
+        i += 1 if param.is_flag or eq else 2
+    if i >= len(words):
+        return None
+    return words[:i], words[i:]
+
+
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="clusterrun")
 def main() -> None:
     """Launch PyTorch distributed training on your machines over SSH."""
 
 
-@main.command("up", context_settings={"ignore_unknown_options": True, "allow_interspersed_args": False})
+@main.command("up", cls=_UpCommand,
+              context_settings={"ignore_unknown_options": True, "allow_interspersed_args": False})
 @click.option("-m", "--module", is_flag=True, help="SCRIPT is a module (python -m SCRIPT).")
 @click.option("--nproc-per-node", type=NPROC, metavar="N|gpu",
               help="Processes per node, for every node; gpu: one per GPU the node has.")
@@ -127,6 +171,7 @@ def up_cmd(module, nproc_per_node, master_port, env, detach, dry_run, sync, skip
 
     Options go before HOSTS; everything after SCRIPT is passed to the script.
     """
+    _options_after_hosts(click.get_current_context(), hosts, script, script_args)
     opts = LaunchOptions(
         script=script, script_args=tuple(script_args), module=module,
         nproc_per_node=nproc_per_node, master_port=_master_port(master_port), env=_parse_env(env),

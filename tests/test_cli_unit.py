@@ -102,6 +102,32 @@ def test_everything_after_script_goes_to_the_script(hosts):
     assert "--nproc-per-node=1" in words
 
 
+@pytest.mark.parametrize("typed, fixed", [
+    (["-m", "pkg.train", "--epochs", "3"], ["-m", "{hosts}", "pkg.train", "--epochs", "3"]),
+    (["--nproc-per-node", "1", "--dry-run", "train.py", "-m", "x"],
+     ["--nproc-per-node", "1", "--dry-run", "{hosts}", "train.py", "-m", "x"]),
+    (["--env=A=b c", "--", "train.py"], ["--env=A=b c", "{hosts}", "train.py"]),
+])
+def test_options_typed_after_hosts_are_a_usage_error_with_the_command_as_it_should_be(hosts, typed, fixed):
+    """torchrun takes its options anywhere before the script; up takes them before HOSTS."""
+    r = up("--sync", str(hosts), *typed)
+    assert r.exit_code == 2, r.output
+    assert f"SCRIPT {typed[0]!r} starts with '-': options of `up` go before HOSTS" in r.output
+    assert "not found" not in r.output
+    suggested = r.output.splitlines()[-1].strip()
+    words = [w.replace("{hosts}", str(hosts)) for w in ["clusterrun", "up", "--sync", *fixed]]
+    assert shlex.split(suggested) == words
+    again = up("--dry-run", *words[3:]) if "--dry-run" not in words else up(*words[2:])
+    assert again.exit_code == 0, again.output
+
+
+def test_an_unknown_option_after_hosts_is_a_usage_error_without_a_guess(hosts):
+    r = up(str(hosts), "--nproc", "2", "train.py")
+    assert r.exit_code == 2, r.output
+    assert "SCRIPT '--nproc' starts with '-': options of `up` go before HOSTS" in r.output
+    assert "clusterrun up " not in r.output
+
+
 def test_module_mode(hosts):
     r = up("--dry-run", "-m", str(hosts), "pkg.train", "--epochs", "3")
     assert r.exit_code == 0, r.output

@@ -153,13 +153,43 @@ def test_sync_copies_a_project_into_per_node_workdirs(cluster, ctl, tmp_path):
         files = sorted(str(p.relative_to(dest / n)) for p in (dest / n).rglob("*")
                        if p.is_file() and "__pycache__" not in p.parts)
         assert files == [".gitignore", "hosts.yaml", "pkg/__init__.py", "pkg/util.py", "train.py"]
-    assert "synced crt-n1 (5 files), crt-n2 (5 files)" in r.stderr
+    n1, n2 = cluster.names[:2]
+    assert f"synced {n1} (5 files), {n2} (5 files)" in r.stderr
     # Unchanged files are not sent again; a changed one is.
     (proj / "pkg" / "util.py").write_text("import os\ndef where():\n    return 'v2 ' + os.getcwd()\n")
     r = ctl.run("up", "--sync", str(hosts), "train.py")
     assert r.returncode == 0, r.stderr
-    assert "synced crt-n1 (1 files), crt-n2 (1 files)" in r.stderr
-    assert f"[crt-n1 g0 l0] SYNCED 0 v2 {dest / 'crt-n1'}" in r.stdout.splitlines()
+    assert f"synced {n1} (1 files), {n2} (1 files)" in r.stderr
+    assert f"[{n1} g0 l0] SYNCED 0 v2 {dest / n1}" in r.stdout.splitlines()
+
+
+def test_sync_logs_in_with_setup_and_sends_a_linked_file_as_that_file(cluster, ctl, tmp_path):
+    """The hosts file's python is found only once setup: has run (a venv's activate), as in
+    a run; config.yaml -> configs/base.yaml reaches the node as a file, and only once."""
+    venv = tmp_path / "venv" / "bin"
+    venv.mkdir(parents=True)
+    write(venv / "cr-venv-python", f'#!/bin/sh\nexec {sys.executable} "$@"\n').chmod(0o755)
+    (venv / "activate").write_text(f'export PATH="{venv}:$PATH"\n')
+    proj = tmp_path / "proj"
+    (proj / "configs").mkdir(parents=True)
+    (proj / "configs" / "base.yaml").write_text("lr: 0.1\n")
+    (proj / "config.yaml").symlink_to("configs/base.yaml")
+    (proj / "train.py").write_text("import os\nprint('CONFIG', os.environ['RANK'], open('config.yaml').read().strip())\n")
+    dest = tmp_path / "remote"
+    hosts = hosts_file(proj, [{"host": n, "workdir": str(dest / n / "my project")} for n in cluster.names[:2]],
+                       python="cr-venv-python", setup=f"source {venv}/activate")
+    ctl.tmp = proj                                   # run from the project directory
+    r = ctl.run("up", "--sync", str(hosts), "train.py")
+    assert r.returncode == 0, r.stdout + r.stderr
+    n1, n2 = cluster.names[:2]
+    assert f"synced {n1} (4 files), {n2} (4 files)" in r.stderr
+    for i, n in enumerate(cluster.names[:2]):
+        assert f"[{n} g{i} l0] CONFIG {i} lr: 0.1" in r.stdout.splitlines()
+        linked = dest / n / "my project" / "config.yaml"
+        assert linked.is_file() and not linked.is_symlink()
+    r = ctl.run("up", "--sync", str(hosts), "train.py")
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert f"synced {n1} (0 files), {n2} (0 files)" in r.stderr
 
 
 def test_without_sync_a_missing_script_stops_the_run_before_it_starts(cluster, ctl, tmp_path):

@@ -30,7 +30,7 @@ def test_check_healthy_nodes(cluster, ctl, tmp_path):
     assert r.returncode == 0, r.stdout + r.stderr
     import torch
 
-    rows = {l.split()[0]: l for l in r.stdout.splitlines() if l.startswith("crt-n")}
+    rows = {l.split()[0]: l for l in r.stdout.splitlines() if l.startswith(f"{cluster.prefix}-n")}
     assert set(rows) == set(cluster.names[:2])
     for row in rows.values():
         assert torch.__version__ in row and "CPU only" in row and "eth0" in row and row.endswith("ok")
@@ -51,12 +51,12 @@ def test_exec_tags_lines_by_node_and_names_failures(cluster, ctl, tmp_path):
     marker = tmp_path / "pwned"
     hosts = hosts_file(tmp_path, cluster.names[:3])
     r = ctl.run("exec", str(hosts), "--", "sh", "-c",
-                'echo "on $(hostname)"; echo "to stderr" >&2; [ "$(hostname)" != crt-n2 ] || exit 4')
+                f'echo "on $(hostname)"; echo "to stderr" >&2; [ "$(hostname)" != {cluster.names[1]} ] || exit 4')
     assert r.returncode == 1
     for name in cluster.names[:3]:
         assert f"[{name}] on {name}" in r.stdout.splitlines()
         assert f"[{name}] to stderr" in r.stdout.splitlines()
-    assert "failed on 1 of 3 nodes: crt-n2 (exit 4)" in r.stderr
+    assert f"failed on 1 of 3 nodes: {cluster.names[1]} (exit 4)" in r.stderr
     # A line redrawn with \r (a download's progress bar) shows as its last redraw.
     bar = ctl.run("exec", str(hosts), "--", "printf", "\r 10%%\r 50%%\r100%% done\n")
     assert sorted(bar.stdout.split("\n")) == ["", *(f"[{n}] 100% done" for n in cluster.names[:3])], bar.stdout
@@ -206,11 +206,11 @@ def test_without_sync_a_missing_script_stops_the_run_before_it_starts(cluster, c
 
 def test_a_host_range_and_an_automatic_master_port(cluster, ctl, tmp_path):
     script = write(tmp_path / "report.py", REPORT)
-    hosts = hosts_file(tmp_path, ["crt-n[2-3]"], nproc_per_node=1, master_port="auto")
+    hosts = hosts_file(tmp_path, [f"{cluster.prefix}-n[2-3]"], nproc_per_node=1, master_port="auto")
     r = ctl.run("up", str(hosts), str(script))
     assert r.returncode == 0, r.stdout + r.stderr
     got = reports(r.stdout)
-    assert sorted((t["node"], int(t["g"])) for t, _ in got) == [("crt-n2", 0), ("crt-n3", 1)]
+    assert sorted((t["node"], int(t["g"])) for t, _ in got) == [(cluster.names[1], 0), (cluster.names[2], 1)]
     (run,) = (tmp_path / "crhome" / "runs").iterdir()
     port = json.loads((run / "plan.json").read_text())["master_port"]
     assert 1024 <= port <= 65535

@@ -6,6 +6,7 @@ import functools
 
 from .control import request_kill
 from .errors import UnreachableError
+from .model import NodeState
 from .options import WatchOptions
 from .runs import RunDir, list_run_ids, runs_root
 from .stream import Terminal
@@ -20,7 +21,15 @@ def kill(run_id: str | None, all_runs: bool, grace: float) -> int:
     problems: list[str] = []
     for run in runs:
         if run.ended():
-            term.message(f"clusterrun: run {run.run_id} has already ended")
+            lost = lost_nodes(run)
+            if not lost:
+                term.message(f"clusterrun: run {run.run_id} has already ended")
+                continue
+            found = kill_leftovers(run, lost, grace)
+            problems += found
+            if not found:
+                term.message(f"clusterrun: run {run.run_id} had ended, but {', '.join(lost)} had been lost: "
+                             "what was left of its job there is killed")
             continue
         found = kill_run(run, grace)
         problems += found
@@ -64,4 +73,39 @@ def kill_run(run: RunDir, grace: float) -> list[str]:
         return problems
     with lock:
         collect_with(run, plan, conns, Terminal(), opts.quiet())   # closes the connections
+    return problems
+
+
+def lost_nodes(run: RunDir) -> list[str]:
+    """The nodes of an ended run that were unreachable at its end: their job may still
+    run there, holding GPUs, until it is killed."""
+    states = run.node_states()
+    return [n.name for n in run.plan().nodes if states.get(n.node_rank, {}).get("state") == NodeState.LOST]
+
+
+def kill_leftovers(run: RunDir, names: list[str], grace: float) -> list[str]:
+    """Kill what is left of an ended run's job on its lost nodes (by the job's marker, so
+    nothing else); each node killed clean is recorded as killed. The problems: nodes
+    still unreachable or not confirmed clean."""
+    from .connect import connect_each
+    from .remote import confirm_kills, kill_job
+
+    plan = run.plan()
+    nodes = [n for n in plan.nodes if n.name in names]
+    opts = WatchOptions()
+    conns = connect_each([n.host for n in nodes], opts.connect_timeout, opts.accept_new_host_keys)
+    problems = [f"{n.name}: {err} (its job may still run there)" for n, (t, err, _) in zip(nodes, conns) if t is None]
+    reached = [(n, t) for n, (t, _, _) in zip(nodes, conns) if t is not None]
+    try:
+        failed = confirm_kills([(n.name, functools.partial(kill_job, n, t, grace)) for n, t in reached])
+    finally:
+        for _, t in reached:
+            t.close()
+    problems += failed
+    states = run.node_states()
+    for n, _ in reached:
+        if not any(p.startswith(f"{n.name}: ") for p in failed):
+            states[n.node_rank] = {**states.get(n.node_rank, {}), "state": NodeState.KILLED,
+                                   "message": "lost, then its job was killed by clusterrun kill"}
+    run.write_json("state.json", {str(k): v for k, v in states.items()})
     return problems

@@ -85,6 +85,8 @@ def summary(results: Sequence[NodeResult], run: RunDir, tail: int = TAIL) -> lis
             what = f"could not start: {r.message}"
         else:
             what = f"was lost: {r.message}"
+            if r.message.startswith(("unreachable", "the connection")):     # not "the job's processes are gone"
+                what += f" (its job may still run there: `clusterrun kill {run.run_id}` ends it once the node answers)"
         lines.append(f"clusterrun: node {node.name} (node_rank {node.node_rank}) {what}")
         lines += [f"  | {t}" for t in tail_lines(run.node_log(node.node_rank), tail)]
     after = f" after {first} failed" if first else ""

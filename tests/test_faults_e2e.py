@@ -116,6 +116,41 @@ def test_a_node_whose_processes_are_all_killed_ends_the_run(cluster, ctl, tmp_pa
     assert_nothing_left(cluster)
 
 
+@pytest.mark.transports("paramiko")
+def test_kill_ends_what_a_lost_node_left_running_once_it_answers_again(cluster, ctl, tmp_path):
+    """A node whose sshd dies mid-run is lost after the reconnect window, but its job goes on
+    there (holding GPUs, on a real cluster). Once the node answers again, `kill` ends it."""
+    victim = cluster.names[1]
+    p = ctl.ticker(cluster, 2, 100000, 0.05)
+    p.wait_for(" tick 1 5")
+    sshd = cluster.sshd_pid(victim)
+    sessions = [int(x) for x in subprocess.run(["ps", "-o", "pid=", "--ppid", str(sshd)], capture_output=True,
+                                               text=True).stdout.split()]
+    try:
+        for pid in [sshd, *sessions]:           # the node's sshd and its sessions, not the job
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        out, err = p.finish(180)
+    finally:
+        subprocess.run([str(Path(__file__).parent.parent / "scripts" / "testcluster"), "start-sshd", victim,
+                        "--state", str(cluster.state)], capture_output=True, timeout=60, check=True)
+    assert p.returncode == 1, err
+    run_id = ctl.status()["run"]
+    assert (f"clusterrun: node {victim} (node_rank 1) was lost: unreachable for 60s (its job may still run "
+            f"there: `clusterrun kill {run_id}` ends it once the node answers)") in err.splitlines(), err
+    assert any("ticker.py" in d for d in cluster.describe_pids(cluster.leftover_pids(victim))), "the job went on"
+    k = ctl.run("kill", run_id)
+    assert k.returncode == 0, k.stdout + k.stderr
+    assert (f"clusterrun: run {run_id} had ended, but {victim} had been lost: what was left of its job there "
+            "is killed") in k.stderr.splitlines(), k.stderr
+    assert_nothing_left(cluster)
+    (node,) = [n for n in ctl.status(run_id)["nodes"] if n["node"] == victim]
+    assert node["state"] == "killed"
+    assert "has already ended" in ctl.run("kill", run_id).stderr, "once killed, nothing is left to kill"
+
+
 def test_a_network_link_cut_for_seconds_loses_no_line(cluster, ctl, tmp_path):
     node = cluster.names[1]
     veth = f"crt-v{node.rsplit('n', 1)[1]}"

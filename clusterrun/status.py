@@ -39,7 +39,7 @@ def status_data(run: RunDir, opts: WatchOptions) -> dict[str, Any]:
         nodes.append({
             "node": n.name, "host": n.host.host, "node_rank": n.node_rank,
             "ranks": [n.ranks.start, n.ranks.stop - 1], "state": s["state"],
-            "code": s.get("code"), "message": s.get("message", ""),
+            "code": s.get("code"), "message": s.get("message", ""), "stopped": s.get("stopped", False),
             "failures": s.get("failures", []),
             "quiet": {str(g): _quiet(run, g, now) for g in n.ranks},
         })
@@ -74,7 +74,10 @@ def _ago(seconds: float | None) -> str:
 def describe_node(n: dict[str, Any]) -> str:
     state = n["state"]
     if state == NodeState.EXITED:
-        oom = [f["rank"] for f in n.get("failures", []) if f.get("oom")]
+        failures = n.get("failures", [])
+        if n.get("stopped") and n["code"] != 0 and all(f.get("stopped") for f in failures):
+            return "stopped"        # by clusterrun, after another node failed: as the summary says
+        oom = [f["rank"] for f in failures if f.get("oom")]
         return describe_code(n["code"]) + (f" ({describe_ranks(oom)} out of memory)" if oom else "")
     if n.get("message"):
         return f"{state}: {n['message']}"

@@ -113,6 +113,9 @@ def test_a_node_whose_processes_are_all_killed_ends_the_run(cluster, ctl, tmp_pa
     assert p.returncode == 1, err
     assert f"clusterrun: node {victim} (node_rank 1) was lost" in err, err
     assert f"clusterrun: node {cluster.names[0]} (rank 0) was stopped after node {victim} failed" in err
+    # `status` says the same of it as the summary (not torchrun's own code, a SIGKILL or SIGTERM).
+    row = next(l for l in ctl.run("status").stdout.splitlines() if l.startswith(cluster.names[0] + " "))
+    assert row.endswith(" stopped"), row
     assert_nothing_left(cluster)
 
 

@@ -40,6 +40,7 @@ logging.getLogger("paramiko").addHandler(logging.NullHandler())
 logging.getLogger("paramiko").propagate = False
 
 KEEPALIVE = 15                      # seconds between keepalives on every connection
+STDERR_TAIL = 64 * 1024             # bytes of a session's stderr kept for its messages
 
 
 _Transport = compat.quiet_transport()     # paramiko's, waking once a second when idle
@@ -55,13 +56,71 @@ class _NoHandshake(Failed):
 
 # --- sessions ------------------------------------------------------------------
 
-class SSHProcess:
-    """A command running over one SSH channel (transport.Process)."""
+_UTF8_CONTINUATION = bytes(range(0x80, 0xC0))
+
+
+class _StderrTail:
+    """A session's stderr, read as it arrives, of which the last STDERR_TAIL bytes
+    are kept (for login and agent failure messages).
+
+    Read at once because stdout and stderr share the channel's window (2 MB):
+    stderr left unread fills it, and then stdout stalls too (a setup's compiler
+    warnings would hang the agent's start). One thread per session, ending at the
+    channel's EOF or close, whichever comes first.
+    """
 
     def __init__(self, chan: paramiko.Channel) -> None:
         self._chan = chan
+        self._lock = threading.Lock()
+        self._buf = bytearray()
+        self._cut = False                       # bytes were dropped before _buf
+        self._done = threading.Event()
+        threading.Thread(target=self._drain, name=f"stderr of {chan.get_name()}", daemon=True).start()
+
+    def _drain(self) -> None:
+        try:
+            while True:
+                try:
+                    data = self._chan.recv_stderr(65536)
+                except socket.timeout:           # the read timeout set for stdout applies here too
+                    continue
+                if not data:                    # EOF, or the channel closed
+                    return
+                self._keep(data)
+        except (OSError, EOFError, paramiko.SSHException):
+            return
+        finally:
+            self._done.set()
+
+    def _keep(self, data: bytes) -> None:
+        with self._lock:
+            self._buf += data
+            if len(self._buf) > 2 * STDERR_TAIL:    # trimmed in batches, not per chunk
+                del self._buf[:-STDERR_TAIL]
+                self._cut = True
+
+    def text(self, ended: bool) -> str:
+        """The tail so far; once the session has `ended`, all of it (given a moment
+        for the reader to take what the channel still holds)."""
+        if ended:
+            self._done.wait(2.0)
+        with self._lock:
+            tail = bytes(self._buf[-STDERR_TAIL:])
+            cut = self._cut or len(self._buf) > STDERR_TAIL
+        if cut:                                 # not half a character where the cut fell
+            tail = tail.lstrip(_UTF8_CONTINUATION)
+        return tail.decode("utf-8", "replace")
+
+
+class SSHProcess:
+    """A command running over one SSH channel (transport.Process)."""
+
+    def __init__(self, chan: paramiko.Channel, merge_stderr: bool = False) -> None:
+        self._chan = chan
         self.stdout = chan.makefile("rb")
         self._stdin = chan.makefile_stdin("wb")
+        # (merged, stderr comes with stdout, whose reader keeps the window open)
+        self._stderr = None if merge_stderr else _StderrTail(chan)
 
     def read_some(self, n: int) -> bytes:
         """Whatever output is there (at least one byte), or b"" at the end (not with .stdout)."""
@@ -88,10 +147,11 @@ class SSHProcess:
         return self._chan.recv_exit_status()
 
     def stderr_text(self) -> str:
-        chunks = []
-        while self._chan.recv_stderr_ready():
-            chunks.append(self._chan.recv_stderr(65536))
-        return b"".join(chunks).decode("utf-8", "replace")
+        """The last STDERR_TAIL bytes of stderr so far (up to its end once the session has ended)."""
+        if self._stderr is None:
+            return ""
+        c = self._chan
+        return self._stderr.text(ended=c.eof_received or c.closed or c.exit_status_ready())
 
     def close(self) -> None:
         self._chan.close()
@@ -112,7 +172,7 @@ class SSHTransport:
         chan = t.open_session(timeout=30)
         chan.set_combine_stderr(merge_stderr)
         chan.exec_command(command)
-        return SSHProcess(chan)
+        return SSHProcess(chan, merge_stderr)
 
     def alive(self) -> bool:
         return self._conn.transport.is_active()

@@ -1,4 +1,5 @@
-"""Unit: the identities the paramiko transport offers, in OpenSSH's order, with a real ssh-agent.
+"""Unit: the identities the paramiko transport offers, in OpenSSH's order, with a real ssh-agent;
+and a session's stderr, over a real paramiko connection to an in-process server.
 
 OpenSSH (sshconnect2.c pubkey_prepare) offers CertificateFile certificates first,
 then the agent's keys (only those an IdentityFile names, under IdentitiesOnly),
@@ -9,12 +10,17 @@ from __future__ import annotations
 
 import os
 import re
+import socket
 import subprocess
+import threading
+import time
 from pathlib import Path
+from typing import Callable
 
+import paramiko
 import pytest
 
-from clusterrun.paramikossh import identities
+from clusterrun.paramikossh import STDERR_TAIL, SSHTransport, _Conn, identities
 from clusterrun.sshconfig import SSHTarget
 
 
@@ -102,3 +108,130 @@ def test_identity_agent_none_uses_no_agent_and_a_passphrase_key_is_named(tmp_pat
     assert any("passphrase" in n and str(locked) in n for n in notes)
     offered, _ = identities(target(identity_agent=None))   # None: $SSH_AUTH_SOCK
     assert [k.asbytes() for k in offered] == [blob(tmp_path / "a.pub")]
+
+
+# --- a session's stderr, over a real paramiko connection to an in-process server ------------
+
+class _Server(paramiko.ServerInterface):
+    """Accepts anyone, and runs each exec's command as `commands[command](channel)`."""
+
+    def __init__(self, commands: dict[str, Callable[[paramiko.Channel], None]]) -> None:
+        self.commands = commands
+
+    def get_allowed_auths(self, username: str) -> str:
+        return "none"
+
+    def check_auth_none(self, username: str) -> int:
+        return paramiko.AUTH_SUCCESSFUL
+
+    def check_channel_request(self, kind: str, chanid: int) -> int:
+        return paramiko.OPEN_SUCCEEDED
+
+    def check_channel_exec_request(self, channel: paramiko.Channel, command: bytes) -> bool:
+        run = self.commands[command.decode()]
+        threading.Thread(target=run, args=(channel,), daemon=True).start()
+        return True
+
+
+@pytest.fixture
+def node():
+    """exec(command) on an SSHTransport to a paramiko server whose commands the test defines."""
+    ours, theirs = socket.socketpair()
+    commands: dict[str, Callable[[paramiko.Channel], None]] = {}
+    server = paramiko.Transport(theirs)
+    server.add_server_key(paramiko.ECDSAKey.generate())
+    server.start_server(threading.Event(), _Server(commands))    # (an event: it negotiates in the background)
+    client = paramiko.Transport(ours)
+    client.start_client(timeout=10)
+    client.auth_none("u")
+    yield commands, SSHTransport("n", _Conn(client, "u@n:22", lambda: None), "127.0.0.1")
+    client.close()
+    server.close()
+
+
+def _exit(chan: paramiko.Channel, code: int) -> None:
+    """End the command, once the client has closed its stdin (a close before the
+    server's reply to the exec would fail the exec)."""
+    chan.settimeout(10)
+    while chan.recv(1024):
+        pass
+    chan.send_exit_status(code)
+    chan.close()
+
+
+def _stderr_readers() -> list[threading.Thread]:
+    return [t for t in threading.enumerate() if t.name.startswith("stderr of ")]
+
+
+def test_three_megabytes_on_stderr_do_not_stall_stdout(node):
+    """stdout and stderr share the channel's 2 MB window: stderr left unread would fill it."""
+    commands, t = node
+
+    def noisy(chan: paramiko.Channel) -> None:
+        chan.sendall_stderr(b"w" * 3_000_000 + "last words é\n".encode())
+        chan.sendall(b"AGENT READY\n")
+        _exit(chan, 3)
+
+    commands["noisy"] = noisy
+    proc = t.exec("noisy")
+    proc.close_stdin()
+    proc.set_read_timeout(20)                  # before the fix: socket.timeout here
+    try:
+        assert proc.stdout.readline() == b"AGENT READY\n"
+        assert proc.wait(10) == 3
+        err = proc.stderr_text()
+    finally:
+        proc.close()
+    assert err.endswith("wwwlast words é\n")  # the tail, whole
+    assert len(err.encode()) <= STDERR_TAIL
+
+
+def test_each_session_s_stderr_reader_ends_with_it(node):
+    """No thread left per session: at the command's end, and at a close while it runs."""
+    commands, t = node
+    release = threading.Event()
+
+    def quick(chan: paramiko.Channel) -> None:
+        chan.sendall_stderr(b"a warning\n")
+        _exit(chan, 0)
+
+    def endless(chan: paramiko.Channel) -> None:
+        release.wait(30)
+
+    commands.update(quick=quick, endless=endless)
+    before = len(_stderr_readers())
+    for _ in range(5):
+        proc = t.exec("quick")
+        proc.close_stdin()
+        assert proc.wait(10) == 0
+        assert proc.stderr_text() == "a warning\n"
+        proc.close()
+    running = t.exec("endless")
+    assert len(_stderr_readers()) >= before + 1
+    running.close()                            # while the command still runs
+    deadline = time.monotonic() + 10
+    while len(_stderr_readers()) > before and time.monotonic() < deadline:
+        time.sleep(0.02)
+    release.set()
+    assert len(_stderr_readers()) == before
+
+
+def test_merged_stderr_has_no_reader_of_its_own(node):
+    commands, t = node
+
+    def both(chan: paramiko.Channel) -> None:
+        chan.sendall_stderr(b"e" * 3_000_000)
+        chan.sendall(b"done\n")
+        _exit(chan, 0)
+
+    commands["both"] = both
+    before = len(_stderr_readers())
+    proc = t.exec("both", merge_stderr=True)
+    proc.close_stdin()
+    proc.set_read_timeout(20)
+    try:
+        assert len(_stderr_readers()) == before
+        assert proc.stdout.read() == b"e" * 3_000_000 + b"done\n"
+        assert proc.stderr_text() == ""
+    finally:
+        proc.close()

@@ -105,6 +105,17 @@ def test_two_nodes_two_procs_tags_match_worker_ranks(cluster, tmp_path):
     assert all(not TAG.match(l) for l in launcher)
 
 
+def test_megabytes_of_setup_stderr_do_not_hold_up_the_start(cluster, tmp_path):
+    """More stderr than an SSH channel's window (2 MB) before the agent starts, as a
+    setup's compiler warnings: the agent still starts and every rank's lines arrive."""
+    script = write(tmp_path / "report.py", REPORT)
+    noisy = "python3 -c \"import sys; sys.stderr.write('w' * 3000000)\""
+    hosts = hosts_file(tmp_path, cluster.names[:2], nproc_per_node=1, setup=[noisy])
+    r = up(cluster, tmp_path, str(hosts), str(script), timeout=120)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    check_tags(r.stdout, cluster.names[:2], [1, 1])
+
+
 def test_uneven_nodes_three_plus_one(cluster, tmp_path):
     script = write(tmp_path / "report.py", REPORT)
     a, b = cluster.names[2], cluster.names[0]

@@ -203,6 +203,9 @@ class RemoteJob:
             if self.reconnect is None:
                 return NodeResult(self.node, NodeState.LOST, message="the connection to the node was lost")
             now = time.monotonic()
+            if lost_since is None:
+                self._say(f"lost the connection to {self.node.name}; reconnecting "
+                          f"(for up to {self.reconnect_window:g}s, the job goes on there)")
             lost_since = lost_since or now
             if now - lost_since > self.reconnect_window:
                 return NodeResult(self.node, NodeState.LOST, stopped=self.stopped,
@@ -215,6 +218,7 @@ class RemoteJob:
             except UnreachableError:
                 continue
             self.reconnects += 1
+            self._say(f"reconnected to {self.node.name}: its lines resume where they stopped")
             lost_since, delay = None, 0.25
             spec = self.attach_spec(follow)
 
@@ -307,6 +311,11 @@ class RemoteJob:
         else:
             why = proc.stderr_text().strip() or f"the node agent exited with code {code}"
         return NodeResult(self.node, NodeState.FAILED_TO_START, code, message=why)
+
+    def _say(self, text: str) -> None:
+        """clusterrun's own words on the terminal, where this node's lines are shown."""
+        if self.output.term is not None:
+            self.output.term.message("clusterrun: " + text)
 
     def abandon(self) -> None:
         """Ctrl-C before anything started: end this node's session now, not once its

@@ -344,6 +344,10 @@ def test_ssh_session_killed_on_the_node_mid_run_loses_no_line(cluster, ctl, tmp_
     assert p.returncode == 0, err
     for rank in (0, 1):
         assert tagged_ticks(stdout, rank) == list(range(300)), f"rank {rank}"
+    # The user is told what happens meanwhile, once each way.
+    said = [l for l in err.splitlines() if "connect" in l]
+    assert said == [f"clusterrun: lost the connection to {node}; reconnecting (for up to 60s, the job goes on there)",
+                    f"clusterrun: reconnected to {node}: its lines resume where they stopped"], err
     assert_nothing_left(cluster)
 
 

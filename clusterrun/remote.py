@@ -57,6 +57,20 @@ def login_steps(node: NodePlan) -> str:
     return "".join(steps)
 
 
+# Modes that only look at or end what a job left on the node (its directory, its
+# processes) need neither the workdir nor `setup:`: without them a reconnect, `status`,
+# `logs` and `kill` neither wait for a slow setup nor run it again. Unless the python
+# is only found through them (a bare name, or a path relative to the workdir).
+_NO_LOGIN_MODES = ("attach", "kill")
+
+
+def login_for(node: NodePlan, mode: str) -> str:
+    """The login steps an agent mode needs (see login_steps)."""
+    if mode in _NO_LOGIN_MODES and node.python.startswith(("/", "~")):
+        return ""
+    return login_steps(node)
+
+
 # Shells word a failed cd each their own way (bash: "No such file or directory",
 # dash: "can't cd to"), so the reason comes from test(1), which every POSIX shell has.
 _CD_REASONS = {"missing": "No such file or directory", "notdir": "Not a directory",
@@ -101,6 +115,8 @@ def start_agent(node: NodePlan, transport: Transport, spec: dict[str, Any],
     comes before that line is the login's (a .bashrc banner, conda, setup), never
     a frame (see read_preamble)."""
     token = secrets.token_hex(8)
+    if prefix is None:
+        prefix = login_for(node, spec["mode"])
     proc = transport.exec(agent_command(node, prefix, token))
     proc.send(_AGENT_LINE + json.dumps({"job_dir": node.job_dir, **spec}).encode() + b"\n")
     return proc, AGENT_MARK + token.encode() + b"\n"

@@ -351,6 +351,25 @@ def test_ssh_session_killed_on_the_node_mid_run_loses_no_line(cluster, ctl, tmp_
     assert_nothing_left(cluster)
 
 
+@pytest.mark.transports("paramiko")
+def test_status_and_kill_of_an_abandoned_run_never_wait_for_its_setup(cluster, ctl, tmp_path):
+    """`setup:` that now hangs (pip waiting on an index, an NFS stall) must not hang `status`
+    or `kill`: they only look at or end what the job left, and run no setup."""
+    script = write(tmp_path / "ticker.py", TICKER)
+    stall = tmp_path / "stall"
+    hosts = hosts_file(tmp_path, cluster.names[:2], setup=f"if [ -e {stall} ]; then sleep 120; fi")
+    p = ctl.start("up", str(hosts), str(script), "100000", "0.05")
+    p.wait_for(" tick 1 3")
+    p.proc.kill()               # nobody collects the run from now on
+    p.finish()
+    stall.touch()
+    st = ctl.run("status", "--json", timeout=60)
+    assert st.returncode == 0 and json.loads(st.stdout)["state"] == "running", st.stderr
+    k = ctl.run("kill", timeout=60)
+    assert k.returncode == 0, k.stdout + k.stderr
+    assert_nothing_left(cluster)
+
+
 def test_up_killed_outright_the_job_runs_on_and_can_be_followed_and_killed(cluster, ctl, tmp_path):
     p = ctl.ticker(cluster, 2, 150, 0.05)
     p.wait_for(" tick 1 5")

@@ -24,6 +24,7 @@ from .dryrun import PLACEHOLDER_RUN_ID, render_plan
 from .plan import Plan, make_plan, master_addr_for, needs_gpu_count
 from .preflight import Gate, PreflightError, auto_port, judge, preflight, preflight_error, probe_all, probe_spec
 from .restart import Roster, Vet, first_failure, next_roster, should_restart, wait_delay
+from .results import plural
 from .runs import CollectorLock, RunDir, clusterrun_home, new_run_id
 from .stream import Terminal
 from .sync import sync_all
@@ -268,10 +269,6 @@ def prepare(hosts: HostsFile, opts: LaunchOptions, up_opts: UpOptions, run_id: s
         term.message(f"clusterrun: warning: {warning}")
     return build_plan(hosts, opts, run_id, transports[0].peer_addr,
                       port=verdict.free_port if asked == "auto" else None, gpu_counts=verdict.gpu_counts)
-
-
-def plural(n: int, word: str) -> str:
-    return f"{n} {word}{'' if n == 1 else 's'}"
 
 
 def lint_warnings(opts: LaunchOptions, term: Terminal) -> None:

@@ -30,6 +30,10 @@ def describe_code(code: int) -> str:
     return f"exited with code {code}"
 
 
+def plural(n: int, word: str) -> str:
+    return f"{n} {word}{'' if n == 1 else 's'}"
+
+
 def describe_ranks(ranks: Sequence[int]) -> str:
     """`rank 2`, `ranks 2-5`, or `ranks 0, 3` (sorted)."""
     ranks = sorted(ranks)

@@ -10,7 +10,7 @@ from .controller import collect
 from .options import WatchOptions
 from .model import FINAL_STATES, NodeState, RunState
 from .runs import RunDir, list_run_ids, runs_root
-from .results import describe_code, describe_ranks
+from .results import describe_code, describe_ranks, plural
 from .stream import Terminal
 
 
@@ -91,7 +91,8 @@ def status(run_id: str | None, as_json: bool, opts: WatchOptions) -> int:
         return 0
     attempt = attempt_text(data["attempt"], data["max_restarts"])
     replaced = "".join(f", {spare} in place of {lost}" for spare, lost in data["replaced"].items())
-    print(f"run {data['run']}: {data['state']} ({len(data['nodes'])} nodes, {data['world_size']} ranks, "
+    print(f"run {data['run']}: {data['state']} ({plural(len(data['nodes']), 'node')}, "
+          f"{plural(data['world_size'], 'rank')}, "
           f"{data['hosts']}{', ' + attempt if attempt else ''}{replaced})")
     w = max(4, *(len(n["node"]) for n in data["nodes"]))
     print(f"{'node':<{w}}  node_rank  ranks      state")

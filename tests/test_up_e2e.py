@@ -350,7 +350,8 @@ def test_a_rank_the_oom_killer_ends_is_named_as_out_of_memory(cluster, tmp_path,
     assert "the hog survived" not in out
     (node,) = ctl.status()["nodes"]
     assert [(f["rank"], f["exitcode"], f["oom"]) for f in node["failures"]][0] == (1, -9, True)
-    assert ctl.run("status").stdout.splitlines()[-1].endswith("(rank 1 out of memory)")
+    shown = ctl.run("status").stdout.splitlines()
+    assert "(1 node, 2 ranks, " in shown[0] and shown[-1].endswith("(rank 1 out of memory)"), shown
     assert_nothing_left(cluster)
 
 

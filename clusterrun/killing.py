@@ -93,7 +93,8 @@ def kill_leftovers(run: RunDir, names: list[str], grace: float) -> list[str]:
     plan = run.plan()
     nodes = [n for n in plan.nodes if n.name in names]
     opts = WatchOptions()
-    conns = connect_each([n.host for n in nodes], opts.connect_timeout, opts.accept_new_host_keys)
+    conns = connect_each([n.host for n in nodes], opts.connect_timeout, opts.accept_new_host_keys,
+                         scope=plan.run_id)
     problems = [f"{n.name}: {err} (its job may still run there)" for n, (t, err, _) in zip(nodes, conns) if t is None]
     reached = [(n, t) for n, (t, _, _) in zip(nodes, conns) if t is not None]
     try:

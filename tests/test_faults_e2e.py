@@ -156,7 +156,7 @@ def test_kill_ends_what_a_lost_node_left_running_once_it_answers_again(cluster, 
 
 def test_a_network_link_cut_for_seconds_loses_no_line(cluster, ctl, tmp_path):
     node = cluster.names[1]
-    veth = f"crt-v{node.rsplit('n', 1)[1]}"
+    veth = f"{cluster.prefix}-v{node.rsplit('n', 1)[1]}"
     p = ctl.ticker(cluster, 2, 250, 0.04)
     p.wait_for(" tick 1 30")
     subprocess.run(["ip", "link", "set", veth, "down"], check=True)

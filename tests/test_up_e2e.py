@@ -101,7 +101,7 @@ def test_two_nodes_two_procs_tags_match_worker_ranks(cluster, tmp_path):
     assert r.returncode == 0, r.stdout + r.stderr
     check_tags(r.stdout, cluster.names[:2], [2, 2])
     # torchrun's own lines are tagged by node only.
-    launcher = [l for l in r.stdout.splitlines() if re.match(r"^\[crt-n\d\] ", l)]
+    launcher = [l for l in r.stdout.splitlines() if re.match(rf"^\[{re.escape(cluster.prefix)}-n\d+\] ", l)]
     assert all(not TAG.match(l) for l in launcher)
 
 
@@ -369,7 +369,7 @@ def test_burst_of_lines_from_every_rank_arrives_whole_and_in_order(cluster, tmp_
     r = up(cluster, tmp_path, str(hosts), str(script))
     assert r.returncode == 0, r.stderr
     seen: dict[int, list[int]] = {g: [] for g in range(4)}
-    line_re = re.compile(r"^\[(crt-n\d) g(\d) l(\d)\] tick (\d) (\d+) (x*)$")
+    line_re = re.compile(rf"^\[({re.escape(cluster.prefix)}-n\d+) g(\d) l(\d)\] tick (\d) (\d+) (x*)$")
     for line in r.stdout.splitlines():
         if " tick " not in line:
             continue

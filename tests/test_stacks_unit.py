@@ -19,7 +19,8 @@ WORKER = """\
 import os, sys, time
 
 def wait_for_shard(path):
-    while not os.path.exists(path):
+    deadline = time.time() + 60         # bounded: a failed test leaves nothing waiting
+    while not os.path.exists(path) and time.time() < deadline:
         time.sleep(0.05)
 
 print("ready", flush=True)
@@ -48,14 +49,18 @@ def start_worker(job: Path, tmp_path: Path, rank: int) -> subprocess.Popen:
 
 def test_a_worker_dumps_its_stacks_on_request_and_runs_on(job, tmp_path):
     p = start_worker(job, tmp_path, 0)
-    out = nodeagent._dump_all([p.pid], str(job / "stacks"))
-    how, text = out[p.pid]
-    assert how == "faulthandler"
-    (main,) = parse(how, text)
-    assert [f.func for f in main] == ["<module>", "wait_for_shard"]
-    assert main[-1].file.endswith("worker.py") and main[-1].line == 5
-    (tmp_path / "release").touch()
-    assert p.wait(10) == 0 and p.stdout.read() == "released\n"      # undisturbed
+    try:
+        out = nodeagent._dump_all([p.pid], str(job / "stacks"))
+        how, text = out[p.pid]
+        assert how == "faulthandler"
+        (main,) = parse(how, text)
+        assert [f.func for f in main] == ["<module>", "wait_for_shard"]
+        assert main[-1].file.endswith("worker.py") and main[-1].line == 6
+        (tmp_path / "release").touch()
+        assert p.wait(10) == 0 and p.stdout.read() == "released\n"      # undisturbed
+    finally:
+        p.kill()
+        p.wait()
 
 
 # Stands in for a dump that a busy machine pauses halfway: the signal stays pending (blocked)

@@ -47,9 +47,12 @@ def project(tmp_path: Path) -> Path:
     return root
 
 
-def test_sync_runs_setup_so_that_the_python_it_puts_on_path_is_found(tmp_path, venv, project):
+@pytest.mark.parametrize("shell", ["/bin/bash", "/bin/dash"])      # a login shell of each kind
+def test_sync_runs_setup_so_that_the_python_it_puts_on_path_is_found(tmp_path, venv, project, shell, monkeypatch):
+    monkeypatch.setenv("SHELL", shell)
     wd = tmp_path / "remote" / "my project"            # not there yet: the sync makes it
-    node = local_node(tmp_path, python="cr-venv-python", setup=f"source {venv}/bin/activate",
+    # `.`, not `source`: dash (Debian's sh) has only the POSIX name.
+    node = local_node(tmp_path, python="cr-venv-python", setup=f". {venv}/bin/activate",
                       workdir=str(wd))
     assert sync(node, project) == 1
     assert (wd / "train.py").read_text() == "print('hi')\n"

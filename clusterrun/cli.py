@@ -7,11 +7,13 @@ import sys
 
 import click
 
-from . import __version__, compat
+from . import __version__
+
+from . import compat
 from .errors import EXIT_INTERRUPTED, ClusterrunError
 from .hostsfile import ON_HANG, HostsFileError, parse_duration, parse_env_mapping
 from .options import LaunchOptions, UpOptions, WatchOptions
-from .stream import use_color
+from .run.stream import use_color
 
 # Each command imports its module when it runs: a command pays only for what it
 # uses (`kill` through a live collector, `lint` and `--help` never load paramiko;
@@ -176,15 +178,15 @@ def up_cmd(module, nproc_per_node, master_port, env, detach, dry_run, sync, skip
         script=script, script_args=tuple(script_args), module=module,
         nproc_per_node=nproc_per_node, master_port=_master_port(master_port), env=_parse_env(env),
     )
-    from . import launch
+    from .commands import up
 
     if dry_run:
-        _run(lambda: click.echo(launch.dry_run(hosts, opts, transport)))
+        _run(lambda: click.echo(up.dry_run(hosts, opts, transport)))
     up_opts = UpOptions(fail_fast=not no_fail_fast, accept_new_host_keys=accept_new_host_keys,
                         color=use_color(no_color=no_color), detach=detach, skip_check=skip_check,
                         sync=sync, transport=transport, hang_timeout=hang_timeout, on_hang=on_hang,
                         max_restarts=max_restarts, restart_delay=restart_delay)
-    _run(launch.up, hosts, opts, up_opts)
+    _run(up.up, hosts, opts, up_opts)
 
 
 def _control(no_color: bool = True):
@@ -201,7 +203,7 @@ def _control(no_color: bool = True):
 @click.option("--no-color", is_flag=True, help="No colours (also: NO_COLOR=1).")
 def logs_cmd(run, ranks, node, follow, tail, attempt, no_color) -> None:
     """Print a run's tagged lines (RUN defaults to the latest run)."""
-    from . import logs
+    from .commands import logs
 
     _run(logs.logs, run, tuple(ranks), node, follow, tail, _control(no_color), attempt)
 
@@ -214,7 +216,7 @@ def logs_cmd(run, ranks, node, follow, tail, attempt, no_color) -> None:
 @click.option("--children", is_flag=True, help="Also the ranks' child processes (DataLoader workers).")
 def stacks_cmd(run, ranks, node, native, children) -> None:
     """Every rank's Python stacks, grouped by identical stack (RUN defaults to the latest run)."""
-    from . import stacks
+    from .commands import stacks
 
     _run(stacks.stacks, run, tuple(ranks), node, native, children, _control())
 
@@ -224,7 +226,7 @@ def stacks_cmd(run, ranks, node, native, children) -> None:
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 def status_cmd(run, as_json) -> None:
     """Each node's state: starting, running, exited with code, killed, lost."""
-    from . import status
+    from .commands import status
 
     _run(status.status, run, as_json, _control())
 
@@ -232,7 +234,7 @@ def status_cmd(run, as_json) -> None:
 @main.command("ps")
 def ps_cmd() -> None:
     """List runs, newest first."""
-    from . import status
+    from .commands import status
 
     _run(status.ps)
 
@@ -244,9 +246,9 @@ def ps_cmd() -> None:
               help="Seconds between TERM and KILL.")
 def kill_cmd(run, all_runs, grace) -> None:
     """Stop a run (default the latest) on every node; returns once nothing of it is left."""
-    from . import killing
+    from .commands import kill
 
-    _run(killing.kill, run, all_runs, grace)
+    _run(kill.kill, run, all_runs, grace)
 
 
 @main.command("check")
@@ -256,7 +258,7 @@ def kill_cmd(run, all_runs, grace) -> None:
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 def check_cmd(hosts, accept_new_host_keys, transport, as_json) -> None:
     """Preflight and inventory of every node of HOSTS, one row each."""
-    from . import check
+    from .commands import check
 
     _run(check.check, hosts, accept_new_host_keys, transport, as_json)
 
@@ -269,19 +271,19 @@ def check_cmd(hosts, accept_new_host_keys, transport, as_json) -> None:
 @click.argument("argv", nargs=-1, type=click.UNPROCESSED)
 def exec_cmd(hosts, argv, accept_new_host_keys, transport, no_color) -> None:
     """Run a command on every node of HOSTS: clusterrun exec HOSTS -- CMD [ARGS...]."""
-    from . import fanout
+    from .commands import exec as exec_command
 
     argv = list(argv)
     if argv and argv[0] == "--":
         argv = argv[1:]
-    _run(fanout.run_exec, hosts, argv, use_color(no_color=no_color), accept_new_host_keys, transport)
+    _run(exec_command.run_exec, hosts, argv, use_color(no_color=no_color), accept_new_host_keys, transport)
 
 
 @main.command("lint")
 @click.argument("scripts", nargs=-1, required=True)
 def lint_cmd(scripts) -> None:
     """Find rank/local-rank mistakes in training scripts."""
-    from . import lint
+    from .commands import lint
     _run(lint.lint_command, list(scripts))
 
 
@@ -294,14 +296,14 @@ def lint_cmd(scripts) -> None:
 @click.option("--restarts-on-stdin", is_flag=True, help="up's restart settings, as JSON on stdin.")
 def collect_cmd(run, lock_fd, connect_timeout, hang_timeout, on_hang, restarts_on_stdin) -> None:
     """Stream a detached run into its logs (started by `up --detach`)."""
-    from .controller import collect
-    from .runs import CollectorLock, RunDir
-    from .stream import Terminal
+    from .run.controller import collect
+    from .run.runs import CollectorLock, RunDir
+    from .run.stream import Terminal
 
     held = CollectorLock(lock_fd) if lock_fd is not None else None
     term, after = Terminal(), None
     if restarts_on_stdin:           # the run restarts itself: what `up` knew, never written down
-        from .launch import Restarts, run_attempts
+        from .commands.up import Restarts, run_attempts
 
         restarts = Restarts.from_json(sys.stdin.read())
         after = lambda ctl, results: run_attempts(ctl, results, restarts, term)  # noqa: E731

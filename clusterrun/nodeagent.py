@@ -16,7 +16,7 @@ Modes (spec["mode"]):
   stacks  every selected rank's Python stacks (each worker dumps its own, see
           STACKS_SITE; py-spy adds native frames where asked and present)
 
-Output protocol on stdout (binary, read by clusterrun/remote.py):
+Output protocol on stdout (binary, read by clusterrun/run/remote.py):
   D <key> <n>\\n<n bytes>   whole lines from one output file; key is "L" for
                            torchrun's own output, the local rank for a worker
   S <json>\\n              an event: started, exit, lost, killed

@@ -4,7 +4,7 @@
   `make_plan` turns it into a Plan, and `--dry-run` shows that plan.
 - UpOptions: how `up` runs it (fail-fast, detach, preflight, transport).
 - WatchOptions: how a run is followed while it runs, by the attached `up`, the
-  detached collector, `logs -f`, `status` and `kill` (see controller.py).
+  detached collector, `logs -f`, `status` and `kill` (see run/controller.py).
 
 A variant is made with `dataclasses.replace`, never by copying `__dict__`.
 """

@@ -406,7 +406,7 @@ def plan():
 
 @pytest.fixture()
 def run(home):
-    from clusterrun.runs import RunDir
+    from clusterrun.run.runs import RunDir
 
     return RunDir.create(UNIT_RUN_ID)
 

@@ -31,8 +31,8 @@ import weakref
 from typing import Any, Callable
 
 from clusterrun.errors import UnreachableError
-from clusterrun.remote import AGENT_MARK
-from clusterrun.stream import Terminal
+from clusterrun.run.remote import AGENT_MARK
+from clusterrun.run.stream import Terminal
 
 HEARTBEAT = b"H\n"
 

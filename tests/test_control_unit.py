@@ -6,8 +6,8 @@ import subprocess
 import sys
 import threading
 
-from clusterrun.control import SOCKET, ControlServer, request_kill
-from clusterrun.runs import RunDir
+from clusterrun.run.control import SOCKET, ControlServer, request_kill
+from clusterrun.run.runs import RunDir
 
 
 def test_kill_request_reaches_the_collector_and_gets_its_answer(tmp_path):
@@ -34,7 +34,7 @@ def test_kill_request_reaches_the_collector_and_gets_its_answer(tmp_path):
 def test_a_dead_collectors_socket_is_no_answer(tmp_path):
     # A collector process that dies (SIGKILL, say) leaves its socket file behind.
     subprocess.run([sys.executable, "-c", "import os, sys; from pathlib import Path; "
-                    "from clusterrun.control import ControlServer; from clusterrun.runs import RunDir; "
+                    "from clusterrun.run.control import ControlServer; from clusterrun.run.runs import RunDir; "
                     "ControlServer.start(RunDir(Path(sys.argv[1])), lambda g: []); os._exit(0)",
                     str(tmp_path)], check=True, timeout=60)
     assert (tmp_path / SOCKET).exists()

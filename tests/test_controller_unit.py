@@ -16,14 +16,14 @@ from typing import Callable, TypeVar
 
 import pytest
 
-from clusterrun.controller import RunController
+from clusterrun.run.controller import RunController
 from clusterrun.errors import EXIT_JOB_FAILED, EXIT_OK
 from clusterrun.hostsfile import parse_hosts
 from clusterrun.model import NodeResult, NodeState
 from clusterrun.options import LaunchOptions, WatchOptions
 from clusterrun.plan import Plan, make_plan
-from clusterrun.preflight import Gate, preflight_error
-from clusterrun.runs import RunDir
+from clusterrun.run.preflight import Gate, preflight_error
+from clusterrun.run.runs import RunDir
 from fakenode import FakeProcess, FakeTransport, Screen
 
 RUN_ID = "20260101-000000-abc123"
@@ -412,7 +412,7 @@ def test_a_busy_master_port_holds_back_every_node(fake_run, plan):
 
 
 def test_kill_through_the_control_socket_has_every_streaming_agent_kill_its_job(fake_run):
-    from clusterrun.control import request_kill
+    from clusterrun.run.control import request_kill
 
     c = fake_run({"nodeW": runs_until_killed, "nodeX": runs_until_killed, "nodeY": runs_until_killed})
     c.ctl.launch(start=True)

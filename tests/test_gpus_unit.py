@@ -20,10 +20,10 @@ from clusterrun.dryrun import render_plan
 from clusterrun.errors import EXIT_USAGE, UsageError
 from clusterrun.gpus import describe, missing_devices, parse_devices
 from clusterrun.hostsfile import HostsFileError, parse_hosts
-from clusterrun.inventory import Inventory, driver_differences, gpu_count, mismatches, node_problems
+from clusterrun.run.inventory import Inventory, driver_differences, gpu_count, mismatches, node_problems
 from clusterrun.options import LaunchOptions
 from clusterrun.plan import Plan, make_plan, needs_gpu_count
-from clusterrun.preflight import judge
+from clusterrun.run.preflight import judge
 
 
 def hosts(data) -> object:

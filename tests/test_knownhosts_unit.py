@@ -20,8 +20,8 @@ from pathlib import Path
 import paramiko
 import pytest
 
-from clusterrun import knownhosts
-from clusterrun.knownhosts import HostKeyCheck, KnownHosts, Verdict, append_key, host_names
+from clusterrun.transports import knownhosts
+from clusterrun.transports.knownhosts import HostKeyCheck, KnownHosts, Verdict, append_key, host_names
 
 needs_keygen = pytest.mark.skipif(shutil.which("ssh-keygen") is None, reason="needs ssh-keygen (openssh-client)")
 

@@ -10,7 +10,7 @@ import random
 
 import pytest
 
-from clusterrun.launcherlog import LauncherFilter
+from clusterrun.run.launcherlog import LauncherFilter
 
 FAILED = """\
 W1130 02:25:04.416000 30273 torch/distributed/elastic/multiprocessing/api.py:1028] Sending process 30278 closing signal SIGTERM

@@ -1,4 +1,14 @@
-"""Unit: the package's layers, read from its import statements (top-level and deferred)."""
+"""Unit: the package's layers, read from its import statements (top-level and deferred).
+
+The layers, lowest first; a module may import from its own layer and those below it:
+
+    plan        the top-level modules: hosts file, plan, options, model, errors, the node agent
+    transports  clusterrun/transports/: how a command reaches a node
+    stream      run/stream.py, run/launcherlog.py, run/runs.py: lines, logs and run records
+    run         the rest of clusterrun/run/: controller, remote job, results, restarts, preflight
+    commands    clusterrun/commands/: one module per user command
+    cli         cli.py and __main__.py
+"""
 
 from __future__ import annotations
 
@@ -6,24 +16,46 @@ import ast
 from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parent.parent / "clusterrun"
+LAYERS = ["plan", "transports", "stream", "run", "commands", "cli"]
+STREAM = {"run.stream", "run.launcherlog", "run.runs"}
+
+
+def module_name(path: Path) -> str:
+    parts = path.relative_to(PACKAGE).with_suffix("").parts
+    if parts[-1] == "__init__":
+        parts = parts[:-1]
+    return ".".join(parts)
+
+
+def layer(module: str) -> str:
+    if module in ("cli", "__main__"):
+        return "cli"
+    if module in STREAM:
+        return "stream"
+    head, _, rest = module.partition(".")
+    if rest or head in ("transports", "run", "commands"):
+        return head if head != "run" else "run"
+    return "plan"
 
 
 def imports() -> dict[str, set[str]]:
     """Each module's clusterrun imports that run, wherever in the module they are written."""
-    graph: dict[str, set[str]] = {}
-    for path in PACKAGE.glob("*.py"):
-        found = graph.setdefault(path.stem, set())
+    graph: dict[str, set[tuple[str, str]]] = {}
+    for path in PACKAGE.rglob("*.py"):
+        name = module_name(path)
+        found = graph.setdefault(name, set())
+        package = name.split(".") if path.stem == "__init__" else name.split(".")[:-1]
         tree = ast.parse(path.read_text())
         for block in ast.walk(tree):    # `if TYPE_CHECKING:` imports never run
             if isinstance(block, ast.If) and ast.unparse(block.test) == "TYPE_CHECKING":
                 block.body = []
         for node in ast.walk(tree):
-            if isinstance(node, ast.ImportFrom) and node.level == 1:
-                if node.module:
-                    found.add(node.module.split(".")[0])
-                else:
-                    found.update(a.name for a in node.names)
-    return graph
+            if isinstance(node, ast.ImportFrom) and node.level >= 1:
+                base = package[: len(package) - (node.level - 1)] + (node.module or "").split(".")
+                # `from ..run import remote` names a module; `from .plan import Plan` a name in one
+                found.update((".".join(base + [a.name]), ".".join(base).strip(".")) for a in node.names)
+    known = {module_name(path) for path in PACKAGE.rglob("*.py")}
+    return {m: {sub if sub in known else mod for sub, mod in deps} - {""} for m, deps in graph.items()}
 
 
 def reaches(graph: dict[str, set[str]], start: str) -> set[str]:
@@ -37,6 +69,28 @@ def reaches(graph: dict[str, set[str]], start: str) -> set[str]:
     return seen
 
 
+def test_the_graph_sees_the_package():
+    graph = imports()
+    assert {"plan", "nodeagent", "transports.paramiko", "run.controller", "commands.up", "cli"} <= set(graph)
+    assert "run.controller" in graph["commands.up"]
+    assert "transports.base" in graph["run.remote"]
+
+
+def test_no_module_imports_a_layer_above_its_own():
+    graph = imports()
+    upward = sorted(f"{m} ({layer(m)}) imports {d} ({layer(d)})"
+                    for m, deps in graph.items() for d in deps
+                    if d in graph and LAYERS.index(layer(d)) > LAYERS.index(layer(m)))
+    assert upward == []
+
+
+def test_a_command_imports_no_other_command():
+    graph = imports()
+    crossing = sorted(f"{m} imports {d}" for m, deps in graph.items() if layer(m) == "commands"
+                      for d in deps if layer(d) == "commands" and not d.startswith(m))
+    assert crossing == []
+
+
 def test_no_module_imports_itself_back():
     graph = imports()
     cycles = sorted(m for m in graph if m in reaches(graph, m))
@@ -45,6 +99,6 @@ def test_no_module_imports_itself_back():
 
 def test_the_plan_and_the_agent_stay_pure():
     graph = imports()
-    assert not {"transport", "paramikossh", "openssh", "remote"} & reaches(graph, "plan")
+    assert not {m for m in reaches(graph, "plan") if layer(m) != "plan"}
     assert graph["nodeagent"] == set()          # shipped to the nodes alone: stdlib only
-    assert not {"controller", "launch", "cli"} & reaches(graph, "options")
+    assert not {"run.controller", "commands.up", "cli"} & reaches(graph, "options")

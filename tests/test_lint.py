@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from clusterrun.errors import EXIT_USAGE, UsageError
-from clusterrun.lint import Finding, format_finding, lint_command, lint_paths, lint_source
+from clusterrun.commands.lint import Finding, format_finding, lint_command, lint_paths, lint_source
 
 REPO = Path(__file__).resolve().parent.parent
 

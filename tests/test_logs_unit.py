@@ -9,7 +9,7 @@ from dataclasses import replace
 
 from conftest import UNIT_RUN_ID
 
-from clusterrun import logs
+from clusterrun.commands import logs
 from clusterrun.options import WatchOptions
 
 

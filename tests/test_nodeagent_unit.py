@@ -357,7 +357,7 @@ def attach_agent(job_dir: Path, marker: str, inotify: bool = True) -> subprocess
     import base64
     import zlib
 
-    from clusterrun.remote import _AGENT_LINE, AGENT_LOADER
+    from clusterrun.run.remote import _AGENT_LINE, AGENT_LOADER
 
     line = _AGENT_LINE
     if not inotify:

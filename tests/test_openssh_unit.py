@@ -1,4 +1,4 @@
-"""The OpenSSH transport (clusterrun/openssh.py).
+"""The OpenSSH transport (clusterrun/transports/openssh.py).
 
 Without a cluster: control socket paths, the private socket directory, and the
 session process class driven by a local command. On the sshd test cluster
@@ -19,9 +19,9 @@ from pathlib import Path
 
 import pytest
 
-from clusterrun import openssh
+from clusterrun.transports import openssh
 from clusterrun.errors import UnreachableError
-from clusterrun.openssh import OpenSSHProcess, OpenSSHTransport, connect_openssh, control_path
+from clusterrun.transports.openssh import OpenSSHProcess, OpenSSHTransport, connect_openssh, control_path
 
 e2e = pytest.mark.e2e
 # These tests drive the OpenSSH transport directly: once is enough (conftest

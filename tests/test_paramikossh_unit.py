@@ -20,8 +20,8 @@ from typing import Callable
 import paramiko
 import pytest
 
-from clusterrun.paramikossh import STDERR_TAIL, SSHTransport, _Conn, identities
-from clusterrun.sshconfig import SSHTarget
+from clusterrun.transports.paramiko import STDERR_TAIL, SSHTransport, _Conn, identities
+from clusterrun.transports.sshconfig import SSHTarget
 
 
 def keygen(path: Path) -> Path:

@@ -16,16 +16,18 @@ from pathlib import Path
 
 import pytest
 
-from clusterrun import nodeagent, remote
+from clusterrun import nodeagent
+
+from clusterrun.run import remote
 from clusterrun.errors import UnreachableError
 from clusterrun.hostsfile import parse_hosts
 from clusterrun.model import NodeState, RankFailure
 from clusterrun.options import LaunchOptions
 from clusterrun.plan import Plan, make_plan
-from clusterrun.remote import RemoteJob, start_agent
-from clusterrun.runs import RunDir
-from clusterrun.stream import NodeOutput
-from clusterrun.transport import LocalTransport
+from clusterrun.run.remote import RemoteJob, start_agent
+from clusterrun.run.runs import RunDir
+from clusterrun.run.stream import NodeOutput
+from clusterrun.transports.local import LocalTransport
 from fakenode import HEARTBEAT, FakeProcess, FakeTransport, Screen, data_frame, event_frame
 
 RUN_ID = "20260101-000000-abc123"
@@ -398,7 +400,7 @@ def test_a_kill_that_cannot_be_written_falls_back_at_once(plan, run, screen):
 def test_each_login_failure_is_told_in_its_own_words(entry, cause, shell, tmp_path, monkeypatch):
     from clusterrun.options import LaunchOptions
     from clusterrun.plan import make_plan
-    from clusterrun.transport import LocalTransport
+    from clusterrun.transports.local import LocalTransport
 
     monkeypatch.setenv("SHELL", shell)
     Path("/tmp/clusterrun-not-executable").write_text("")

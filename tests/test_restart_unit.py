@@ -8,11 +8,11 @@ import io
 
 import pytest
 
-from clusterrun import restart
+from clusterrun.run import restart
 from clusterrun.errors import UnreachableError
 from clusterrun.hostsfile import parse_hosts
 from clusterrun.model import NodeResult, NodeState
-from clusterrun.stream import Terminal
+from clusterrun.run.stream import Terminal
 
 
 class Link:

@@ -7,7 +7,7 @@ import stat
 import subprocess
 import sys
 
-from clusterrun.runs import RunDir, new_run_id
+from clusterrun.run.runs import RunDir, new_run_id
 
 
 def mode(p) -> int:
@@ -38,7 +38,7 @@ def test_ps_status_and_logs_of_an_ended_run_never_load_paramiko(tmp_path):
             "from clusterrun.hostsfile import parse_hosts\n"
             "from clusterrun.options import LaunchOptions\n"
             "from clusterrun.plan import make_plan\n"
-            "from clusterrun.runs import RunDir\n"
+            "from clusterrun.run.runs import RunDir\n"
             "run = RunDir.create('20260101-000000-abc123')\n"
             "plan = make_plan(parse_hosts({'hosts': ['gpu-a']}), LaunchOptions('t.py'), run_id=run.run_id,\n"
             "                 master_addr='10.0.0.1', master_port=29500, controller_python='python',\n"

@@ -16,9 +16,9 @@ from pathlib import Path
 
 import pytest
 
-from clusterrun import sshconfig
+from clusterrun.transports import sshconfig
 from clusterrun.errors import EXIT_UNREACHABLE, UnreachableError
-from clusterrun.sshconfig import Hop, SSHTarget, parse_jump, resolve, resolve_many
+from clusterrun.transports.sshconfig import Hop, SSHTarget, parse_jump, resolve, resolve_many
 
 REAL_SSH = shutil.which("ssh", path="/usr/bin:/bin:/usr/local/bin")
 LOCAL_USER = pwd.getpwuid(os.getuid()).pw_name

@@ -13,7 +13,7 @@ from clusterrun import nodeagent
 from clusterrun.hostsfile import parse_hosts
 from clusterrun.options import LaunchOptions
 from clusterrun.plan import make_plan
-from clusterrun.stacks import Frame, RankStacks, diagnosis, group, parse, render
+from clusterrun.run.stacks import Frame, RankStacks, diagnosis, group, parse, render
 
 WORKER = """\
 import os, sys, time

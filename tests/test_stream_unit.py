@@ -22,9 +22,9 @@ from clusterrun.hostsfile import parse_hosts
 from clusterrun.options import LaunchOptions
 from clusterrun.plan import make_plan
 from clusterrun.model import NodeResult, RankFailure
-from clusterrun.results import exit_code, summary
-from clusterrun.runs import RunDir
-from clusterrun.stream import NodeOutput, use_color
+from clusterrun.run.results import exit_code, summary
+from clusterrun.run.runs import RunDir
+from clusterrun.run.stream import NodeOutput, use_color
 from fakenode import Screen
 
 RUN_ID = "20260101-000000-abc123"
@@ -156,7 +156,7 @@ def test_a_progress_bar_shows_its_last_redraw_once_it_ends_and_its_log_keeps_eve
 def test_on_a_terminal_the_bar_is_the_progress_line_and_one_rank_keeps_it(plan, run):
     err = TtyErr()
     screen_out = io.BytesIO()
-    from clusterrun.stream import Terminal
+    from clusterrun.run.stream import Terminal
     out = NodeOutput(plan.nodes[1], run, Terminal(screen_out, err), False)
     out.data(key(0), b"\r 10%|#")
     assert err.getvalue().endswith("\r\x1b[K[nodeX g3 l0]  10%|#")
@@ -185,7 +185,7 @@ def test_lines_before_a_bar_in_the_same_chunk_are_printed_before_the_bar_is_draw
         def flush(self) -> None:
             pass
 
-    from clusterrun.stream import Terminal
+    from clusterrun.run.stream import Terminal
     out = NodeOutput(plan.nodes[1], run, Terminal(Out(), screen_both), False)   # type: ignore[arg-type]
     out.data(key(0), b"line A\n\r  0%|")
     assert screen_both.getvalue() == "[nodeX g3 l0] line A\n\r\x1b[K[nodeX g3 l0]   0%|"
@@ -194,7 +194,7 @@ def test_lines_before_a_bar_in_the_same_chunk_are_printed_before_the_bar_is_draw
 
 def test_the_progress_line_fits_the_terminal_and_carries_no_escape_codes(plan, run):
     err = TtyErr()                   # no size to ask for: 80 columns
-    from clusterrun.stream import Terminal
+    from clusterrun.run.stream import Terminal
     out = NodeOutput(plan.nodes[1], run, Terminal(io.BytesIO(), err), True)     # coloured tags
     out.data(key(0), b"\r\x1b[32m" + b"#" * 200)
     shown = err.getvalue().rsplit("\r\x1b[K", 1)[-1]

@@ -12,8 +12,8 @@ import pytest
 from clusterrun.hostsfile import parse_hosts
 from clusterrun.options import LaunchOptions
 from clusterrun.plan import NodePlan, make_plan
-from clusterrun.sync import SyncError, project_files, sync_node
-from clusterrun.transport import LocalTransport
+from clusterrun.run.sync import SyncError, project_files, sync_node
+from clusterrun.transports.local import LocalTransport
 
 
 def local_node(tmp_path: Path, **entry) -> NodePlan:

@@ -2,7 +2,7 @@
 
 `localhost` nodes run commands as local subprocesses. Every other node is an
 ssh target as OpenSSH understands it, reached on one of two stacks (the host's
-`transport:`): paramiko (`paramikossh`, the default: one connection per node,
+`transport:`): paramiko (`paramiko.py`, the default: one connection per node,
 configured by `ssh -G`), or the system ssh client (`openssh`: one ControlMaster
 per node, for what only OpenSSH can do: 2FA prompts, GSSAPI, FIDO keys, host
 certificates). Unknown host keys are refused unless asked to accept new ones; a
@@ -15,14 +15,11 @@ import os
 import time
 from typing import Sequence
 
-from .errors import UnreachableError
-from .hostsfile import Host
-from .model import FINAL_STATES
-from .options import WatchOptions
-from .parallel import each
-from .plan import Plan
-from .runs import RunDir
-from .transport import LocalTransport, Transport
+from ..errors import UnreachableError
+from ..hostsfile import Host
+from ..parallel import each
+from .local import LocalTransport
+from .base import Transport
 
 
 def connect_node(host: Host, timeout: float | None, accept_new: bool = False,
@@ -40,7 +37,7 @@ def connect_node(host: Host, timeout: float | None, accept_new: bool = False,
             host.name, host.host, user=host.user, port=host.port, identity_file=host.identity_file,
             timeout=timeout, accept_new=accept_new,
             scope=scope or f"pid{os.getpid()}", persist=scope is not None, visiting=visiting)
-    from .paramikossh import connect
+    from .paramiko import connect
     from .sshconfig import resolve
     target = resolve(host.host, user=host.user, port=host.port, identity_file=host.identity_file,
                      node=host.name)
@@ -84,15 +81,3 @@ def connect_all(
                 t.close()
         raise UnreachableError(f"cannot reach every node, {consequence}:\n  " + "\n  ".join(errors))
     return [t for t, _, _ in results if t is not None]
-
-
-def connect_live(run: RunDir, plan: Plan, opts: WatchOptions, consequence: str = "nothing was done",
-                 visiting: bool = False) -> list[Transport | None]:
-    """Connections to the run's nodes in parallel; None for nodes already recorded as ended.
-    `visiting`: only looking in (stacks), not collecting: the run's masters stay its collector's."""
-    states = run.node_states()
-    live = [n for n in plan.nodes if states.get(n.node_rank, {}).get("state") not in FINAL_STATES]
-    conns = connect_all([n.host for n in live], opts.connect_timeout, opts.accept_new_host_keys,
-                        consequence, scope=plan.run_id, visiting=visiting) if live else []
-    by_rank = dict(zip((n.node_rank for n in live), conns))
-    return [by_rank.get(n.node_rank) for n in plan.nodes]

@@ -5,13 +5,13 @@ from __future__ import annotations
 import shlex
 from typing import Sequence
 
-from .errors import EXIT_JOB_FAILED, UnreachableError, UsageError
-from .hostsfile import Host, load_hosts, with_transport
-from .parallel import each
-from .plan import quote_path, setup_part
-from .stream import Terminal, shown_lines, tag_for, tag_lines
-from .connect import connect_node
-from .transport import Transport
+from ..errors import EXIT_JOB_FAILED, UnreachableError, UsageError
+from ..hostsfile import Host, load_hosts, with_transport
+from ..parallel import each
+from ..plan import quote_path, setup_part
+from ..run.stream import Terminal, shown_lines, tag_for, tag_lines
+from ..transports.connect import connect_node
+from ..transports.base import Transport
 
 READ = 65536
 

@@ -40,8 +40,8 @@ import time
 import weakref
 from typing import Callable
 
-from .errors import UnreachableError
-from .transport import LocalProcess
+from ..errors import UnreachableError
+from .local import LocalProcess
 
 # Control sockets live here; OpenSSH appends ~17 characters while creating one,
 # and a Unix socket path is limited to ~104 bytes, so the path stays short.

@@ -6,12 +6,12 @@ import time
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from .controller import collect
-from .errors import EXIT_INTERRUPTED, UsageError
-from .options import WatchOptions
-from .plan import NodePlan, Plan
-from .runs import RunDir
-from .stream import Terminal, shown_lines, tag_for, tag_lines
+from ..run.controller import collect
+from ..errors import EXIT_INTERRUPTED, UsageError
+from ..options import WatchOptions
+from ..plan import NodePlan, Plan
+from ..run.runs import RunDir
+from ..run.stream import Terminal, shown_lines, tag_for, tag_lines
 
 POLL = 0.2
 

@@ -1,6 +1,6 @@
 """`clusterrun check HOSTS`: every node probed in parallel, one row each.
 
-The same probe as `up`'s preflight (preflight.py), on the same plan `up` would
+The same probe as `up`'s preflight (run/preflight.py), on the same plan `up` would
 make, with torch imported (so a broken install shows): an inventory of each node
 (inventory.py) and every difference between the nodes that would break or hang a job.
 """
@@ -11,15 +11,15 @@ import json
 from dataclasses import dataclass, field
 from typing import Any
 
-from .connect import connect_each
-from .errors import EXIT_JOB_FAILED, EXIT_UNREACHABLE
-from .gpus import describe
-from .hostsfile import load_hosts, with_transport
-from .inventory import Inventory, driver_differences, gpu_count, held, held_text, mismatches, node_problems
-from .launch import build_plan
-from .options import LaunchOptions
-from .plan import NodePlan
-from .preflight import probe_all, probe_spec
+from ..transports.connect import connect_each
+from ..errors import EXIT_JOB_FAILED, EXIT_UNREACHABLE
+from ..gpus import describe
+from ..hostsfile import load_hosts, with_transport
+from ..run.inventory import Inventory, driver_differences, gpu_count, held, held_text, mismatches, node_problems
+from .up import build_plan
+from ..options import LaunchOptions
+from ..plan import NodePlan
+from ..run.preflight import probe_all, probe_spec
 
 
 @dataclass

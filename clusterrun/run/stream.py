@@ -20,7 +20,7 @@ from time import monotonic
 from typing import BinaryIO, Callable
 
 from .launcherlog import LauncherFilter
-from .plan import NodePlan
+from ..plan import NodePlan
 from .runs import RunDir
 
 _COLORS = (36, 33, 35, 32, 34, 31, 96, 93, 95, 92, 94, 91)

@@ -36,7 +36,7 @@ import warnings
 from dataclasses import dataclass
 from typing import Iterator, Sequence
 
-from .errors import UsageError
+from ..errors import UsageError
 
 ERROR = "error"
 WARNING = "warning"

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import functools
 
-from .control import request_kill
-from .errors import UnreachableError
-from .model import NodeState
-from .options import WatchOptions
-from .runs import RunDir, list_run_ids, runs_root
-from .stream import Terminal
+from ..run.control import request_kill
+from ..errors import UnreachableError
+from ..model import NodeState
+from ..options import WatchOptions
+from ..run.runs import RunDir, list_run_ids, runs_root
+from ..run.stream import Terminal
 
 
 def kill(run_id: str | None, all_runs: bool, grace: float) -> int:
@@ -54,9 +54,9 @@ def kill_run(run: RunDir, grace: float) -> list[str]:
     if problems is not None:
         return problems
     # Only now the SSH side of clusterrun: the path above never loads it.
-    from .connect import connect_live
-    from .controller import collect_with
-    from .remote import confirm_kills, kill_job
+    from ..run.live import connect_live
+    from ..run.controller import collect_with
+    from ..run.remote import confirm_kills, kill_job
 
     opts = WatchOptions()
     try:
@@ -87,8 +87,8 @@ def kill_leftovers(run: RunDir, names: list[str], grace: float) -> list[str]:
     """Kill what is left of an ended run's job on its lost nodes (by the job's marker, so
     nothing else); each node killed clean is recorded as killed. The problems: nodes
     still unreachable or not confirmed clean."""
-    from .connect import connect_each
-    from .remote import confirm_kills, kill_job
+    from ..transports.connect import connect_each
+    from ..run.remote import confirm_kills, kill_job
 
     plan = run.plan()
     nodes = [n for n in plan.nodes if n.name in names]

@@ -7,9 +7,9 @@ import signal
 from pathlib import Path
 from typing import Sequence
 
-from .errors import EXIT_INTERRUPTED, EXIT_JOB_FAILED, EXIT_OK
-from .model import NodeResult, NodeState, RankFailure
-from .plan import NodePlan
+from ..errors import EXIT_INTERRUPTED, EXIT_JOB_FAILED, EXIT_OK
+from ..model import NodeResult, NodeState, RankFailure
+from ..plan import NodePlan
 from .runs import RunDir
 from .stream import shown_lines
 

@@ -23,9 +23,9 @@ import subprocess
 from dataclasses import dataclass
 from typing import Sequence
 
-from .errors import UnreachableError
+from ..errors import UnreachableError
 from .knownhosts import match_pattern_list
-from .parallel import each
+from ..parallel import each
 
 SYSTEM_CONFIG = "/etc/ssh/ssh_config"
 DEFAULT_IDENTITY_FILES = (

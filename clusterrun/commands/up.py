@@ -16,20 +16,20 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
-from .controller import RunController
-from .errors import UnreachableError, UsageError
-from .hostsfile import Host, HostsFile, load_hosts, with_transport
-from .options import LaunchOptions, UpOptions, WatchOptions
-from .dryrun import PLACEHOLDER_RUN_ID, render_plan
-from .plan import Plan, make_plan, master_addr_for, needs_gpu_count
-from .preflight import Gate, PreflightError, auto_port, judge, preflight, preflight_error, probe_all, probe_spec
-from .restart import Roster, Vet, first_failure, next_roster, should_restart, wait_delay
-from .results import plural
-from .runs import CollectorLock, RunDir, clusterrun_home, new_run_id
-from .stream import Terminal
-from .sync import sync_all
-from .connect import connect_all
-from .transport import Transport
+from ..run.controller import RunController
+from ..errors import UnreachableError, UsageError
+from ..hostsfile import Host, HostsFile, load_hosts, with_transport
+from ..options import LaunchOptions, UpOptions, WatchOptions
+from ..dryrun import PLACEHOLDER_RUN_ID, render_plan
+from ..plan import Plan, make_plan, master_addr_for, needs_gpu_count
+from ..run.preflight import Gate, PreflightError, auto_port, judge, preflight, preflight_error, probe_all, probe_spec
+from ..run.restart import Roster, Vet, first_failure, next_roster, should_restart, wait_delay
+from ..run.results import plural
+from ..run.runs import CollectorLock, RunDir, clusterrun_home, new_run_id
+from ..run.stream import Terminal
+from ..run.sync import sync_all
+from ..transports.connect import connect_all
+from ..transports.base import Transport
 
 
 def master_port(hosts: HostsFile, opts: LaunchOptions) -> int | str:
@@ -62,7 +62,7 @@ def dry_run(hosts_path: str, opts: LaunchOptions, transport: str | None = None) 
     # Without connecting, "where ssh reaches node 0" is its HostName as OpenSSH resolves it.
     addr = None
     if not first.is_local:
-        from .sshconfig import resolve
+        from ..transports.sshconfig import resolve
         addr = resolve(first.host, user=first.user, port=first.port, identity_file=first.identity_file,
                        node=first.name).hostname
     auto = master_port(hosts, opts) == "auto"

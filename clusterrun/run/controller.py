@@ -15,16 +15,17 @@ import time
 from typing import Any, Callable, Sequence
 
 from .control import ControlServer
-from .errors import EXIT_INTERRUPTED
-from .options import WatchOptions
-from .plan import NodePlan, Plan
+from ..errors import EXIT_INTERRUPTED
+from ..options import WatchOptions
+from ..plan import NodePlan, Plan
 from .remote import Detached, RemoteJob, confirm_kills
 from .results import exit_code, summary
-from .model import FINAL_STATES, NodeResult, NodeState
+from ..model import FINAL_STATES, NodeResult, NodeState
 from .runs import CollectorLock, RunDir
 from .stream import NodeOutput, Terminal
-from .connect import connect_live, connect_node
-from .transport import Transport
+from ..transports.connect import connect_node
+from .live import connect_live
+from ..transports.base import Transport
 
 
 class RunController:

@@ -15,14 +15,14 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
-from .connect import connect_node
-from .errors import UnreachableError
-from .hostsfile import Host, HostsFile
-from .model import NodeResult, NodeState
+from ..transports.connect import connect_node
+from ..errors import UnreachableError
+from ..hostsfile import Host, HostsFile
+from ..model import NodeResult, NodeState
 from .results import summary
 from .runs import RunDir
 from .stream import Terminal
-from .transport import Transport
+from ..transports.base import Transport
 
 
 @dataclass

@@ -4,7 +4,7 @@ The node agent's probe reports it (nodeagent.probe: the GPUs from nvidia-smi, th
 versions from torch); `Inventory.from_probe` reads that report once. `node_problems`
 says what keeps one node from running its part of a plan, and `mismatches` what differs
 between the nodes in a way that breaks or hangs a job. `check` shows all of it, and
-`up`'s preflight refuses to start on any of it (preflight.py).
+`up`'s preflight refuses to start on any of it (run/preflight.py).
 """
 
 from __future__ import annotations
@@ -13,8 +13,8 @@ from collections import Counter
 from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
-from .gpus import VISIBLE_VAR, missing_devices, parse_visible
-from .plan import NodePlan
+from ..gpus import VISIBLE_VAR, missing_devices, parse_visible
+from ..plan import NodePlan
 
 
 @dataclass(frozen=True)

@@ -20,11 +20,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
-from .errors import ClusterrunError, UsageError
-from .plan import NodePlan, Plan, quote_path
-from .parallel import each
+from ..errors import ClusterrunError, UsageError
+from ..plan import NodePlan, Plan, quote_path
+from ..parallel import each
 from .remote import login_failure, login_steps, read_preamble, start_agent
-from .transport import Transport
+from ..transports.base import Transport
 
 SKIP_DIRS = frozenset({".git", ".hg", ".svn", "__pycache__", ".venv", "venv", "node_modules",
                        ".mypy_cache", ".pytest_cache", ".ruff_cache", ".tox", ".ipynb_checkpoints",

@@ -18,12 +18,12 @@ import zlib
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-from .errors import UnreachableError
-from .plan import NodePlan, quote_path, setup_part
-from .model import NodeResult, NodeState, RankFailure
-from .parallel import each
+from ..errors import UnreachableError
+from ..plan import NodePlan, quote_path, setup_part
+from ..model import NodeResult, NodeState, RankFailure
+from ..parallel import each
 from .stream import NodeOutput
-from .transport import Process, Transport, link_errors
+from ..transports.base import Process, Transport, link_errors
 
 # How long a node may stay unreachable before it counts as lost.
 RECONNECT_WINDOW = 60.0
@@ -31,7 +31,7 @@ RECONNECT_WINDOW = 60.0
 # 5 s) means the link is dead, even if TCP has not noticed yet.
 STALL_TIMEOUT = 30.0
 
-_AGENT_LINE = base64.b64encode(zlib.compress((Path(__file__).parent / "nodeagent.py").read_bytes(), 9)) + b"\n"
+_AGENT_LINE = base64.b64encode(zlib.compress((Path(__file__).parent.parent / "nodeagent.py").read_bytes(), 9)) + b"\n"
 # What runs on the node: a short loader; the agent's code and spec follow on stdin.
 AGENT_LOADER = "import base64,sys,zlib;exec(zlib.decompress(base64.b64decode(sys.stdin.buffer.readline())))"
 # The agent's first output line: this, then the session's random token (the

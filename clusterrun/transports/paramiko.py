@@ -24,14 +24,14 @@ from typing import Callable
 
 import logging
 
-from . import compat
+from .. import compat
 
 compat.import_paramiko()        # first: paramiko without invoke (compat.py)
 import paramiko  # noqa: E402
 from paramiko.agent import AgentSSH  # noqa: E402
 
 from . import knownhosts  # noqa: E402
-from .errors import UnreachableError  # noqa: E402
+from ..errors import UnreachableError  # noqa: E402
 from .sshconfig import Hop, SSHTarget, resolve  # noqa: E402
 
 # paramiko logs connection failures with tracebacks through its logger;

@@ -4,7 +4,7 @@ The collector (the attached `up`, or the background one of `up --detach`)
 already holds an SSH connection to every node with a node agent streaming on
 it. Asked over runs/<id>/control.sock, it has those agents kill the job: no
 new SSH handshake, no login shell, no Python start on any node. With no
-collector answering, `kill` connects to the nodes itself (killing.py).
+collector answering, `kill` connects to the nodes itself (commands/kill.py).
 
 Protocol: one request line of JSON, {"kill": GRACE}; one answer line,
 {"problems": [...]}, sent once every node has confirmed and the run's end is

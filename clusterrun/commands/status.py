@@ -6,12 +6,12 @@ import json
 import time
 from typing import Any
 
-from .controller import collect
-from .options import WatchOptions
-from .model import FINAL_STATES, NodeState, RunState
-from .runs import RunDir, list_run_ids, runs_root
-from .results import describe_code, describe_ranks, plural
-from .stream import Terminal
+from ..run.controller import collect
+from ..options import WatchOptions
+from ..model import FINAL_STATES, NodeState, RunState
+from ..run.runs import RunDir, list_run_ids, runs_root
+from ..run.results import describe_code, describe_ranks, plural
+from ..run.stream import Terminal
 
 
 def run_state(plan_nodes: int, states: dict[int, dict[str, Any]]) -> RunState:

@@ -25,8 +25,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from .errors import UsageError
-from .plan import Plan, masked, plan_from_dict
+from ..errors import UsageError
+from ..plan import Plan, masked, plan_from_dict
 
 
 

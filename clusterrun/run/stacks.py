@@ -1,4 +1,4 @@
-"""`clusterrun stacks`: every rank's Python stacks, grouped by identical stack.
+"""Every rank's Python stacks: taken through the node agents, parsed, grouped by identical stack.
 
 Each node's agent asks its workers for their stacks (nodeagent.stacks: each worker
 dumps its own through faulthandler; py-spy, where present and asked with
@@ -14,15 +14,13 @@ import time
 from dataclasses import dataclass, field
 from typing import Sequence
 
-from .errors import UsageError
-from .options import WatchOptions
-from .parallel import each
-from .plan import NodePlan, Plan
+from ..errors import UsageError
+from ..parallel import each
+from ..plan import NodePlan, Plan
 from .remote import AgentError, run_agent
 from .results import describe_ranks
 from .runs import RunDir
-from .stream import Terminal
-from .transport import Transport
+from ..transports.base import Transport
 
 
 @dataclass(frozen=True)
@@ -201,37 +199,3 @@ def save(run: RunDir, text: str) -> str:
     path.write_text(text)
     path.chmod(0o600)
     return str(path)
-
-
-# --- the command --------------------------------------------------------------------
-
-def stacks(run_id: str | None, ranks: tuple[int, ...], node: str | None, native: bool,
-           children: bool, opts: WatchOptions) -> int:
-    """Print and save the stacks of a live run's ranks; exit 1 if a node could not be read."""
-    from .connect import connect_live
-
-    run = RunDir.find(run_id)
-    plan = run.plan()
-    for r in ranks:
-        if not 0 <= r < plan.world_size:
-            raise UsageError(f"run {plan.run_id} has ranks 0-{plan.world_size - 1}, not {r}")
-    if run.ended():
-        raise UsageError(f"run {plan.run_id} has ended: no stacks to take")
-    conns = connect_live(run, plan, opts, consequence="no stacks were taken", visiting=True)
-    try:
-        found, problems = take(plan, conns, ranks, node, native, children)
-    finally:
-        for t in conns:
-            if t is not None:
-                t.close()
-    term = Terminal()
-    text = render(group(found))
-    if text:
-        term.write(text.encode())
-        term.message(f"clusterrun: stacks of {describe_ranks([s.rank for s in found])} "
-                     f"saved in {save(run, text)}")
-    for p in problems:
-        term.message(f"clusterrun: {p}")
-    if not found and not problems:
-        term.message("clusterrun: no rank is running on the selected nodes")
-    return 1 if problems or not found else 0

@@ -12,14 +12,14 @@ import threading
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
-from .errors import ClusterrunError
+from ..errors import ClusterrunError
 from .inventory import Inventory, count_problem, gpu_count, held, held_text, mismatches
 from .inventory import node_problems as inventory_problems
-from .options import LaunchOptions
-from .plan import NodePlan, Plan
-from .parallel import each
+from ..options import LaunchOptions
+from ..plan import NodePlan, Plan
+from ..parallel import each
 from .remote import AgentError, run_agent
-from .transport import Transport
+from ..transports.base import Transport
 
 
 class PreflightError(ClusterrunError):

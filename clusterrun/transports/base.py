@@ -1,0 +1,52 @@
+"""Transport: the connection to one node, over which every command of a run goes.
+
+What every transport offers (Transport, Process), and the one for `localhost`
+nodes: commands as local subprocesses. The SSH transports are paramiko.py and
+openssh.py; connect.py picks a node's.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import tempfile
+from typing import IO, Protocol
+
+from ..errors import UnreachableError
+
+
+
+class Process(Protocol):
+    """A command running on a node."""
+
+    stdout: IO[bytes]
+
+    def send(self, data: bytes) -> bool:
+        """Write to the command's stdin; False if it could not (the command or link ended)."""
+    def set_read_timeout(self, seconds: float | None) -> None: ...
+    def close_stdin(self) -> None: ...
+    def read_some(self, n: int) -> bytes: ...
+    def wait(self, timeout: float | None = None) -> int | None: ...
+    def stderr_text(self) -> str: ...
+    def close(self) -> None: ...
+
+
+class Transport(Protocol):
+    name: str
+    peer_addr: str          # the address we actually reached the node at
+
+    def exec(self, command: str, merge_stderr: bool = False) -> Process: ...
+    def alive(self) -> bool: ...
+    def close(self, linger: bool = False) -> None:
+        """End the connection. linger: another process takes this run's connections
+        over (`up -d`): openssh keeps its master for it a while."""
+
+
+def link_errors() -> tuple[type[BaseException], ...]:
+    """The exceptions that mean a node's connection broke. paramiko's are among them
+    only once paramiko is loaded (nothing else raises them), so that the commands
+    that never connect (`ps`, `status` and `logs` of an ended run) never import it."""
+    paramiko = sys.modules.get("paramiko")
+    base: tuple[type[BaseException], ...] = (OSError, EOFError, UnreachableError)
+    return base + (paramiko.SSHException,) if paramiko is not None else base

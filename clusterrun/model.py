@@ -56,6 +56,7 @@ class RankFailure:
     exit_time: float | None = None  # the node's clock (time.time()) when it ended
     stopped: bool = False           # clusterrun's stop had reached the node by then
     oom: bool = False               # SIGKILLed by the node kernel's OOM killer
+    finished: bool = False          # its script was over: it died while Python shut down
 
 
 @dataclass

@@ -366,7 +366,7 @@ def supervise(job_dir, argv, env):
         os.write(2, ("clusterrun: cannot run %s: %s\n" % (argv[0], e.strerror)).encode())
         code = 127
     else:
-        watch = RankWatch(proc.pid)
+        watch = RankWatch(proc.pid, os.path.join(job_dir, "stacks"))
         watch.start()
         code = proc.wait()
         watch.finish()
@@ -376,7 +376,9 @@ def supervise(job_dir, argv, env):
     except OSError:
         reported = []
     stop_time = read_text(os.path.join(job_dir, STOPPED))
-    failures = rank_outcomes(watch.ranks if watch else {}, reported, float(stop_time) if stop_time else None)
+    stacks_dir = os.path.join(job_dir, "stacks")
+    failures = rank_outcomes(watch.ranks if watch else {}, reported, float(stop_time) if stop_time else None,
+                             lambda pid: script_finished(stacks_dir, pid))
     write_atomic(os.path.join(job_dir, "exit.json"), json.dumps({"code": code, "failures": failures,
                                                                 "stop_time": float(stop_time) if stop_time else None}))
     os._exit(0)
@@ -416,6 +418,24 @@ def _clusterrun_arm():
     arm()
     if hasattr(os, "register_at_fork"):
         os.register_at_fork(after_in_child=arm)
+
+    # When the script is over (it returned or called sys.exit, with no uncaught
+    # exception), say so before Python shuts down: a rank that a signal ends after this
+    # died in the interpreter's teardown, its work done (gloo's worker threads can abort
+    # the process there: docs/troubleshooting.md). threading's own exit hooks run before
+    # any atexit handler and before the interpreter starts to finalize.
+    pid = os.getpid()
+
+    def finished():
+        if os.getpid() == pid and not hasattr(sys, "last_type"):
+            try:
+                open(os.path.join(where, "%d.finished" % pid), "w").close()
+            except OSError:
+                pass
+
+    import threading
+    if hasattr(threading, "_register_atexit"):      # Python 3.9 and later
+        threading._register_atexit(finished)
 
 
 def _clusterrun_chain():
@@ -598,10 +618,11 @@ class RankWatch(threading.Thread):
     are looked for every DISCOVER_EVERY seconds until torchrun ends.
     """
 
-    def __init__(self, torchrun_pid):
+    def __init__(self, torchrun_pid, stacks_dir=None):
         threading.Thread.__init__(self, name="rank-watch", daemon=True)
         self.torchrun = torchrun_pid
-        self.ranks = {}         # pid -> {"rank", "local_rank", "exit_time", "status"[, "oom"]}
+        self.stacks_dir = stacks_dir    # where each worker marks that its script is over
+        self.ranks = {}         # pid -> {"rank", "local_rank", "exit_time", "status"[, "oom", "finished"]}
         self._wake_r, self._wake_w = os.pipe()
         self._done = False
         self._oom_kills = oom_kills()   # the kernel's count, to tell a worker it OOM-killed
@@ -651,6 +672,8 @@ class RankWatch(threading.Thread):
             r["status"] = _wait_status(pid)
             if r["status"] == -signal.SIGKILL:
                 self._oom(r)
+            if script_finished(self.stacks_dir, pid):
+                r["finished"] = True
 
     def _oom(self, r):
         """A worker ended by SIGKILL while the kernel's OOM kill count went up: its OOM
@@ -659,6 +682,11 @@ class RankWatch(threading.Thread):
         if now is not None and self._oom_kills is not None and now > self._oom_kills:
             r["oom"] = True
             self._oom_kills += 1
+
+
+def script_finished(stacks_dir, pid):
+    """Whether worker `pid` marked that its script was over (see STACKS_SITE)."""
+    return bool(stacks_dir) and os.path.exists(os.path.join(stacks_dir, "%d.finished" % pid))
 
 
 VMSTAT = "/proc/vmstat"
@@ -716,10 +744,12 @@ def _wait_status(pid):
     return -(status & 0x7F) if status & 0x7F else status >> 8
 
 
-def rank_outcomes(watched, reported, stop_time):
-    """Every rank that did not exit 0: its code (or None if unknown), when it ended, and
-    whether clusterrun's stop had reached the node by then. In order of exit time."""
+def rank_outcomes(watched, reported, stop_time, finished=None):
+    """Every rank that did not exit 0: its code (or None if unknown), when it ended,
+    whether clusterrun's stop had reached the node by then, and whether its script was
+    over (`finished(pid)`, for a rank the watch never saw). In order of exit time."""
     codes = dict((f["rank"], f["exitcode"]) for f in reported)
+    finished = finished or (lambda pid: False)
     out = []
     seen = set()
     for r in watched.values():
@@ -729,16 +759,20 @@ def rank_outcomes(watched, reported, stop_time):
         if code == 0 or (code is None and not stopped and r["rank"] not in codes):
             continue
         out.append({"rank": r["rank"], "local_rank": r["local_rank"], "exitcode": code,
-                    "exit_time": r["exit_time"], "stopped": stopped, "oom": r.get("oom", False)})
+                    "exit_time": r["exit_time"], "stopped": stopped, "oom": r.get("oom", False),
+                    "finished": r.get("finished", False)})
     for f in reported:              # a rank torchrun reports that was never seen running (it
         if f["rank"] not in seen:   # ended before the watch looked): stopped only if a signal did it
             stopped = stop_time is not None and f["exitcode"] in (-signal.SIGTERM, -signal.SIGKILL)
-            out.append(dict(f, exit_time=None, stopped=stopped, oom=False))
+            f = dict(f)
+            pid = f.pop("pid", None)
+            out.append(dict(f, exit_time=None, stopped=stopped, oom=False, finished=bool(pid and finished(pid))))
     out.sort(key=lambda f: (f["exit_time"] is None, f["exit_time"] or 0))
     return out
 
 
-_FAILURE_RE = re.compile(r"rank\s*:\s*(\d+)\s*\(local_rank:\s*(\d+)\)\s*\n\s*exitcode\s*:\s*(-?\d+)")
+_FAILURE_RE = re.compile(r"rank\s*:\s*(\d+)\s*\(local_rank:\s*(\d+)\)\s*\n\s*exitcode\s*:\s*(-?\d+)"
+                         r"(?:\s*\(pid:\s*(\d+)\))?")
 
 
 def parse_failures(text):
@@ -750,7 +784,8 @@ def parse_failures(text):
     root_at = block.find("Root Cause")
     found = [(m.start() < root_at, m) for m in _FAILURE_RE.finditer(block)]
     ordered = [m for other, m in found if not other] + [m for other, m in found if other]
-    return [{"rank": int(m.group(1)), "local_rank": int(m.group(2)), "exitcode": int(m.group(3))}
+    return [{"rank": int(m.group(1)), "local_rank": int(m.group(2)), "exitcode": int(m.group(3)),
+             "pid": int(m.group(4)) if m.group(4) else None}
             for m in ordered]
 
 

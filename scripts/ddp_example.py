@@ -51,6 +51,14 @@ def main() -> None:
         dist.all_reduce(total)
         if rank == 0:
             print(f"epoch {epoch} mean loss {total.item() / (world * len(loader)):.4f}")
+    # Wait for every rank before tearing down. gloo runs each collective on a worker thread,
+    # which lets go of the collective's tensors (all_reduce's `total`) only after the caller
+    # has been told it is done; letting go of a Python tensor takes the GIL. Without the
+    # barrier the main thread can reach the interpreter's shutdown first, and the worker,
+    # denied the GIL then, aborts the process ("terminate called without an active
+    # exception", SIGABRT) after all the work is done. The barrier waits with the GIL
+    # released, so the worker finishes its release while the interpreter is still whole.
+    dist.barrier()
     dist.destroy_process_group()
 
 

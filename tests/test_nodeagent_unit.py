@@ -73,9 +73,9 @@ Root Cause (first observed failure):
 
 def test_parse_failures_root_cause_first_then_the_others_in_order():
     assert nodeagent.parse_failures(TORCHRUN_FAILURE) == [
-        {"rank": 3, "local_rank": 1, "exitcode": 7},
-        {"rank": 2, "local_rank": 0, "exitcode": -15},
-        {"rank": 12, "local_rank": 10, "exitcode": 1},
+        {"rank": 3, "local_rank": 1, "exitcode": 7, "pid": 4251},
+        {"rank": 2, "local_rank": 0, "exitcode": -15, "pid": 4250},
+        {"rank": 12, "local_rank": 10, "exitcode": 1, "pid": 4260},
     ]
 
 
@@ -97,7 +97,7 @@ Root Cause (first observed failure):
   traceback : Signal 9 (SIGKILL) received by PID 77
 ============================================================
 """
-    assert nodeagent.parse_failures(only_root) == [{"rank": 0, "local_rank": 0, "exitcode": -9}]
+    assert nodeagent.parse_failures(only_root) == [{"rank": 0, "local_rank": 0, "exitcode": -9, "pid": 77}]
 
 
 def test_parse_failures_uses_the_last_report_in_the_log():
@@ -619,3 +619,39 @@ def test_a_rank_too_quick_for_the_watch_is_stopped_only_if_a_signal_ended_it():
     reported = [{"rank": 0, "local_rank": 0, "exitcode": 2}, {"rank": 1, "local_rank": 1, "exitcode": -15}]
     out = nodeagent.rank_outcomes({}, reported, stop_time=12.0)
     assert [(f["rank"], f["exitcode"], f["stopped"]) for f in out] == [(0, 2, False), (1, -15, True)]
+
+
+# --- a rank that dies after its script finished ----------------------------------------
+
+def _site(tmp_path):
+    site, where = tmp_path / "site", tmp_path / "stacks"
+    site.mkdir()
+    where.mkdir()
+    (site / "sitecustomize.py").write_text(nodeagent.STACKS_SITE)
+    env = dict(os.environ, PYTHONPATH=str(site), CLUSTERRUN_STACKS=str(where), RANK="1", LOCAL_RANK="1")
+    return where, env
+
+
+@pytest.mark.parametrize("script, finished", [
+    ("import atexit, os; atexit.register(os.abort)", True),     # dies in the interpreter's teardown
+    ("import sys; sys.exit(0)", True),
+    ("import os; os.abort()", False),                           # dies while the script runs
+    ("raise ValueError('bad config')", False),                  # an uncaught error is not a finish
+])
+def test_a_worker_marks_that_its_script_is_over_only_when_it_is(tmp_path, script, finished):
+    where, env = _site(tmp_path)
+    proc = subprocess.Popen([sys.executable, "-c", script], env=env, stderr=subprocess.PIPE)
+    err = proc.communicate(timeout=60)[1]
+    assert nodeagent.script_finished(str(where), proc.pid) is finished, err
+
+
+def test_a_rank_killed_after_its_script_finished_is_told_so():
+    """Seen by the watch, or only in torchrun's report (by its pid), the fact carries over."""
+    ranks = {41: dict(watched(1, 1, 10.0, -6), finished=True), 42: watched(2, 0, 10.1, -6)}
+    out = nodeagent.rank_outcomes(ranks, [], stop_time=None)
+    assert [(f["rank"], f["finished"]) for f in out] == [(1, True), (2, False)]
+    reported = [{"rank": 3, "local_rank": 1, "exitcode": -6, "pid": 77},
+                {"rank": 4, "local_rank": 0, "exitcode": -6, "pid": 78}]
+    out = nodeagent.rank_outcomes({}, reported, stop_time=None, finished=lambda pid: pid == 77)
+    assert [(f["rank"], f["finished"]) for f in out] == [(3, True), (4, False)]
+    assert "pid" not in out[0] and reported[0]["pid"] == 77

@@ -348,6 +348,18 @@ def test_summary_shows_a_progress_bar_as_one_line_not_its_redraws(plan, run):
                                                  "  | ValueError: bad batch"]
 
 
+def test_summary_says_a_rank_killed_after_its_script_finished_had_done_its_work(plan, run):
+    x = plan.nodes[1]
+    results = [NodeResult(x, "exited", 1, [RankFailure(rank=3, local_rank=0, exitcode=-6, exit_time=10.0,
+                                                       finished=True),
+                                           RankFailure(rank=4, local_rank=1, exitcode=-6, exit_time=10.1)])]
+    assert summary(results, run) == [
+        "clusterrun: rank 3 (nodeX, local rank 0) was killed by SIGABRT after its script had finished, "
+        "while Python shut down: its work was done",
+        "clusterrun: rank 4 (nodeX, local rank 1) was killed by SIGABRT",
+    ]
+
+
 def test_summary_says_out_of_memory_for_an_oom_killed_rank_and_stopped_for_the_rest(plan, run):
     x = plan.nodes[1]
     results = [NodeResult(x, "exited", 1, [RankFailure(rank=3, local_rank=0, exitcode=-9, exit_time=10.0, oom=True),

@@ -355,6 +355,33 @@ def test_a_rank_the_oom_killer_ends_is_named_as_out_of_memory(cluster, tmp_path,
     assert_nothing_left(cluster)
 
 
+def test_a_rank_killed_while_python_shuts_down_is_told_its_work_was_done(cluster, tmp_path):
+    """As gloo's teardown can do: a rank aborts after its script returned. The summary says
+    the work was done; a rank aborting mid-script is not said to have finished."""
+    script = write(tmp_path / "teardown.py", """\
+        import atexit, os, sys, time
+        import torch.distributed as dist
+        dist.init_process_group("gloo")
+        rank = dist.get_rank()
+        dist.barrier()
+        print(f"rank {rank} done", flush=True)
+        time.sleep(0.5)                 # long enough for the node's watch to have seen it
+        if rank == 1:
+            atexit.register(os.abort)   # dies in the interpreter's teardown
+        if rank == 2 and sys.argv[1] == "mid":
+            os.abort()                  # dies while its script runs
+    """)
+    n1, n2 = cluster.names[:2]
+    hosts = hosts_file(tmp_path, [n1, n2], nproc_per_node=2)
+    r = up(cluster, tmp_path, "--no-fail-fast", str(hosts), str(script), "mid")
+    assert r.returncode == 1, r.stdout + r.stderr
+    err = r.stderr.splitlines()
+    assert (f"clusterrun: rank 1 ({n1}, local rank 1) was killed by SIGABRT after its script had finished, "
+            "while Python shut down: its work was done") in err, r.stderr
+    assert f"clusterrun: rank 2 ({n2}, local rank 0) was killed by SIGABRT" in err, r.stderr
+    assert_nothing_left(cluster)
+
+
 def test_burst_of_lines_from_every_rank_arrives_whole_and_in_order(cluster, tmp_path):
     n_lines = 20000
     script = write(tmp_path / "burst.py", f"""\

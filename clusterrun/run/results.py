@@ -79,6 +79,8 @@ def summary(results: Sequence[NodeResult], run: RunDir, tail: int = TAIL) -> lis
         what = describe_code(f.exitcode) if f.exitcode is not None else "exited (its code was not recorded)"
         if f.oom:
             what += ": out of memory (the node's kernel OOM killer ended it)"
+        elif f.finished and f.exitcode is not None and f.exitcode < 0:
+            what += " after its script had finished, while Python shut down: its work was done"
         lines.append(f"clusterrun: rank {f.rank} ({node.name}, local rank {f.local_rank}) {what}")
         lines += [f"  | {t}" for t in tail_lines(run.rank_log(f.rank), tail)]
     for r in whole:

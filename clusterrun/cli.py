@@ -303,10 +303,9 @@ def collect_cmd(run, lock_fd, connect_timeout, hang_timeout, on_hang, restarts_o
     held = CollectorLock(lock_fd) if lock_fd is not None else None
     term, after = Terminal(), None
     if restarts_on_stdin:           # the run restarts itself: what `up` knew, never written down
-        from .commands.up import Restarts, run_attempts
+        from .run.attempts import Restarts, restart_loop
 
-        restarts = Restarts.from_json(sys.stdin.read())
-        after = lambda ctl, results: run_attempts(ctl, results, restarts, term)  # noqa: E731
+        after = restart_loop(Restarts.from_json(sys.stdin.read()), term)
     _run(collect, RunDir.find(run), term,
          WatchOptions(print_lines=False, connect_timeout=connect_timeout, hang_timeout=hang_timeout,
                       on_hang=on_hang), True, None, held, after)

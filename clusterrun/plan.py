@@ -7,7 +7,8 @@ cannot drift. Nothing here connects, reads the clock or touches disk.
 from __future__ import annotations
 
 import shlex
-from dataclasses import dataclass
+import sys
+from dataclasses import dataclass, field
 from typing import Mapping
 
 from .errors import UsageError
@@ -173,6 +174,48 @@ def make_plan(
         ))
         rank_start += nproc
     return Plan(run_id, hosts.path, master_addr, master_port, rank_start, tuple(nodes), attempt)
+
+
+@dataclass(frozen=True)
+class Facts:
+    """What only the nodes can tell, from which an attempt's plan is made: where ssh
+    reached node 0 (known once connected) and what the probe found (run/preflight.py)."""
+
+    node0_addr: str | None = None       # MASTER_ADDR when neither `master_addr` nor `addr` says
+    master_port: int | None = None      # node 0's pick for `master_port: auto`
+    gpu_counts: Mapping[int, int] = field(default_factory=dict)    # node_rank -> GPUs, for `gpu` nodes
+
+
+def asked_master_port(hosts: HostsFile, opts: LaunchOptions) -> int | str:
+    """The port asked for: --master-port, else the hosts file; an int or "auto"."""
+    return opts.master_port if opts.master_port is not None else hosts.master_port
+
+
+def needs_probe(hosts: HostsFile, opts: LaunchOptions) -> bool:
+    """Whether the plan needs a fact that only a probe of the nodes finds: node 0's
+    free port for `master_port: auto`, or the GPU count of a `gpu` node."""
+    return asked_master_port(hosts, opts) == "auto" or bool(needs_gpu_count(hosts, opts))
+
+
+def build_plan(hosts: HostsFile, opts: LaunchOptions, facts: Facts, *, run_id: str, local_home: str,
+               attempt: int = 0, provisional: bool = False) -> Plan:
+    """The plan for these hosts from what the nodes told. A provisional plan (the dry
+    run's, `check`'s, the one the probe starts each node's agent with) may lack the
+    facts: an auto port not picked yet is 0, a GPU count not known is pending. A plan
+    that runs lacks none; one without its auto port is a usage error."""
+    asked = asked_master_port(hosts, opts)
+    if asked != "auto":
+        port = int(asked)
+    elif facts.master_port is not None:
+        port = facts.master_port
+    elif provisional:
+        port = 0
+    else:
+        raise UsageError("master_port is auto: it is picked on node 0 when the run starts")
+    return make_plan(
+        hosts, opts, run_id=run_id, master_addr=master_addr_for(hosts, facts.node0_addr), master_port=port,
+        gpu_counts=facts.gpu_counts, controller_python=sys.executable, local_home=local_home, attempt=attempt,
+    )
 
 
 def _nproc(host: Host, opts: LaunchOptions, gpu_count: int | None) -> tuple[int, bool]:

@@ -576,7 +576,7 @@ def test_bad_restart_settings_are_named(tmp_path, text, field):
 
 
 def test_the_restart_settings_a_detached_run_receives_come_back_whole():
-    from clusterrun.commands.up import Restarts
+    from clusterrun.run.attempts import Restarts
     from clusterrun.options import LaunchOptions
 
     hf = parse_hosts({"max_restarts": 2, "gpus": "0-1", "setup": ["a", "b"], "env": {"K": "v"},

@@ -564,3 +564,24 @@ def test_any_accepted_hosts_and_arguments_give_a_consistent_plan(hosts, args, en
         assert env_words == ([f"{k}={v}" for k, v in n.env.items() if k != JOB_MARKER_VAR]
                              + [f'{v}=${{{v}:-$IF}}' for v in n.pick_ifname])
     assert plan.world_size == start
+
+
+def test_the_plan_of_an_attempt_is_made_from_what_the_nodes_told():
+    """build_plan: node 0's address (where ssh reached it), the port it picked for
+    `master_port: auto` and the GPU counts of `gpu` nodes go into the plan; a plan
+    that would run without its auto port is refused, a provisional one shows 0."""
+    from clusterrun.plan import Facts, build_plan
+
+    hosts = parse_hosts({"master_port": "auto", "hosts": ["gpu-a", {"host": "gpu-b", "nproc_per_node": "gpu"}]},
+                        "hosts.yaml")
+    opts = LaunchOptions("train.py")
+    plan = build_plan(hosts, opts, Facts("10.9.0.1", 41234, {1: 4}), run_id=RUN_ID, local_home="/tmp/crh")
+    assert (plan.master_addr, plan.master_port, plan.world_size) == ("10.9.0.1", 41234, 5)
+    assert plan.complete and "--master-port=41234" in plan.nodes[1].argv
+    with pytest.raises(UsageError, match="master_port is auto"):
+        build_plan(hosts, opts, Facts("10.9.0.1"), run_id=RUN_ID, local_home="/tmp/crh")
+    shown = build_plan(hosts, opts, Facts("10.9.0.1"), run_id=RUN_ID, local_home="/tmp/crh", provisional=True)
+    assert shown.master_port == 0 and not shown.complete
+    asked = build_plan(hosts, LaunchOptions("train.py", master_port=29600), Facts("10.9.0.1", 41234, {1: 4}),
+                       run_id=RUN_ID, local_home="/tmp/crh")
+    assert asked.master_port == 29600       # --master-port overrides the hosts file's auto

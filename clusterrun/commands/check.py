@@ -16,10 +16,10 @@ from ..errors import EXIT_JOB_FAILED, EXIT_UNREACHABLE
 from ..gpus import describe
 from ..hostsfile import load_hosts, with_transport
 from ..run.inventory import Inventory, driver_differences, gpu_count, held, held_text, mismatches, node_problems
-from .up import build_plan
 from ..options import LaunchOptions
-from ..plan import NodePlan
+from ..plan import Facts, NodePlan, build_plan
 from ..run.preflight import probe_all, probe_spec
+from ..run.runs import clusterrun_home
 
 
 @dataclass
@@ -46,8 +46,8 @@ def check(hosts_path: str, accept_new: bool = False, transport: str | None = Non
     conns = connect_each(hosts.hosts, hosts.connect_timeout, accept_new)
     try:
         first = conns[0][0]
-        plan = build_plan(hosts, LaunchOptions(script="-"), "check", first.peer_addr if first else None,
-                          port=0 if hosts.master_port == "auto" else None)
+        plan = build_plan(hosts, LaunchOptions(script="-"), Facts(node0_addr=first.peer_addr if first else None),
+                          run_id="check", local_home=str(clusterrun_home()), provisional=True)
         port = hosts.master_port
         specs = [probe_spec(plan, n, None, False, port, torch=True) for n in plan.nodes]
         results = probe_all(plan, [t for t, _, _ in conns], specs)

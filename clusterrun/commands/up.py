@@ -1,57 +1,29 @@
 """`clusterrun up`: connect, plan, start every node, stream, report.
 
-The same `make_plan` feeds `--dry-run` and the real run.
+The same `build_plan` (plan.py) feeds `--dry-run` and the real run, whose attempts
+run/attempts.py plans, starts again after a failure (--max-restarts) and watches.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import json
 import os
 import shutil
 import signal
 import subprocess
 import sys
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
 
+from ..run.attempts import Restarts, plan_attempt, run_attempts
 from ..run.controller import RunController
-from ..errors import UnreachableError, UsageError
-from ..hostsfile import Host, HostsFile, load_hosts, with_transport
+from ..hostsfile import load_hosts, with_transport
 from ..options import LaunchOptions, UpOptions, WatchOptions
 from ..dryrun import PLACEHOLDER_RUN_ID, render_plan
-from ..plan import Plan, make_plan, master_addr_for, needs_gpu_count
-from ..run.preflight import Gate, PreflightError, auto_port, judge, preflight, preflight_error, probe_all, probe_spec
-from ..run.restart import Roster, Vet, first_failure, next_roster, should_restart, wait_delay
+from ..plan import Facts, asked_master_port, build_plan, needs_probe
+from ..run.preflight import Gate, preflight_error
 from ..run.results import plural
 from ..run.runs import CollectorLock, RunDir, clusterrun_home, new_run_id
 from ..run.stream import Terminal
-from ..run.sync import sync_all
 from ..transports.connect import connect_all
-from ..transports.base import Transport
-
-
-def master_port(hosts: HostsFile, opts: LaunchOptions) -> int | str:
-    """The port asked for: --master-port, else the hosts file; an int or "auto"."""
-    return opts.master_port if opts.master_port is not None else hosts.master_port
-
-
-def build_plan(hosts: HostsFile, opts: LaunchOptions, run_id: str, connected_addr: str | None,
-               port: int | None = None, attempt: int = 0, gpu_counts: dict[int, int] | None = None) -> Plan:
-    """The plan for these hosts; `port` stands in for an "auto" master port; gpu_counts
-    are the counts the preflight found for `nproc_per_node: gpu` (else those are pending)."""
-    if port is None:
-        asked = master_port(hosts, opts)
-        if asked == "auto":
-            raise UsageError("master_port is auto: it is picked on node 0 when the run starts")
-        port = int(asked)
-    return make_plan(
-        hosts, opts, run_id=run_id,
-        master_addr=master_addr_for(hosts, connected_addr), master_port=port,
-        controller_python=sys.executable, local_home=str(clusterrun_home()), attempt=attempt,
-        gpu_counts=gpu_counts,
-    )
 
 
 def dry_run(hosts_path: str, opts: LaunchOptions, transport: str | None = None) -> str:
@@ -65,10 +37,10 @@ def dry_run(hosts_path: str, opts: LaunchOptions, transport: str | None = None) 
         from ..transports.sshconfig import resolve
         addr = resolve(first.host, user=first.user, port=first.port, identity_file=first.identity_file,
                        node=first.name).hostname
-    auto = master_port(hosts, opts) == "auto"
-    plan = build_plan(hosts, opts, PLACEHOLDER_RUN_ID, addr, port=0 if auto else None)
+    plan = build_plan(hosts, opts, Facts(node0_addr=addr), run_id=PLACEHOLDER_RUN_ID,
+                      local_home=str(clusterrun_home()), provisional=True)
     # A localhost node runs where `up` is started: its pasted line goes there first.
-    return render_plan(plan, port_auto=auto, start_dir=os.getcwd())
+    return render_plan(plan, port_auto=asked_master_port(hosts, opts) == "auto", start_dir=os.getcwd())
 
 
 def up(hosts_path: str, opts: LaunchOptions, up_opts: UpOptions) -> int:
@@ -81,7 +53,8 @@ def up(hosts_path: str, opts: LaunchOptions, up_opts: UpOptions) -> int:
     transports = connect_all(hosts.hosts, hosts.connect_timeout, up_opts.accept_new_host_keys,
                              scope=run_id)
     try:
-        plan = prepare(hosts, opts, up_opts, run_id, transports, term)
+        plan = plan_attempt(hosts, opts, transports, term, run_id=run_id, checks=not up_opts.skip_check,
+                            sync=Path.cwd() if up_opts.sync else None)
         run = RunDir.create(run_id)
         lock = run.lock()       # before the plan: commands see the run only once it has a collector
         assert lock is not None, "a new run has no collector yet"
@@ -103,8 +76,7 @@ def up(hosts_path: str, opts: LaunchOptions, up_opts: UpOptions) -> int:
     run.start_attempt(plan, restarts.max_restarts, {})
     ctl = RunController(plan, run, transports, term, ctl_opts)
     try:
-        checked_in_start = (not up_opts.skip_check and master_port(hosts, opts) != "auto"
-                            and not needs_gpu_count(hosts, opts))     # else prepare() checked already
+        checked_in_start = not up_opts.skip_check and not needs_probe(hosts, opts)  # else the probe checked
         gate = Gate(plan, opts, plan.master_port) if checked_in_start else None
         ctl.launch(start=True, gate=gate)
         if gate is not None and not _gate_passed(gate, ctl, run, term):
@@ -122,83 +94,6 @@ def up(hosts_path: str, opts: LaunchOptions, up_opts: UpOptions) -> int:
     finally:
         ctl.close()
         lock.release()
-
-
-@dataclass(frozen=True)
-class Restarts:
-    """What a run needs to start itself again (`--max-restarts`): the hosts file with its
-    spares, and what to run. The attached `up` keeps it; `up -d` hands it to the
-    collector over a pipe, so the env's secrets are never written down."""
-
-    hosts: HostsFile
-    launch: LaunchOptions
-    max_restarts: int = 0
-    delay: float = 5.0
-    check: bool = True      # a spare must pass the preflight (not with --skip-check)
-
-    def to_json(self) -> str:
-        return json.dumps(dataclasses.asdict(self))
-
-    @classmethod
-    def from_json(cls, text: str) -> Restarts:
-        d = json.loads(text)
-        host = lambda h: Host(**{k: tuple(v) if isinstance(v, list) else v for k, v in h.items()})  # noqa: E731
-        hosts = d["hosts"]
-        hosts = HostsFile(**{**hosts, "hosts": tuple(map(host, hosts["hosts"])),
-                             "spares": tuple(map(host, hosts["spares"]))})
-        launch = LaunchOptions(**{**d["launch"], "script_args": tuple(d["launch"]["script_args"])})
-        return cls(hosts, launch, d["max_restarts"], d["delay"], d["check"])
-
-
-def run_attempts(ctl: RunController, results: list, restarts: Restarts, term: Terminal
-                 ) -> tuple[RunController, list]:
-    """While an attempt failed and restarts are left: the next attempt. The controller
-    and the results of the last attempt."""
-    plan, most = ctl.plan, restarts.max_restarts
-    roster = Roster(restarts.hosts, [], list(restarts.hosts.spares))
-    while should_restart(results, ctl.run, ctl.interrupted, plan.attempt, most):
-        nxt = _next_attempt(ctl, results, roster, restarts, plan, term)
-        if nxt is None:
-            return ctl, results
-        ctl, plan, roster = nxt
-        results = ctl.wait()
-    if most and not all(r.ok for r in results) and plan.attempt == most:
-        term.message(f"clusterrun: attempt {plan.attempt + 1} of {most + 1} failed too: no restart left")
-    return ctl, results
-
-
-def _next_attempt(ctl: RunController, results: list, roster: Roster, restarts: Restarts,
-                  plan: Plan, term: Terminal) -> tuple[RunController, Plan, Roster] | None:
-    """After a failed attempt: wait the delay, bring every node back (or a spare in its
-    place), and start the next attempt. None: the run ends here (killed, or a node missing)."""
-    run, opts, delay = ctl.run, restarts.launch, restarts.delay
-    term.message(f"clusterrun: attempt {plan.attempt + 1} of {restarts.max_restarts + 1} failed: "
-                 f"{first_failure(results, run)}; restarting in {delay:g}s")
-    roster.transports = ctl.end_attempt()
-    try:
-        if not wait_delay(run, delay):
-            term.message(f"clusterrun: {run.killed_reason()} during the restart delay: no further attempt")
-            return None
-        vet = _spare_vet(opts, run.run_id, plan.attempt + 1) if restarts.check else None
-        roster = next_roster(roster, results, term, vet)
-    except UnreachableError as e:
-        term.message(f"clusterrun: no further attempt: {e}")
-        return None
-    except KeyboardInterrupt:
-        run.mark_killed("Ctrl-C")
-        term.message("clusterrun: interrupted during the restart delay: no further attempt")
-        ctl.interrupted = True
-        return None
-    try:
-        plan = _attempt_plan(roster, opts, run.run_id, plan.attempt + 1)
-    except PreflightError as e:
-        term.message(f"clusterrun: no further attempt: {e}")
-        return None
-    run.write_plan(plan)
-    run.start_attempt(plan, restarts.max_restarts, roster.replaced)
-    nxt = RunController(plan, run, roster.transports, term, ctl.opts)
-    nxt.launch(start=True)
-    return nxt, plan, roster
 
 
 def _interrupt(signum: int, frame: object) -> None:
@@ -220,55 +115,6 @@ def _gate_passed(gate: Gate, ctl: RunController, run: RunDir, term: Terminal) ->
             shutil.rmtree(run.path, ignore_errors=True)
             term.message("clusterrun: interrupted while the nodes were checked: nothing was started")
         raise
-
-
-def _spare_vet(opts: LaunchOptions, run_id: str, attempt: int) -> Vet:
-    """The preflight a spare passes before it stands in: the nodes already there are
-    probed with it, so that a version differing from theirs is its problem too."""
-    def vet(hosts: HostsFile, transports: Sequence[Transport | None], i: int) -> list[str]:
-        addr = transports[0].peer_addr      # type: ignore[union-attr]  (nodes before i are connected)
-        plan = build_plan(hosts, opts, run_id, addr, port=0, attempt=attempt)
-        specs = [probe_spec(plan, n, opts.script, opts.module, None, torch=False) for n in plan.nodes]
-        mine = plan.nodes[i].name + ": "
-        return [p.removeprefix(mine) for p in judge(plan, probe_all(plan, transports, specs), opts, 0).problems
-                if p.startswith(mine)]
-    return vet
-
-
-def _attempt_plan(roster: Roster, opts: LaunchOptions, run_id: str, attempt: int) -> Plan:
-    """The next attempt's plan. What only the nodes can say (an auto port, the GPU counts
-    of `nproc_per_node: gpu`: a spare may stand in) is asked with a provisional plan first."""
-    hosts, transports, addr = roster.hosts, roster.transports, roster.transports[0].peer_addr
-    auto = master_port(hosts, opts) == "auto"
-    plan = build_plan(hosts, opts, run_id, addr, port=0 if auto else None, attempt=attempt)
-    if not auto and plan.complete:
-        return plan
-    port = auto_port(plan, transports) if auto else plan.master_port
-    counts = None if plan.complete else preflight(plan, transports, opts, port, checks=False).gpu_counts
-    return build_plan(hosts, opts, run_id, addr, port=port, attempt=attempt, gpu_counts=counts)
-
-
-def prepare(hosts: HostsFile, opts: LaunchOptions, up_opts: UpOptions, run_id: str,
-            transports: list[Transport], term: Terminal) -> Plan:
-    """Before anything starts: the plan, --sync, and an automatic port or the GPU counts
-    of `nproc_per_node: gpu` (which need the preflight first, in a session of its own)."""
-    asked = master_port(hosts, opts)
-    plan = build_plan(hosts, opts, run_id, transports[0].peer_addr, port=0 if asked == "auto" else None)
-    if up_opts.sync:
-        term.progress(f"syncing {Path.cwd()} to {len(hosts.hosts)} nodes")
-        sent = sync_all(plan, transports, Path.cwd())
-        if sent:
-            term.message("clusterrun: synced " + ", ".join(f"{n} ({k} files)" for n, k in sent.items()))
-    if asked != "auto" and plan.complete:
-        return plan     # the preflight, unless skipped, happens inside the start (Gate)
-    term.progress(f"checking {len(hosts.hosts)} nodes")
-    if up_opts.skip_check and plan.complete:
-        return build_plan(hosts, opts, run_id, transports[0].peer_addr, port=auto_port(plan, transports))
-    verdict = preflight(plan, transports, opts, asked, checks=not up_opts.skip_check)
-    for warning in verdict.warnings:
-        term.message(f"clusterrun: warning: {warning}")
-    return build_plan(hosts, opts, run_id, transports[0].peer_addr,
-                      port=verdict.free_port if asked == "auto" else None, gpu_counts=verdict.gpu_counts)
 
 
 def lint_warnings(opts: LaunchOptions, term: Terminal) -> None:

@@ -8,6 +8,7 @@ the port node 0 picked and the GPU counts of `nproc_per_node: gpu`.
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 from dataclasses import dataclass, field
 from typing import Any, Sequence
@@ -16,7 +17,7 @@ from ..errors import ClusterrunError
 from .inventory import Inventory, count_problem, gpu_count, held, held_text, mismatches
 from .inventory import node_problems as inventory_problems
 from ..options import LaunchOptions
-from ..plan import NodePlan, Plan
+from ..plan import Facts, NodePlan, Plan
 from ..parallel import each
 from .remote import AgentError, run_agent
 from ..transports.base import Transport
@@ -176,6 +177,26 @@ class Gate:
                 self.problems = [why]
                 self._cv.notify_all()
             return self.problems != []
+
+
+def find_facts(reach: Plan, transports: Sequence[Transport], opts: LaunchOptions, port: int | str,
+               known: Facts, checks: bool = True) -> tuple[Facts, list[str]]:
+    """What the plan needs that only the nodes can tell (node 0's free port for "auto",
+    the GPU counts of `gpu` nodes), added to what is `known`, and the warnings. `reach`
+    is the provisional plan that starts each node's agent: its nodes' python, workdir,
+    setup and env do not depend on these facts. checks: the whole preflight comes along
+    (PreflightError names every node at fault); without (--skip-check, or a restart whose
+    spares were vetted), only what the plan cannot do without. Nothing to find: no probe
+    (`up` then checks inside the start: see Gate)."""
+    auto, counts = port == "auto", not reach.complete
+    if not auto and not counts:
+        return known, []
+    if not checks and not counts:
+        return dataclasses.replace(known, master_port=auto_port(reach, transports)), []
+    verdict = preflight(reach, transports, opts, port, checks)
+    found = dataclasses.replace(known, master_port=verdict.free_port if auto else known.master_port,
+                                gpu_counts=verdict.gpu_counts)
+    return found, verdict.warnings
 
 
 def auto_port(plan: Plan, transports: Sequence[Transport]) -> int:

@@ -73,3 +73,23 @@ def test_with_no_fit_spare_left_the_missing_node_is_named(setting):
     with pytest.raises(UnreachableError, match=r"^gpu-x \(node_rank 1\) is missing and no spare is left"):
         restart.next_roster(roster, results, term, lambda hosts, transports, i: ["script 't.py' not found"])
     assert all(link.closed for link in made.values())
+
+
+def test_the_lost_nodes_are_called_back_at_once_not_one_connect_timeout_after_another(plan, monkeypatch):
+    """Both nodes were lost: each answers only once the other is being called too (a
+    barrier), which a one-after-another reconnect never reaches."""
+    import threading
+
+    hosts = parse_hosts({"nproc_per_node": 2, "hosts": ["gpu-w", "gpu-x"], "connect_timeout": 5})
+    both = threading.Barrier(2, timeout=5)
+
+    def connect(host, timeout):
+        both.wait()
+        return Link(host.host)
+
+    monkeypatch.setattr(restart, "connect_node", connect)
+    roster = restart.Roster(hosts, [Link("gpu-w"), Link("gpu-x")], [])
+    results = [NodeResult(n, NodeState.LOST) for n in plan.nodes]
+    nxt = restart.next_roster(roster, results, Terminal(io.BytesIO(), io.StringIO()))
+    assert [t.name for t in nxt.transports] == ["gpu-w", "gpu-x"]
+    assert all(old.closed for old in roster.transports) and not any(t.closed for t in nxt.transports)

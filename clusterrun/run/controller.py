@@ -18,6 +18,7 @@ from .control import ControlServer
 from ..errors import EXIT_INTERRUPTED
 from ..options import WatchOptions
 from ..plan import NodePlan, Plan
+from ..parallel import each
 from .remote import Detached, RemoteJob, confirm_kills
 from .results import exit_code, summary
 from ..model import FINAL_STATES, NodeResult, NodeState
@@ -212,7 +213,7 @@ class RunController:
                 self.interrupted = True
                 self.term.message("clusterrun: interrupted: stopping every node (Ctrl-C again to stop waiting)")
                 self.run.mark_killed("Ctrl-C")
-                stoppers += self.stop_all({x.node.node_rank for x in results})
+                stoppers.append(self.stop_all({x.node.node_rank for x in results}))
                 stopping = True
                 continue
             results.append(r)
@@ -224,19 +225,22 @@ class RunController:
                 ended = {x.node.node_rank for x in results}
                 if len(ended) < len(self.jobs):
                     self.term.message(f"clusterrun: node {r.node.name} failed: stopping the other nodes")
-                    stoppers += self.stop_all(ended)
+                    stoppers.append(self.stop_all(ended))
         for t in stoppers:      # return only once every stopped node has confirmed it
             t.join(self.opts.kill_grace + 15)
         self.term.clear_progress()
         return results
 
-    def stop_all(self, ended: set[int]) -> list[threading.Thread]:
-        """Stop every job still running, in parallel; the threads end when each is confirmed."""
-        threads = [threading.Thread(target=_stop_quietly, args=(job, self.opts.kill_grace), daemon=True)
-                   for job in self.jobs if job.node.node_rank not in ended]
-        for t in threads:
-            t.start()
-        return threads
+    def stop_all(self, ended: set[int]) -> threading.Thread:
+        """Stop every job still running, in parallel (parallel.each: a node that cannot be
+        stopped is reported lost by its stream), from a thread of its own: the caller goes
+        on collecting results. The thread ends once every stop is confirmed."""
+        jobs = [job for job in self.jobs if job.node.node_rank not in ended]
+        grace = self.opts.kill_grace
+        stopper = threading.Thread(target=each, args=(jobs, lambda job: job.stop(grace)),
+                                   name="stop-all", daemon=True)
+        stopper.start()
+        return stopper
 
     def finish(self, results: list[NodeResult]) -> int:
         """Record the outcome, print the summary, and return the exit code."""
@@ -268,13 +272,6 @@ class RunController:
         for job in self.jobs:
             if job.transport is not None:
                 job.transport.close(linger=self.handed_over)
-
-
-def _stop_quietly(job: RemoteJob, grace: float) -> None:
-    try:
-        job.stop(grace)
-    except Exception:  # noqa: BLE001 - its stream reports the node as lost
-        pass
 
 
 # After an attempt ends: the next attempt's controller and results (up --max-restarts).

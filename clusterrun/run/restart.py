@@ -19,6 +19,7 @@ from ..transports.connect import connect_node
 from ..errors import UnreachableError
 from ..hostsfile import Host, HostsFile
 from ..model import NodeResult, NodeState
+from ..parallel import each
 from .results import summary
 from .runs import RunDir
 from .stream import Terminal
@@ -79,32 +80,38 @@ def next_roster(roster: Roster, results: list[NodeResult], term: Terminal, vet: 
         t = transports[j]
         return t is not None and results[j].state != NodeState.LOST and t.alive()
 
-    for i, r in enumerate(results):
-        t = transports[i]
-        if settled(i):
-            continue
-        try:                                # the node itself, if it answers again
-            if t is not None:
-                t.close()
-            transports[i] = connect_node(hosts[i], timeout)
-            continue
-        except UnreachableError as e:
-            why = str(e)
+    # Every other node itself, if it answers again: all at once, so that the lost
+    # nodes cost one connect timeout together, not one each.
+    again = [i for i in range(len(results)) if not settled(i)]
+    for i in again:
+        old = transports[i]
+        if old is not None:
+            old.close()
+        transports[i] = None
+    missing: dict[int, str] = {}        # node_rank -> why it did not answer
+    for i, o in zip(again, each(again, lambda i: connect_node(hosts[i], timeout))):
+        if isinstance(o.error, UnreachableError):
+            missing[i] = str(o.error)
+        elif o.error is not None:
+            raise o.error
+        else:
+            transports[i] = o.value
+    for i, why in missing.items():      # in node_rank order: spares are taken first come, first served
         while spares:
             spare = spares.pop(0)
             try:
-                transports[i] = connect_node(spare, timeout)
+                stand_in = connect_node(spare, timeout)
             except UnreachableError as e:
                 term.message(f"clusterrun: spare {spare.name} is unreachable too: {e}")
                 continue
+            transports[i] = stand_in
             lost, hosts[i] = hosts[i], dataclasses.replace(spare, nproc_per_node=hosts[i].nproc_per_node)
-            # Probed with the nodes already there (not those still to be brought back).
-            there = [c if j <= i or settled(j) else None for j, c in enumerate(transports)]
-            problems = vet(dataclasses.replace(roster.hosts, hosts=tuple(hosts)), there, i) if vet else []
+            # Probed with the nodes already there (not those still missing, which are None).
+            problems = vet(dataclasses.replace(roster.hosts, hosts=tuple(hosts)), transports, i) if vet else []
             if problems:
                 term.message(f"clusterrun: spare {spare.name} cannot stand in: {'; '.join(problems)}")
                 hosts[i] = lost
-                transports[i].close()       # type: ignore[union-attr]
+                stand_in.close()
                 transports[i] = None
                 continue
             term.message(f"clusterrun: {lost.name} was lost; {spare.name} takes node_rank {i}")

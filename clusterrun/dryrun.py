@@ -100,7 +100,7 @@ def gpu_notes(plan: Plan) -> list[str]:
                     "one process per GPU, counted with nvidia-smi in the preflight; the global ranks "
                     "from there on follow from the counts. Pasted by hand, torchrun counts them itself "
                     "(--nproc-per-node=gpu).")
-    for devices, nodes in _grouped(plan, lambda n: n.host.gpus and describe(n.host.gpus)):
+    for devices, nodes in _grouped(plan, lambda n: describe(n.host.gpus) if n.host.gpus else None):
         env = nodes[0].env
         order = f" and {ORDER_VAR}={env[ORDER_VAR]}" if ORDER_VAR in env else ""
         many = len(nodes[0].host.gpus or ()) > 1

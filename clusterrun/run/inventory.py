@@ -170,7 +170,7 @@ def mismatches(nodes: Sequence[tuple[NodePlan, Inventory]]) -> dict[int, list[st
     right (on a tie, the first node's); each node with another one is named."""
     out: dict[int, list[str]] = {}
     for label, key, shown in _MUST_MATCH:
-        values = [(n, inv, key(inv)) for n, inv in nodes if key(inv)]
+        values = [(n, inv, v) for n, inv in nodes for v in [key(inv)] if v]
         right = _most_common([v for _, _, v in values])
         if right is None:
             continue

@@ -30,6 +30,7 @@ import time
 from pathlib import Path
 
 import pytest
+from slurmkit import slurm  # noqa: F401  (the Slurm test cluster fixture)
 
 REPO = Path(__file__).resolve().parent.parent
 TESTCLUSTER = REPO / "scripts" / "testcluster"

@@ -15,16 +15,17 @@ from clusterrun.options import LaunchOptions
 from clusterrun.plan import make_plan
 from clusterrun.run.stacks import Frame, RankStacks, diagnosis, group, parse, render
 
+# The worker says "ready" from inside wait_for_shard, on the line where it then blocks (reading
+# stdin): whenever the dump comes after "ready", that is the line it shows. (Saying it before the
+# call let a dump on a busy machine catch the worker still in <module>.) A test that fails
+# closes the pipe: the worker reads EOF and ends.
 WORKER = """\
-import os, sys, time
+import sys
 
-def wait_for_shard(path):
-    deadline = time.time() + 60         # bounded: a failed test leaves nothing waiting
-    while not os.path.exists(path) and time.time() < deadline:
-        time.sleep(0.05)
+def wait_for_shard():
+    print("ready", flush=True); sys.stdin.readline()
 
-print("ready", flush=True)
-wait_for_shard(sys.argv[1])
+wait_for_shard()
 print("released", flush=True)
 """
 
@@ -41,7 +42,7 @@ def start_worker(job: Path, tmp_path: Path, rank: int) -> subprocess.Popen:
     nodeagent.arm_stacks(str(job), env)
     script = tmp_path / "worker.py"
     script.write_text(WORKER)
-    p = subprocess.Popen([sys.executable, "-u", str(script), str(tmp_path / "release")], env=env,
+    p = subprocess.Popen([sys.executable, "-u", str(script)], env=env, stdin=subprocess.PIPE,
                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     assert p.stdout.readline() == "ready\n"
     return p
@@ -55,8 +56,9 @@ def test_a_worker_dumps_its_stacks_on_request_and_runs_on(job, tmp_path):
         assert how == "faulthandler"
         (main,) = parse(how, text)
         assert [f.func for f in main] == ["<module>", "wait_for_shard"]
-        assert main[-1].file.endswith("worker.py") and main[-1].line == 6
-        (tmp_path / "release").touch()
+        assert main[-1].file.endswith("worker.py") and main[-1].line == 4
+        p.stdin.write("go\n")
+        p.stdin.close()
         assert p.wait(10) == 0 and p.stdout.read() == "released\n"      # undisturbed
     finally:
         p.kill()

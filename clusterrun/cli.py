@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import shlex
 import sys
 
@@ -12,7 +13,7 @@ from . import __version__
 from . import compat
 from .errors import EXIT_INTERRUPTED, ClusterrunError
 from .hostsfile import ON_HANG, HostsFileError, parse_duration, parse_env_mapping
-from .options import LaunchOptions, UpOptions, WatchOptions
+from .options import RECONNECT_WINDOW, RECONNECT_WINDOW_ENV, LaunchOptions, UpOptions, WatchOptions
 from .run.stream import use_color
 
 # Each command imports its module when it runs: a command pays only for what it
@@ -54,6 +55,19 @@ def _master_port(value: str | None) -> int | str | None:
     if not (value.isascii() and value.isdigit() and len(value) <= 5 and 1 <= int(value) <= 65535):
         raise click.BadParameter(f"expected a port 1-65535 or auto, got {value!r}", param_hint="--master-port")
     return int(value)
+
+
+def _reconnect_window() -> float:
+    """The hidden CLUSTERRUN_RECONNECT_WINDOW (options.py), read here only: each command
+    that follows a run reads it once. A detached run's collector inherits it with `up`'s
+    environment."""
+    raw = os.environ.get(RECONNECT_WINDOW_ENV)
+    if raw is None:
+        return RECONNECT_WINDOW
+    try:
+        return parse_duration(raw)
+    except ValueError as e:
+        raise click.UsageError(f"{RECONNECT_WINDOW_ENV}: {e}") from None
 
 
 class _Duration(click.ParamType):
@@ -185,12 +199,13 @@ def up_cmd(module, nproc_per_node, master_port, env, detach, dry_run, sync, skip
     up_opts = UpOptions(fail_fast=not no_fail_fast, accept_new_host_keys=accept_new_host_keys,
                         color=use_color(no_color=no_color), detach=detach, skip_check=skip_check,
                         sync=sync, transport=transport, hang_timeout=hang_timeout, on_hang=on_hang,
-                        max_restarts=max_restarts, restart_delay=restart_delay)
+                        max_restarts=max_restarts, restart_delay=restart_delay,
+                        reconnect_window=_reconnect_window())
     _run(up.up, hosts, opts, up_opts)
 
 
 def _control(no_color: bool = True):
-    return WatchOptions(color=use_color(no_color=no_color))
+    return WatchOptions(color=use_color(no_color=no_color), reconnect_window=_reconnect_window())
 
 
 @main.command("logs")
@@ -308,7 +323,7 @@ def collect_cmd(run, lock_fd, connect_timeout, hang_timeout, on_hang, restarts_o
         after = restart_loop(Restarts.from_json(sys.stdin.read()), term)
     _run(collect, RunDir.find(run), term,
          WatchOptions(print_lines=False, connect_timeout=connect_timeout, hang_timeout=hang_timeout,
-                      on_hang=on_hang), True, None, held, after)
+                      on_hang=on_hang, reconnect_window=_reconnect_window()), True, None, held, after)
 
 if __name__ == "__main__":  # pragma: no cover
     main()

@@ -17,6 +17,12 @@ from typing import TYPE_CHECKING, Callable, Mapping
 if TYPE_CHECKING:
     from .plan import NodePlan
 
+# How long a node whose link dropped may take to answer again before it counts as lost.
+RECONNECT_WINDOW = 60.0
+# A hidden setting, read once by the CLI (cli.py), not documented for users: the test
+# suite shortens the window so that a test of a lost node takes seconds, not a minute.
+RECONNECT_WINDOW_ENV = "CLUSTERRUN_RECONNECT_WINDOW"
+
 
 @dataclass(frozen=True)
 class LaunchOptions:
@@ -46,6 +52,7 @@ class UpOptions:
     on_hang: str | None = None          # --on-hang (None: the hosts file's)
     max_restarts: int | None = None     # --max-restarts (None: the hosts file's)
     restart_delay: float | None = None  # --restart-delay (None: the hosts file's)
+    reconnect_window: float = RECONNECT_WINDOW
 
 
 @dataclass(frozen=True)
@@ -63,6 +70,7 @@ class WatchOptions:
     report: bool = True                  # print the summary when the run ends
     hang_timeout: float | None = None    # no line from any rank this long: take the stacks
     on_hang: str = "report"              # ...and go on waiting, or "kill": end the run
+    reconnect_window: float = RECONNECT_WINDOW   # a dropped link: how long until the node is lost
 
     def quiet(self) -> WatchOptions:
         """Bring the run's record up to date: print nothing, stop nothing (status, kill, logs)."""

@@ -287,6 +287,30 @@ def test_regression_env_key_with_newline_is_rejected(hosts):
     assert r.exit_code == 2
 
 
+@pytest.mark.parametrize("value, window", [(None, 60.0), ("5", 5.0), ("2m", 120.0)])
+def test_up_reads_the_hidden_reconnect_window_setting_once_and_defaults_to_60s(hosts, monkeypatch, value,
+                                                                              window):
+    """CLUSTERRUN_RECONNECT_WINDOW (the test suite's, not the user's) reaches `up`'s options."""
+    from clusterrun.commands import up as up_command
+
+    asked = []
+    monkeypatch.setattr(up_command, "up", lambda path, opts, up_opts: asked.append(up_opts.reconnect_window))
+    if value is None:
+        monkeypatch.delenv("CLUSTERRUN_RECONNECT_WINDOW", raising=False)
+    else:
+        monkeypatch.setenv("CLUSTERRUN_RECONNECT_WINDOW", value)
+    r = up(str(hosts), "train.py")
+    assert r.exit_code == 0, r.output
+    assert asked == [window]
+
+
+def test_a_bad_reconnect_window_setting_is_a_usage_error_naming_it(hosts, monkeypatch):
+    monkeypatch.setenv("CLUSTERRUN_RECONNECT_WINDOW", "soon")
+    r = up(str(hosts), "train.py")
+    assert r.exit_code == 2
+    assert "CLUSTERRUN_RECONNECT_WINDOW: must be a duration" in r.output
+
+
 def test_a_directory_as_hosts_file_exits_2_naming_it(tmp_path):
     r = up("--dry-run", str(tmp_path), "train.py")
     assert r.exit_code == 2

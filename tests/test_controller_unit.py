@@ -17,7 +17,7 @@ from typing import Callable, TypeVar
 import pytest
 
 from clusterrun.run.controller import RunController
-from clusterrun.errors import EXIT_JOB_FAILED, EXIT_OK
+from clusterrun.errors import EXIT_JOB_FAILED, EXIT_OK, UnreachableError
 from clusterrun.hostsfile import parse_hosts
 from clusterrun.model import NodeResult, NodeState
 from clusterrun.options import LaunchOptions, WatchOptions
@@ -323,6 +323,24 @@ def test_fail_fast_also_stops_a_node_that_is_reconnecting(fake_run):
     told = [p for p in t2.processes if p.spec and (p.spec["mode"] == "kill" or b"kill 2.0" in p.commands)]
     assert told, "nodeW's job was not told to stop"
     assert {r.node.name: r.stopped for r in out[0]} == {"nodeX": False, "nodeW": True, "nodeY": True}
+
+
+def test_a_node_unreachable_for_the_reconnect_window_of_the_watch_options_is_lost(fake_run):
+    """WatchOptions.reconnect_window (CLUSTERRUN_RECONNECT_WINDOW at the CLI) is each node's
+    window: the node is lost after it, and fail fast stops the others."""
+    def unreachable() -> FakeTransport:
+        raise UnreachableError("gpu-x: connection refused")
+
+    c = fake_run({"nodeW": runs_until_killed, "nodeX": lambda p: start(p.preamble(), b"step 1\n"),
+                  "nodeY": runs_until_killed}, reconnect_window=0.2)
+    c.ctl.jobs[1].reconnect = unreachable
+    c.ctl.launch(start=True)
+    within(c.ctl.wait_started)
+    c.session("nodeX").hang_up()                # its link drops and never comes back
+    results = c.wait()                          # within 5 s: not the default 60 s
+    assert {r.node.name: (r.state, r.message, r.stopped) for r in results}["nodeX"] == (
+        NodeState.LOST, "unreachable for 0.2s", False)
+    assert {r.node.name: r.stopped for r in results if r.node.name != "nodeX"} == {"nodeW": True, "nodeY": True}
 
 
 def test_fail_fast_also_stops_a_node_whose_session_is_still_opening(fake_run):

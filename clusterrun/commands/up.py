@@ -68,6 +68,7 @@ def up(hosts_path: str, opts: LaunchOptions, up_opts: UpOptions) -> int:
         print_lines=not up_opts.detach, connect_timeout=hosts.connect_timeout,
         accept_new_host_keys=up_opts.accept_new_host_keys,
         hang_timeout=up_opts.hang_timeout or hosts.hang_timeout, on_hang=up_opts.on_hang or hosts.on_hang,
+        reconnect_window=up_opts.reconnect_window,
     )
     restarts = Restarts(
         hosts, opts, hosts.max_restarts if up_opts.max_restarts is None else up_opts.max_restarts,

@@ -53,7 +53,8 @@ class RunController:
                          self.opts.color, show)
         reconnect = (lambda: connect_node(node.host, self.opts.connect_timeout,
                                           self.opts.accept_new_host_keys, scope=self.plan.run_id))
-        return RemoteJob(node, transport, out, self.plan.master_addr, self._on_started, reconnect)
+        return RemoteJob(node, transport, out, self.plan.master_addr, self._on_started, reconnect,
+                         self.opts.reconnect_window)
 
     # --- state -------------------------------------------------------------------
 

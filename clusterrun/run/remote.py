@@ -21,12 +21,11 @@ from typing import Any, Callable, Sequence
 from ..errors import UnreachableError
 from ..plan import NodePlan, quote_path, setup_part
 from ..model import NodeResult, NodeState, RankFailure
+from ..options import RECONNECT_WINDOW
 from ..parallel import each
 from .stream import NodeOutput
 from ..transports.base import Process, Transport, link_errors
 
-# How long a node may stay unreachable before it counts as lost.
-RECONNECT_WINDOW = 60.0
 # No byte from a streaming node agent for this long (it sends a heartbeat every
 # 5 s) means the link is dead, even if TCP has not noticed yet.
 STALL_TIMEOUT = 30.0
@@ -381,7 +380,7 @@ class RemoteJob:
         try:
             return kill_job(self.node, self.transport, grace)
         except link_errors():       # no session now: the re-attach passes the stop on
-            report = self._await_report(grace + RECONNECT_WINDOW)
+            report = self._await_report(grace + self.reconnect_window)
             if report is None:
                 raise
             return report

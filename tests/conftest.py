@@ -42,14 +42,26 @@ NEEDS_ROOT = "needs root to create network namespaces (scripts/testcluster)"
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line(
         "markers",
-        "e2e: end-to-end test that needs the real SSH test cluster "
-        "(root; fixture `cluster`, scripts/testcluster)",
+        "e2e: end-to-end test: on the real SSH test cluster (root; fixture `cluster`, "
+        "scripts/testcluster), or real torch on this machine; not in the fast tier",
     )
     config.addinivalue_line(
         "markers",
         "transports(*kinds): run this cluster test only on these transports "
         "(default: paramiko and openssh)",
     )
+    config.addinivalue_line(
+        "markers",
+        "no_transport: a cluster test that runs no clusterrun transport (it checks the test "
+        "cluster itself): it runs once, not once per transport",
+    )
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Every test on the cluster is e2e, marked or not: `-m "not e2e"` never builds a cluster."""
+    for item in items:
+        if "cluster" in getattr(item, "fixturenames", ()) and item.get_closest_marker("e2e") is None:
+            item.add_marker(pytest.mark.e2e)
 
 
 @dataclasses.dataclass
@@ -252,6 +264,14 @@ class TestCluster:
 
 
 @pytest.fixture
+def ctl(cluster, tmp_path):
+    """A kit.Controller: clusterrun commands run as a user would, with one CLUSTERRUN_HOME."""
+    from kit import Controller
+
+    return Controller(cluster, tmp_path)
+
+
+@pytest.fixture
 def ssh_config(cluster):
     """Prepend Host blocks to the controller's ~/.ssh/config for one test."""
     path = cluster.home / ".ssh" / "config"
@@ -267,7 +287,7 @@ TRANSPORTS = ("paramiko", "openssh")
 
 
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
-    if "cluster" in metafunc.fixturenames:
+    if "cluster" in metafunc.fixturenames and not metafunc.definition.get_closest_marker("no_transport"):
         only = metafunc.definition.get_closest_marker("transports")
         kinds = only.args if only else TRANSPORTS
         metafunc.fixturenames.append("ssh_transport")

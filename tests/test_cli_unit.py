@@ -152,6 +152,7 @@ def test_an_auto_master_port_is_a_placeholder_the_user_replaces(tmp_path):
     assert all("--master-port=PORT" in torchrun_words(line) for line in node_lines(out))
 
 
+@pytest.mark.e2e       # real torchrun and torch, for tens of seconds: not the fast tier
 def test_the_demos_lines_pasted_into_two_shells_run_it_by_hand(tmp_path, home):
     """hosts.example.yaml's dry run, pasted: every rank's output on its node's shell, no trace left."""
     with socket.socket() as s:

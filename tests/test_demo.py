@@ -7,7 +7,13 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 REPO = Path(__file__).resolve().parent.parent
+
+# Real torchrun and torch for tens of seconds, on this machine (no cluster, no root): end to end,
+# so the full suite runs it and the fast tier (`-m "not e2e"`) does not.
+pytestmark = pytest.mark.e2e
 
 
 def test_demo_runs_on_localhost_nodes(tmp_path):

@@ -9,16 +9,16 @@ from __future__ import annotations
 
 import json
 import os
-import select
 import shutil
 import signal
 import subprocess
 import sys
 import textwrap
-import time
 from pathlib import Path
 
 import pytest
+
+from kit import read_until
 
 pytestmark = pytest.mark.e2e
 
@@ -133,18 +133,6 @@ def test_pasted_dry_run_lines_run_the_job_by_hand(cluster, tmp_path):
     check_reports(cluster, outputs)
     assert not (tmp_path / "pwned").exists() and not (node_home(cluster) / "pwned").exists()
     assert_nothing_left(cluster, jobs_before)
-
-
-def read_until(fds: dict[int, bytearray], done, timeout: float) -> None:
-    """Read the pty masters into their buffers until done() or the timeout."""
-    deadline = time.monotonic() + timeout
-    while not done() and time.monotonic() < deadline:
-        ready, _, _ = select.select(list(fds), [], [], 0.5)
-        for fd in ready:
-            try:
-                fds[fd] += os.read(fd, 65536)
-            except OSError:         # EIO: the shell and everything on that terminal ended
-                pass
 
 
 @pytest.mark.transports("paramiko")

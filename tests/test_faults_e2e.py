@@ -18,15 +18,10 @@ from pathlib import Path
 
 import pytest
 
-from test_lifecycle_e2e import TICKER, Controller, tagged_ticks
-from test_up_e2e import REPORT, assert_nothing_left, hosts_file, reports, write
+from kit import REPORT, TICKER, assert_nothing_left, hosts_file, reports, tagged_ticks, write
 
 pytestmark = pytest.mark.e2e
 
-
-@pytest.fixture
-def ctl(cluster, tmp_path) -> Controller:
-    return Controller(cluster, tmp_path)
 
 
 def alias(name: str, addr: str, cluster, known_hosts: Path, extra: str = "") -> str:
@@ -124,6 +119,7 @@ def test_kill_ends_what_a_lost_node_left_running_once_it_answers_again(cluster, 
     """A node whose sshd dies mid-run is lost after the reconnect window, but its job goes on
     there (holding GPUs, on a real cluster). Once the node answers again, `kill` ends it."""
     victim = cluster.names[1]
+    window = ctl.short_reconnect_window()
     p = ctl.ticker(cluster, 2, 100000, 0.05)
     p.wait_for(" tick 1 5")
     sshd = cluster.sshd_pid(victim)
@@ -141,7 +137,7 @@ def test_kill_ends_what_a_lost_node_left_running_once_it_answers_again(cluster, 
                         "--state", str(cluster.state)], capture_output=True, timeout=60, check=True)
     assert p.returncode == 1, err
     run_id = ctl.status()["run"]
-    assert (f"clusterrun: node {victim} (node_rank 1) was lost: unreachable for 60s (its job may still run "
+    assert (f"clusterrun: node {victim} (node_rank 1) was lost: unreachable for {window}s (its job may still run "
             f"there: `clusterrun kill {run_id}` ends it once the node answers)") in err.splitlines(), err
     assert any("ticker.py" in d for d in cluster.describe_pids(cluster.leftover_pids(victim))), "the job went on"
     k = ctl.run("kill", run_id)

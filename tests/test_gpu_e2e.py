@@ -17,8 +17,7 @@ from pathlib import Path
 import pytest
 
 import fakegpu
-from test_lifecycle_e2e import Controller
-from test_up_e2e import TAG, assert_nothing_left, hosts_file, up, write
+from kit import TAG, assert_nothing_left, hosts_file, up, write
 
 pytestmark = [pytest.mark.e2e, pytest.mark.transports("paramiko")]
 
@@ -34,10 +33,6 @@ REPORT = """\
     dist.barrier()
 """
 
-
-@pytest.fixture
-def ctl(cluster, tmp_path) -> Controller:
-    return Controller(cluster, tmp_path)
 
 
 def on_path(directory: Path) -> str:

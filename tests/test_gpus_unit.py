@@ -370,6 +370,7 @@ def test_torch_versions_from_its_files_without_importing_it(tmp_path):
 # --- check on localhost nodes (no SSH): the stand-in nvidia-smi through setup: ------------------
 
 
+@pytest.mark.e2e       # the probe imports torch on both nodes: seconds, not the fast tier's milliseconds
 def test_check_json_on_localhost_with_a_stand_in_nvidia_smi(tmp_path, monkeypatch):
     smi = fakegpu.install(tmp_path / "bin", 2, processes=[{"gpu": 1, "pid": 4242, "memory": 1024}])
     p = tmp_path / "hosts.yaml"

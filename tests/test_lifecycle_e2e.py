@@ -12,132 +12,19 @@ import json
 import os
 import re
 import signal
-import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
 
 import pytest
 
-from test_up_e2e import assert_nothing_left, hosts_file, write
+from kit import TICKER, assert_nothing_left, hosts_file, tagged_ticks, write
 
 pytestmark = pytest.mark.e2e
-
-TICKER = """\
-    import os, sys, time
-    rank = os.environ["RANK"]
-    n, dt = int(sys.argv[1]), float(sys.argv[2])
-    for i in range(n):
-        print(f"tick {rank} {i}", flush=True)
-        time.sleep(dt)
-    print(f"done {rank}", flush=True)
-"""
-
-
-class Running:
-    """A clusterrun process whose output is read as it comes, with bounded waits."""
-
-    def __init__(self, proc: subprocess.Popen[str]) -> None:
-        self.proc = proc
-        self.out: list[str] = []
-        self.err: list[str] = []
-        self._cv = threading.Condition()
-        self._readers = [threading.Thread(target=self._read, args=(f, buf), daemon=True)
-                         for f, buf in ((proc.stdout, self.out), (proc.stderr, self.err))]
-        for t in self._readers:
-            t.start()
-
-    def _read(self, f, buf: list[str]) -> None:
-        for line in f:
-            with self._cv:
-                buf.append(line)
-                self._cv.notify_all()
-        with self._cv:
-            self._cv.notify_all()
-
-    def wait_for(self, needle: str, timeout: float = 120) -> None:
-        """Until a stdout line contains needle (fails the test on timeout or exit)."""
-        with self._cv:
-            self._cv.wait_for(lambda: any(needle in l for l in self.out) or self.proc.poll() is not None,
-                              timeout)
-            assert any(needle in l for l in self.out), f"no {needle!r} in output:\n{''.join(self.err)}"
-
-    def finish(self, timeout: float = 120) -> tuple[str, str]:
-        """Wait for the exit; (stdout, stderr). Kills the process if it overstays."""
-        try:
-            self.proc.wait(timeout)
-        finally:
-            self.proc.kill()
-            for t in self._readers:
-                t.join(10)
-        return "".join(self.out), "".join(self.err)
-
-    @property
-    def returncode(self) -> int | None:
-        return self.proc.returncode
-
-
-class Controller:
-    """Runs clusterrun commands the way a user in a shell would, all sharing one CLUSTERRUN_HOME."""
-
-    def __init__(self, cluster, tmp_path: Path) -> None:
-        self.tmp = tmp_path
-        self.env = cluster.env(clusterrun_home=tmp_path / "crhome")
-
-    def argv(self, *args: str) -> list[str]:
-        return [sys.executable, "-m", "clusterrun", *args]
-
-    def run(self, *args: str, timeout: float = 180) -> subprocess.CompletedProcess[str]:
-        return subprocess.run(self.argv(*args), env=self.env, cwd=self.tmp, capture_output=True,
-                              text=True, timeout=timeout)
-
-    def start(self, *args: str) -> Running:
-        return Running(subprocess.Popen(self.argv(*args), env=self.env, cwd=self.tmp, text=True,
-                                        stdout=subprocess.PIPE, stderr=subprocess.PIPE))
-
-    def ticker(self, cluster, nodes: int, n: int, dt: float, nproc: int = 1) -> Running:
-        """`up` of TICKER on the first `nodes` nodes: each rank prints `tick R I` n times."""
-        script = write(self.tmp / "ticker.py", TICKER)
-        hosts = hosts_file(self.tmp, cluster.names[:nodes], nproc_per_node=nproc)
-        return self.start("up", str(hosts), str(script), str(n), str(dt))
-
-    def abandoned_run(self, cluster, after: str) -> None:
-        """A run whose `up` is SIGKILLed once `after` was printed: nobody collects it."""
-        p = self.ticker(cluster, 2, 100000, 0.05)
-        p.wait_for(after)
-        p.proc.kill()
-        p.finish()
-
-    def status(self, run: str | None = None) -> dict:
-        r = self.run("status", *([run] if run else []), "--json")
-        assert r.returncode == 0, r.stderr
-        return json.loads(r.stdout)
-
-    def wait_for(self, pred, what: str, timeout: float = 120) -> None:
-        """Poll (bounded) until pred() is true."""
-        deadline = time.monotonic() + timeout
-        while not pred():
-            assert time.monotonic() < deadline, f"timed out waiting for {what}"
-            time.sleep(0.3)
-
-    def rank_log(self, run: str, rank: int) -> list[str]:
-        path = self.tmp / "crhome" / "runs" / run / "logs" / f"rank{rank}.log"
-        return path.read_text().splitlines() if path.exists() else []
-
-
-@pytest.fixture
-def ctl(cluster, tmp_path) -> Controller:
-    return Controller(cluster, tmp_path)
 
 
 def ticks(lines: list[str], rank: int) -> list[int]:
     return [int(l.split()[2]) for l in lines if l.startswith(f"tick {rank} ")]
-
-
-def tagged_ticks(stdout: str, rank: int) -> list[int]:
-    pat = re.compile(rf"^\[\S+ g{rank} l\d\] tick {rank} (\d+)$", re.M)
-    return [int(m) for m in pat.findall(stdout)]
 
 
 def test_detach_status_logs_follow_and_logs_after_the_end(cluster, ctl, tmp_path):

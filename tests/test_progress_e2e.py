@@ -14,8 +14,7 @@ import sys
 
 import pytest
 
-from test_dryrun_e2e import read_until
-from test_up_e2e import assert_nothing_left, hosts_file, write
+from kit import assert_nothing_left, hosts_file, read_until, write
 
 pytestmark = [pytest.mark.e2e, pytest.mark.transports("paramiko")]
 

@@ -13,15 +13,10 @@ import sys
 
 import pytest
 
-from test_lifecycle_e2e import Controller
-from test_up_e2e import REPORT, assert_nothing_left, hosts_file, reports, write
+from kit import REPORT, assert_nothing_left, hosts_file, reports, write
 
 pytestmark = pytest.mark.e2e
 
-
-@pytest.fixture
-def ctl(cluster, tmp_path) -> Controller:
-    return Controller(cluster, tmp_path)
 
 
 def test_check_healthy_nodes(cluster, ctl, tmp_path):

@@ -14,8 +14,7 @@ import time
 import pytest
 
 from conftest import TESTCLUSTER
-from test_lifecycle_e2e import Controller
-from test_up_e2e import assert_nothing_left, hosts_file, write
+from kit import assert_nothing_left, hosts_file, write
 
 pytestmark = [pytest.mark.e2e, pytest.mark.transports("paramiko")]
 
@@ -31,10 +30,6 @@ FLAKY = """\
     print(f"rank {rank} done in attempt {attempt}", flush=True)
 """
 
-
-@pytest.fixture
-def ctl(cluster, tmp_path) -> Controller:
-    return Controller(cluster, tmp_path)
 
 
 def stderr_lines(r) -> list[str]:
@@ -117,6 +112,7 @@ SPARE_JOB = """\
 
 def test_a_spare_takes_the_place_of_a_node_whose_sshd_died(cluster, ctl, tmp_path):
     n1, victim, spare, unfit = cluster.names[:4]
+    ctl.short_reconnect_window()
     script = write(tmp_path / "spare.py", SPARE_JOB)
     # The first spare cannot run the job (no such python): the preflight passes it over.
     hosts = hosts_file(tmp_path, [n1, victim], nproc_per_node=2, max_restarts=1, restart_delay=1,

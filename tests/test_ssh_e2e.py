@@ -19,15 +19,10 @@ from pathlib import Path
 
 import pytest
 
-from test_lifecycle_e2e import TICKER, Controller
-from test_up_e2e import REPORT, assert_nothing_left, check_tags, hosts_file, reports, write
+from kit import REPORT, TICKER, assert_nothing_left, check_tags, hosts_file, reports, up, write
 
 pytestmark = pytest.mark.e2e
 
-
-@pytest.fixture
-def ctl(cluster, tmp_path) -> Controller:
-    return Controller(cluster, tmp_path)
 
 
 def transport() -> str:
@@ -106,7 +101,6 @@ def test_a_failing_proxy_command_is_named_with_its_own_words(cluster, ctl, tmp_p
 
 
 def test_a_training_run_behind_a_bastion(cluster, tmp_path):
-    from test_up_e2e import up
     p1, p2 = f"{cluster.prefix}-p1", f"{cluster.prefix}-p2"
     script = write(tmp_path / "report.py", REPORT)
     hosts = hosts_file(tmp_path, [p1, p2], nproc_per_node=2)
@@ -119,7 +113,6 @@ def test_a_training_run_behind_a_bastion(cluster, tmp_path):
 
 
 def test_a_chain_of_two_bastions_and_a_run_across_them(cluster, tmp_path, ctl):
-    from test_up_e2e import up
     p1, q1 = f"{cluster.prefix}-p1", f"{cluster.prefix}-q1"
     assert_runs_on(ctl, tmp_path, q1, q1)
     script = write(tmp_path / "report.py", REPORT)
@@ -287,7 +280,6 @@ def test_connect_timeout_from_the_ssh_config(cluster, ctl, tmp_path, ssh_config)
 # --- users and addresses --------------------------------------------------------------
 
 def test_a_run_as_a_non_root_user(cluster, tmp_path, crtuser):
-    from test_up_e2e import up
     script = write(tmp_path / "report.py", REPORT + '    import getpass; print("USER " + getpass.getuser())\n')
     hosts = hosts_file(tmp_path, cluster.names[:2], nproc_per_node=2, user=crtuser)
     r = up(cluster, tmp_path, str(hosts), str(script))
@@ -298,7 +290,6 @@ def test_a_run_as_a_non_root_user(cluster, tmp_path, crtuser):
 
 
 def test_ipv6_nodes_in_check_and_up(cluster, ctl, tmp_path):
-    from test_up_e2e import up
     v6 = [cluster.v6[n] for n in cluster.names[:2]]
     entries = [{"host": addr, "name": name} for addr, name in zip(v6, cluster.names[:2])]
     hosts = hosts_file(tmp_path, entries, nproc_per_node=2)

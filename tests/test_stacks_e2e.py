@@ -14,8 +14,7 @@ import sys
 
 import pytest
 
-from test_lifecycle_e2e import Controller
-from test_up_e2e import assert_nothing_left, hosts_file, up, write
+from kit import Controller, assert_nothing_left, hosts_file, up, write
 
 pytestmark = pytest.mark.e2e
 
@@ -36,10 +35,6 @@ HANG = """\
     print(f"done {rank}", flush=True)
 """
 
-
-@pytest.fixture
-def ctl(cluster, tmp_path) -> Controller:
-    return Controller(cluster, tmp_path)
 
 
 def start_hung(cluster, ctl: Controller, tmp_path, **hosts_top) -> tuple[str, object]:

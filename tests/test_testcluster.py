@@ -16,7 +16,8 @@ import pytest
 
 REPO = Path(__file__).resolve().parent.parent
 
-pytestmark = pytest.mark.e2e
+# These check the test cluster, not clusterrun: once is enough, not once per transport.
+pytestmark = [pytest.mark.e2e, pytest.mark.no_transport]
 
 
 def test_ssh_to_node_prints_its_hostname(cluster):

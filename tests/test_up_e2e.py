@@ -13,85 +13,13 @@ import re
 import stat
 import subprocess
 import sys
-import textwrap
 from pathlib import Path
 
 import pytest
 
+from kit import REPORT, TAG, Controller, assert_nothing_left, check_tags, hosts_file, reports, up, write
+
 pytestmark = pytest.mark.e2e
-
-_ports = itertools.count(29610)
-
-
-def write(path: Path, text: str) -> Path:
-    path.write_text(textwrap.dedent(text))
-    return path
-
-
-def hosts_file(tmp_path: Path, entries: list, filename: str = "hosts.yaml", **top) -> Path:
-    import yaml
-
-    data = {"master_port": next(_ports), **top, "hosts": entries}
-    p = tmp_path / filename
-    p.write_text(yaml.safe_dump(data))
-    return p
-
-
-def up(cluster, tmp_path: Path, *args: str, timeout: float = 240) -> subprocess.CompletedProcess[str]:
-    home = tmp_path / "crhome"
-    return subprocess.run(
-        [sys.executable, "-m", "clusterrun", "up", *args],
-        env=cluster.env(clusterrun_home=home), cwd=tmp_path,
-        capture_output=True, text=True, timeout=timeout,
-    )
-
-
-def assert_nothing_left(cluster) -> None:
-    """No process of ours on any node (sshd's own session processes get a moment to exit)."""
-    left = cluster.wait_no_leftovers(timeout=10)
-    assert not left, {n: cluster.describe_pids(p) for n, p in left.items()}
-
-
-REPORT = """\
-    import json, os, socket, sys
-    import torch.distributed as dist
-    dist.init_process_group("gloo")
-    print("REPORT " + json.dumps({
-        "rank": dist.get_rank(), "world": dist.get_world_size(),
-        "local_rank": int(os.environ["LOCAL_RANK"]), "hostname": socket.gethostname(),
-        "ifname": os.environ.get("GLOO_SOCKET_IFNAME"), "args": sys.argv[1:],
-    }))
-    dist.barrier()
-"""
-
-TAG = re.compile(r"^\[(?P<node>[^ \]]+) g(?P<g>\d+) l(?P<l>\d+)\] (?P<text>.*)$")
-
-
-def reports(stdout: str) -> list[tuple[dict, dict]]:
-    """(tag fields, worker's own report) for every REPORT line."""
-    out = []
-    for line in stdout.splitlines():
-        m = TAG.match(line)
-        if m and m["text"].startswith("REPORT "):
-            out.append((m.groupdict(), json.loads(m["text"][len("REPORT "):])))
-    return out
-
-
-def check_tags(stdout: str, nodes: list[str], nprocs: list[int]) -> None:
-    got = reports(stdout)
-    world = sum(nprocs)
-    assert len(got) == world, stdout
-    assert sorted(r["rank"] for _, r in got) == list(range(world))
-    starts = list(itertools.accumulate([0] + nprocs[:-1]))
-    for tag, r in got:
-        # The tag says what the worker itself says: global rank, local rank, machine.
-        assert int(tag["g"]) == r["rank"]
-        assert int(tag["l"]) == r["local_rank"]
-        assert tag["node"] == r["hostname"]           # node names are the hosts' hostnames here
-        assert r["world"] == world
-        node_rank = nodes.index(tag["node"])
-        assert r["rank"] == starts[node_rank] + r["local_rank"]
-        assert r["ifname"] == "eth0"                  # gloo bound to the cluster network
 
 
 def test_two_nodes_two_procs_tags_match_worker_ranks(cluster, tmp_path):
@@ -311,8 +239,6 @@ def test_a_rank_the_oom_killer_ends_is_named_as_out_of_memory(cluster, tmp_path,
     """Rank 1 outgrows its memory cgroup and the kernel's OOM killer ends it (SIGKILL): the
     summary and `status --json` say out of memory, and its node's other rank was stopped."""
     import time
-
-    from test_lifecycle_e2e import Controller
 
     # The nodes' /sys is their network namespace's, without the cgroup mounts, so the
     # test moves the rank into the cgroup, from here (the pids are the same).

@@ -266,8 +266,8 @@ def test_host_key_alias_is_the_name_looked_up(cluster, ctl, tmp_path, ssh_config
 
 
 def test_connect_timeout_from_the_ssh_config(cluster, ctl, tmp_path, ssh_config):
-    # An address on our own test bridge where no node answers: packets go nowhere.
-    ssh_config(block("silent", cluster, "10.231.19.250", "ConnectTimeout 1"))
+    # An address on our own test bridge (whatever its subnet) where no node answers: packets go nowhere.
+    ssh_config(block("silent", cluster, cluster.addrs[0].rsplit(".", 1)[0] + ".250", "ConnectTimeout 1"))
     r = exec_hostname(ctl, tmp_path, [cluster.names[0], "silent"])
     assert r.returncode == 3, r.stdout + r.stderr
     line = next(l for l in r.stderr.splitlines() if "silent: " in l)

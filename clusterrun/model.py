@@ -17,7 +17,8 @@ class _Word(str, enum.Enum):
     def __str__(self) -> str:           # the word itself, in messages and f-strings
         return self.value
 
-    __format__ = str.__format__
+    def __format__(self, spec: str) -> str:   # the word, padded as asked: f"{state:<14}"
+        return format(self.value, spec)
 
 
 class NodeState(_Word):

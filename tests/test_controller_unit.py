@@ -23,6 +23,7 @@ from clusterrun.model import NodeResult, NodeState
 from clusterrun.options import LaunchOptions, WatchOptions
 from clusterrun.plan import Plan, make_plan
 from clusterrun.run.preflight import Gate, preflight_error
+from clusterrun.run.records import NodeRecord
 from clusterrun.run.runs import RunDir
 from fakenode import FakeProcess, FakeTransport, Screen
 
@@ -186,7 +187,7 @@ def test_after_every_probe_passes_every_node_gets_go_and_its_lines_reach_the_ter
                                                              b"[nodeX] torchrun done"], "in its order"
     assert c.screen.messages == []
     assert c.result_json() == {n: ("exited", 0, False) for n in ("nodeW", "nodeX", "nodeY")}
-    assert {s["node"]: s["state"] for s in c.run.node_states().values()} == {
+    assert {s.node: s.state for s in c.run.node_states().values()} == {
         "nodeW": "exited", "nodeX": "exited", "nodeY": "exited"}
     assert c.run.rank_log(2).read_bytes() == b"hello from gpu-x\n"
 
@@ -397,7 +398,7 @@ def test_a_node_that_fails_its_preflight_holds_back_every_node_and_is_named(fake
         "  nodeX: script 'train.py' not found in /home/alice/elsewhere (copy it there, or use --sync)\n"
         "(--skip-check skips these checks)")
     assert c.screen.text == b""
-    assert {s["node"]: s["state"] for s in c.run.node_states().values()} == {
+    assert {s.node: s.state for s in c.run.node_states().values()} == {
         "nodeW": "not-started", "nodeX": "not-started", "nodeY": "not-started"}
 
 
@@ -451,3 +452,38 @@ def test_kill_through_the_control_socket_has_every_streaming_agent_kill_its_job(
     assert sorted(c.screen.messages) == [
         f"clusterrun: node {n} (ranks {r}) was killed (clusterrun kill)"
         for n, r in (("nodeW", "0-1"), ("nodeX", "2-3"), ("nodeY", "4-5"))]
+
+
+# --- a collector attaching to a run some of whose nodes have ended ------------------------
+
+
+def test_a_node_whose_end_is_recorded_is_not_connected_and_keeps_its_recorded_end(plan):
+    """connect_live hands the collector None for such a node: its result is its record."""
+    run = RunDir.create(plan.run_id)
+    run.set_node_state(0, NodeRecord("nodeW", NodeState.EXITED, time=1.0, code=3))
+    for k, name in ((1, "nodeX"), (2, "nodeY")):
+        run.set_node_state(k, NodeRecord(name, NodeState.RUNNING, time=1.0, pgid=4242))
+
+    def ends(p: FakeProcess) -> None:
+        assert p.spec is not None and p.spec["mode"] == "attach"
+        p.preamble().data("0", b"last line\n").event("exit", code=0, failures=[])
+
+    screen = Screen()
+    live = [FakeTransport("gpu-x", agent=ends), FakeTransport("gpu-y", agent=ends)]
+    ctl = RunController(plan, run, [None, *live], screen.term, WatchOptions(kill_grace=2, report=False))
+    try:
+        assert [j.node.name for j in ctl.jobs] == ["nodeX", "nodeY"]
+        for job in ctl.jobs:
+            job.reconnect = None
+        ctl.launch(start=False)
+        results = within(ctl.wait)
+        code = ctl.finish(results)
+    finally:
+        ctl.close()
+    assert code == EXIT_JOB_FAILED
+    assert sorted((r.node.name, r.state, r.code) for r in results) == [
+        ("nodeW", "exited", 3), ("nodeX", "exited", 0), ("nodeY", "exited", 0)]
+    assert {s.node: (s.state, s.code) for s in run.node_states().values()} == {
+        "nodeW": ("exited", 3), "nodeX": ("exited", 0), "nodeY": ("exited", 0)}
+    assert len(run.read_json("result.json")) == 3, "the run's end is recorded, every node in it"
+    assert run.rank_log(2).read_bytes() == b"last line\n"

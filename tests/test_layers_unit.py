@@ -4,7 +4,7 @@ The layers, lowest first; a module may import from its own layer and those below
 
     plan        the top-level modules: hosts file, plan, options, model, errors, the node agent
     transports  clusterrun/transports/: how a command reaches a node
-    stream      run/stream.py, run/launcherlog.py, run/runs.py: lines, logs and run records
+    stream      run/stream.py, run/launcherlog.py, run/runs.py, run/records.py: lines, logs and run records
     run         the rest of clusterrun/run/: controller, remote job, results, restarts, preflight
     commands    clusterrun/commands/: one module per user command
     cli         cli.py and __main__.py
@@ -17,7 +17,7 @@ from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parent.parent / "clusterrun"
 LAYERS = ["plan", "transports", "stream", "run", "commands", "cli"]
-STREAM = {"run.stream", "run.launcherlog", "run.runs"}
+STREAM = {"run.stream", "run.launcherlog", "run.runs", "run.records"}
 
 
 def module_name(path: Path) -> str:

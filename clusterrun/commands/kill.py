@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 from ..run.control import request_kill
@@ -80,7 +81,8 @@ def lost_nodes(run: RunDir) -> list[str]:
     """The nodes of an ended run that were unreachable at its end: their job may still
     run there, holding GPUs, until it is killed."""
     states = run.node_states()
-    return [n.name for n in run.plan().nodes if states.get(n.node_rank, {}).get("state") == NodeState.LOST]
+    return [n.name for n in run.plan().nodes
+            if (s := states.get(n.node_rank)) is not None and s.state == NodeState.LOST]
 
 
 def kill_leftovers(run: RunDir, names: list[str], grace: float) -> list[str]:
@@ -106,7 +108,8 @@ def kill_leftovers(run: RunDir, names: list[str], grace: float) -> list[str]:
     states = run.node_states()
     for n, _ in reached:
         if not any(p.startswith(f"{n.name}: ") for p in failed):
-            states[n.node_rank] = {**states.get(n.node_rank, {}), "state": NodeState.KILLED,
-                                   "message": "lost, then its job was killed by clusterrun kill"}
-    run.write_json("state.json", {str(k): v for k, v in states.items()})
+            # Only lost nodes are here, so each has a record: it keeps its time and facts.
+            run.set_node_state(n.node_rank, dataclasses.replace(
+                states[n.node_rank], state=NodeState.KILLED,
+                message="lost, then its job was killed by clusterrun kill"))
     return problems

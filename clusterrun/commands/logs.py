@@ -10,6 +10,7 @@ from ..run.controller import collect
 from ..errors import EXIT_INTERRUPTED, UsageError
 from ..options import WatchOptions
 from ..plan import NodePlan, Plan
+from ..run.records import AttemptRecord
 from ..run.runs import RunDir
 from ..run.stream import Terminal, shown_lines, tag_for, tag_lines
 
@@ -89,7 +90,7 @@ def logs(run_id: str | None, ranks: tuple[int, ...], node: str | None, follow: b
         ended = run.ended()
         records = run.attempts()    # read before the files: an attempt is recorded before its lines land
         for k in range(max(seen[0], 1), len(records)):
-            shown[:] = _print_slices(term, files, shown, records[k - 1], records[k]["starts"])
+            shown[:] = _print_slices(term, files, shown, records[k - 1], records[k].starts)
             term.write(_marker(k))
         seen[0] = len(records)
         shown[:] = _print_slices(term, files, shown, records[-1] if records else None, {})
@@ -102,37 +103,37 @@ def _marker(k: int) -> bytes:
     return f"--- attempt {k} ---\n".encode()
 
 
-def _show_so_far(term: Terminal, files: list[LogFile], records: list[dict], tail: int | None) -> list[int]:
+def _show_so_far(term: Terminal, files: list[LogFile], records: list[AttemptRecord], tail: int | None) -> list[int]:
     """What the logs hold now, each attempt under its marker where the run may restart;
     returns where each file's lines end."""
-    if not records or (len(records) == 1 and not records[0].get("max_restarts")):
+    if not records or (len(records) == 1 and not records[0].max_restarts):
         return [_print_file(term, f, 0, tail) for f in files]
     return [_print_attempt(term, files, records, k, tail, marker=True) for k in range(len(records))][-1]
 
 
-def _print_slices(term: Terminal, files: list[LogFile], shown: list[int], record: dict | None,
+def _print_slices(term: Terminal, files: list[LogFile], shown: list[int], record: AttemptRecord | None,
                   stops: dict[str, int]) -> list[int]:
     """Each file's new whole lines (up to its `stops` offset), tagged as in `record`'s attempt."""
     return [_print_file(term, _as_in(f, record), shown[i], None, stops.get(f.path.name))
             for i, f in enumerate(files)]
 
 
-def _as_in(f: LogFile, record: dict | None) -> LogFile:
+def _as_in(f: LogFile, record: AttemptRecord | None) -> LogFile:
     """f tagged with the name its node had in an attempt (a spare may have taken its place)."""
-    name = record["nodes"][f.node.node_rank] if record else f.node.name
+    name = record.nodes[f.node.node_rank] if record else f.node.name
     if name == f.node.name:
         return f
     return replace(f, tag=f.tag.replace(f"[{f.node.name}".encode(), f"[{name}".encode(), 1))
 
 
-def _print_attempt(term: Terminal, files: list[LogFile], records: list[dict], k: int,
+def _print_attempt(term: Terminal, files: list[LogFile], records: list[AttemptRecord], k: int,
                    tail: int | None, marker: bool) -> list[int]:
     """Attempt k's slice of every file (after a restart the logs hold every attempt),
     tagged with the node names of that attempt; returns where each slice's lines end."""
     if marker:
         term.write(_marker(k))
-    begin = records[k]["starts"]
-    end = records[k + 1]["starts"] if k + 1 < len(records) else {}
+    begin = records[k].starts
+    end = records[k + 1].starts if k + 1 < len(records) else {}
     return [_print_file(term, _as_in(f, records[k]), begin.get(f.path.name, 0), tail, end.get(f.path.name))
             for f in files]
 

@@ -2,53 +2,101 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
-from typing import Any
+from dataclasses import dataclass, field
+from typing import Any, Mapping
 
 from ..run.controller import collect
 from ..options import WatchOptions
-from ..model import FINAL_STATES, NodeState, RunState
+from ..model import FINAL_STATES, NodeState, RankFailure, RunState
+from ..plan import NodePlan
+from ..run.records import HangRecord, NodeRecord
 from ..run.runs import RunDir, list_run_ids, runs_root
 from ..run.results import describe_code, describe_ranks, plural
 from ..run.stream import Terminal
 
 
-def run_state(plan_nodes: int, states: dict[int, dict[str, Any]]) -> RunState:
+def run_state(plan_nodes: int, states: Mapping[int, NodeRecord]) -> RunState:
     """The run's state, from its nodes' states."""
-    if len(states) < plan_nodes or any(s["state"] == NodeState.STARTING for s in states.values()):
+    if len(states) < plan_nodes or any(s.state == NodeState.STARTING for s in states.values()):
         return RunState.STARTING
-    if any(s["state"] not in FINAL_STATES for s in states.values()):
+    if any(s.state not in FINAL_STATES for s in states.values()):
         return RunState.RUNNING
-    if any(s["state"] == NodeState.KILLED for s in states.values()):
+    if any(s.state == NodeState.KILLED for s in states.values()):
         return RunState.KILLED
-    if all(s["state"] == NodeState.EXITED and s.get("code") == 0 for s in states.values()):
+    if all(s.state == NodeState.EXITED and s.code == 0 for s in states.values()):
         return RunState.SUCCEEDED
     return RunState.FAILED
 
 
-def status_data(run: RunDir, opts: WatchOptions) -> dict[str, Any]:
+@dataclass(frozen=True)
+class NodeStatus:
+    """One node's line of `status` (and its entry in `status --json`)."""
+
+    node: str
+    host: str
+    node_rank: int
+    first_rank: int
+    last_rank: int
+    state: NodeState
+    code: int | None = None
+    message: str = ""
+    stopped: bool = False
+    failures: list[RankFailure] = field(default_factory=list)
+    quiet: dict[int, float | None] = field(default_factory=dict)   # rank -> seconds since its last line
+
+    @classmethod
+    def of(cls, n: NodePlan, s: NodeRecord | None, quiet: dict[int, float | None]) -> "NodeStatus":
+        if s is None:                   # not recorded yet: its start is on the way
+            return cls(n.name, n.host.host, n.node_rank, n.ranks.start, n.ranks.stop - 1, NodeState.STARTING,
+                       quiet=quiet)
+        return cls(n.name, n.host.host, n.node_rank, n.ranks.start, n.ranks.stop - 1, s.state, s.code,
+                   s.message, s.stopped, s.failures, quiet)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"node": self.node, "host": self.host, "node_rank": self.node_rank,
+                "ranks": [self.first_rank, self.last_rank], "state": self.state.value, "code": self.code,
+                "message": self.message, "stopped": self.stopped,
+                "failures": [dataclasses.asdict(f) for f in self.failures],
+                "quiet": {str(g): q for g, q in self.quiet.items()}}
+
+
+@dataclass(frozen=True)
+class RunStatus:
+    """What `status` shows of a run: built once, rendered as text or as JSON."""
+
+    run: str
+    state: RunState
+    hosts: str
+    world_size: int
+    nodes: list[NodeStatus]
+    hang: HangRecord | None
+    attempt: int
+    max_restarts: int
+    replaced: dict[str, str]
+
+    def to_json(self) -> dict[str, Any]:
+        return {"run": self.run, "state": self.state.value, "hosts": self.hosts, "world_size": self.world_size,
+                "nodes": [n.to_json() for n in self.nodes],
+                "hang": self.hang.to_json() if self.hang else None, "attempt": self.attempt,
+                "max_restarts": self.max_restarts, "replaced": dict(self.replaced)}
+
+
+def status_of(run: RunDir, opts: WatchOptions) -> RunStatus:
     if not run.ended():
         # Nobody may be watching the run (its `up` was killed): look at the nodes.
         collect(run, Terminal(), opts.quiet(), follow=False)
     plan, states = run.plan(), run.node_states()
     now = time.time()
-    nodes = []
-    for n in plan.nodes:
-        s = states.get(n.node_rank, {"state": NodeState.STARTING})
-        nodes.append({
-            "node": n.name, "host": n.host.host, "node_rank": n.node_rank,
-            "ranks": [n.ranks.start, n.ranks.stop - 1], "state": s["state"],
-            "code": s.get("code"), "message": s.get("message", ""), "stopped": s.get("stopped", False),
-            "failures": s.get("failures", []),
-            "quiet": {str(g): _quiet(run, g, now) for g in n.ranks},
-        })
+    nodes = [NodeStatus.of(n, states.get(n.node_rank), {g: _quiet(run, g, now) for g in n.ranks})
+             for n in plan.nodes]
     records = run.attempts()
-    return {"run": plan.run_id, "state": run_state(len(plan.nodes), states),
-            "hosts": plan.hosts_path, "world_size": plan.world_size, "nodes": nodes,
-            "hang": run.read_json("hang.json"), "attempt": plan.attempt,
-            "max_restarts": records[-1]["max_restarts"] if records else 0,
-            "replaced": records[-1]["replaced"] if records else {}}
+    last = records[-1] if records else None
+    return RunStatus(plan.run_id, run_state(len(plan.nodes), states), plan.hosts_path, plan.world_size,
+                     nodes, run.hang(), plan.attempt, last.max_restarts if last else 0,
+                     last.replaced if last else {})
 
 
 def attempt_text(attempt: int, max_restarts: int) -> str:
@@ -71,41 +119,44 @@ def _ago(seconds: float | None) -> str:
     return f"{s}s" if s < 120 else f"{s // 60}m" if s < 7200 else f"{s // 3600}h"
 
 
-def describe_node(n: dict[str, Any]) -> str:
-    state = n["state"]
-    if state == NodeState.EXITED:
-        failures = n.get("failures", [])
-        if n.get("stopped") and n["code"] != 0 and all(f.get("stopped") for f in failures):
+def describe_node(n: NodeStatus) -> str:
+    if n.state == NodeState.EXITED:
+        if n.stopped and n.code != 0 and all(f.stopped for f in n.failures):
             return "stopped"        # by clusterrun, after another node failed: as the summary says
-        oom = [f["rank"] for f in failures if f.get("oom")]
-        return describe_code(n["code"]) + (f" ({describe_ranks(oom)} out of memory)" if oom else "")
-    if n.get("message"):
-        return f"{state}: {n['message']}"
-    return state
+        oom = [f.rank for f in n.failures if f.oom]
+        what = describe_code(n.code) if n.code is not None else "exited (its code was not recorded)"
+        return what + (f" ({describe_ranks(oom)} out of memory)" if oom else "")
+    if n.message:
+        return f"{n.state}: {n.message}"
+    return str(n.state)
 
 
 def status(run_id: str | None, as_json: bool, opts: WatchOptions) -> int:
-    data = status_data(RunDir.find(run_id), opts)
+    st = status_of(RunDir.find(run_id), opts)
     if as_json:
-        print(json.dumps(data, indent=1))
+        print(json.dumps(st.to_json(), indent=1))
         return 0
-    attempt = attempt_text(data["attempt"], data["max_restarts"])
-    replaced = "".join(f", {spare} in place of {lost}" for spare, lost in data["replaced"].items())
-    print(f"run {data['run']}: {data['state']} ({plural(len(data['nodes']), 'node')}, "
-          f"{plural(data['world_size'], 'rank')}, "
-          f"{data['hosts']}{', ' + attempt if attempt else ''}{replaced})")
-    w = max(4, *(len(n["node"]) for n in data["nodes"]))
-    print(f"{'node':<{w}}  node_rank  ranks      state")
-    for n in data["nodes"]:
-        first, last = n["ranks"]
-        ranks = str(first) if first == last else f"{first}-{last}"
-        print(f"{n['node']:<{w}}  {n['node_rank']:>9}  {ranks:<9}  {describe_node(n)}")
-    if data["state"] in (RunState.RUNNING, RunState.STARTING):
-        quiet = [f"{g}: {_ago(q)}" for n in data["nodes"] for g, q in n["quiet"].items()]
-        print("quiet for (rank: time since its last line): " + ", ".join(quiet))
-    if data["hang"]:
-        print(f"hang: {data['hang']['diagnosis']} (stacks: {data['hang']['stacks']})")
+    for line in status_lines(st):
+        print(line)
     return 0
+
+
+def status_lines(st: RunStatus) -> list[str]:
+    attempt = attempt_text(st.attempt, st.max_restarts)
+    replaced = "".join(f", {spare} in place of {lost}" for spare, lost in st.replaced.items())
+    lines = [f"run {st.run}: {st.state} ({plural(len(st.nodes), 'node')}, {plural(st.world_size, 'rank')}, "
+             f"{st.hosts}{', ' + attempt if attempt else ''}{replaced})"]
+    w = max(4, *(len(n.node) for n in st.nodes))
+    lines.append(f"{'node':<{w}}  node_rank  ranks      state")
+    for n in st.nodes:
+        ranks = str(n.first_rank) if n.first_rank == n.last_rank else f"{n.first_rank}-{n.last_rank}"
+        lines.append(f"{n.node:<{w}}  {n.node_rank:>9}  {ranks:<9}  {describe_node(n)}")
+    if st.state in (RunState.RUNNING, RunState.STARTING):
+        quiet = [f"{g}: {_ago(q)}" for n in st.nodes for g, q in n.quiet.items()]
+        lines.append("quiet for (rank: time since its last line): " + ", ".join(quiet))
+    if st.hang:
+        lines.append(f"hang: {st.hang.diagnosis} (stacks: {st.hang.stacks})")
+    return lines
 
 
 def ps() -> int:
@@ -117,20 +168,20 @@ def ps() -> int:
     for run_id in ids:
         run = RunDir(runs_root() / run_id)
         try:
-            plan = run.plan()
+            plan, states, records = run.plan(), run.node_states(), run.attempts()
         except Exception:  # noqa: BLE001 - a damaged run must not hide the others
             print(f"{run_id:<22}  {'unreadable':<14}")
             continue
-        state = run_state(len(plan.nodes), run.node_states())
+        state = run_state(len(plan.nodes), states)
+        label = str(state)
         if state in (RunState.STARTING, RunState.RUNNING):
             lock = run.lock()
             if lock is not None:    # nobody is watching it; `clusterrun status` looks
                 lock.release()
-                state += "?"
-        records = run.attempts()
-        if records and records[-1]["max_restarts"]:
-            state += " " + attempt_text(plan.attempt, records[-1]["max_restarts"]).split()[1]
+                label += "?"
+        if records and records[-1].max_restarts:
+            label += " " + attempt_text(plan.attempt, records[-1].max_restarts).split()[1]
         argv = plan.nodes[0].argv
         script = argv[argv.index("-u") + 1:]      # the entry: python -u SCRIPT ARGS
-        print(f"{run_id:<22}  {state:<14}  {len(plan.nodes):>5}  {plan.world_size:>5}  {' '.join(script)}")
+        print(f"{run_id:<22}  {label:<14}  {len(plan.nodes):>5}  {plan.world_size:>5}  {' '.join(script)}")
     return 0

@@ -21,7 +21,8 @@ from ..plan import NodePlan, Plan
 from ..parallel import each
 from .remote import Detached, RemoteJob, confirm_kills
 from .results import exit_code, summary
-from ..model import FINAL_STATES, NodeResult, NodeState
+from ..model import FINAL_STATES, NodeResult, NodeState, RankFailure
+from .records import HangRecord, NodeRecord, has_ended
 from .runs import CollectorLock, RunDir
 from .stream import NodeOutput, Terminal
 from ..transports.connect import connect_node
@@ -30,13 +31,16 @@ from ..transports.base import Transport
 
 
 class RunController:
-    def __init__(self, plan: Plan, run: RunDir, transports: Sequence[Transport], term: Terminal,
+    def __init__(self, plan: Plan, run: RunDir, transports: Sequence[Transport | None], term: Terminal,
                  opts: WatchOptions) -> None:
+        """`transports`: one per node, None for a node whose end is already recorded (a
+        collector attaching to a run some of whose nodes have ended): it gets no job."""
         self.plan, self.run, self.term, self.opts = plan, run, term, opts
-        self.states: dict[int, dict] = run.node_states()
+        self.states: dict[int, NodeRecord] = run.node_states()
         self._state_lock = threading.Lock()
         self._started = threading.Condition()
-        self.jobs = [self._job(node, t) for node, t in zip(plan.nodes, transports)]
+        self.jobs = [self._job(node, t) for node, t in zip(plan.nodes, transports) if t is not None]
+        self.unconnected = [node for node, t in zip(plan.nodes, transports) if t is None]
         self.done: queue.Queue[NodeResult] = queue.Queue()
         self.interrupted = False
         self.gate: Any = None
@@ -58,21 +62,26 @@ class RunController:
 
     # --- state -------------------------------------------------------------------
 
-    def set_state(self, node: NodePlan, state: str, **fields) -> None:
+    def set_state(self, node: NodePlan, state: NodeState, *, code: int | None = None, message: str = "",
+                  stopped: bool = False, failures: Sequence[RankFailure] = (), pgid: int | None = None,
+                  ifname: str | None = None) -> None:
+        record = NodeRecord(node.name, state, time.time(), code, message, stopped, list(failures), pgid, ifname)
         with self._state_lock:
-            self.states[node.node_rank] = {"node": node.name, "state": state, **fields,
-                                           "time": time.time()}
-            self.run.write_json("state.json", self.states)
+            self.states = self.run.set_node_state(node.node_rank, record)
 
     def _on_started(self, node: NodePlan, ev: dict) -> None:
         self.set_state(node, NodeState.RUNNING, pgid=ev.get("pgid"), ifname=ev.get("ifname"))
         with self._started:
             self._started.notify_all()
-        n = sum(1 for s in self.states.values() if s["state"] != NodeState.STARTING)
-        self.term.progress(f"started {n}/{len(self.plan.nodes)} nodes")
+        self.term.progress(f"started {self.running_or_done()}/{len(self.plan.nodes)} nodes")
 
     def running_or_done(self) -> int:
-        return sum(1 for s in self.states.values() if s["state"] != NodeState.STARTING)
+        return sum(1 for s in self.states.values() if s.state != NodeState.STARTING)
+
+    def transports(self) -> list[Transport | None]:
+        """Each node's connection as it is now (a reconnect replaces one); None: it has none."""
+        by_rank = {job.node.node_rank: job.transport for job in self.jobs}
+        return [by_rank.get(n.node_rank) for n in self.plan.nodes]
 
     # --- running -----------------------------------------------------------------
 
@@ -89,8 +98,13 @@ class RunController:
             job.gate = gate
         if self.opts.hang_timeout is not None:
             threading.Thread(target=self._watch_hang, name="hang-watch", daemon=True).start()
+        for node in self.unconnected:
+            if has_ended(self.states.get(node.node_rank)):
+                self.done.put(self._recorded_result(node))
+            else:       # connect_live connects every node whose end is not recorded
+                self.done.put(NodeResult(node, NodeState.LOST, message="no connection to the node"))
         for job in self.jobs:
-            if not start and self.states.get(job.node.node_rank, {}).get("state") in FINAL_STATES:
+            if not start and has_ended(self.states.get(job.node.node_rank)):
                 job.output.close()
                 self.done.put(self._recorded_result(job.node))
                 continue
@@ -99,8 +113,7 @@ class RunController:
 
     def _recorded_result(self, node: NodePlan) -> NodeResult:
         s = self.states[node.node_rank]
-        return NodeResult(node, s["state"], s.get("code"), message=s.get("message", ""),
-                          stopped=s.get("stopped", False))
+        return NodeResult(node, s.state, s.code, message=s.message, stopped=s.stopped)
 
     def _runner(self, job: RemoteJob, start: bool, follow: bool) -> None:
         try:
@@ -120,8 +133,7 @@ class RunController:
             result.message = killed
         if result.state != NodeState.RUNNING:
             self.set_state(job.node, result.state, code=result.code, message=result.message,
-                           stopped=result.stopped,
-                           failures=[dataclasses.asdict(f) for f in result.failures])
+                           stopped=result.stopped, failures=result.failures)
         self.done.put(result)
         with self._started:
             self._started.notify_all()
@@ -136,7 +148,7 @@ class RunController:
         while not self.finished.wait(min(5.0, timeout / 4)):
             if self.handed_over:
                 return
-            last = max(job.output.last_line for job in self.jobs)
+            last = max((job.output.last_line for job in self.jobs), default=time.monotonic())
             if time.monotonic() - last >= timeout and last != reported:
                 reported = last
                 try:
@@ -148,12 +160,12 @@ class RunController:
     def _on_hang(self, quiet: float) -> None:
         from . import stacks
 
-        found, problems = stacks.take(self.plan, [job.transport for job in self.jobs])
+        found, problems = stacks.take(self.plan, self.transports())
         groups = stacks.group(found)
         text = stacks.render(groups)
         why = f"no output for {_duration(quiet)}: {stacks.diagnosis(groups)}"
         path = stacks.save(self.run, text)
-        self.run.write_json("hang.json", {"time": time.time(), "diagnosis": why, "stacks": path})
+        self.run.record_hang(HangRecord(time.time(), why, path))
         self.term.message(f"clusterrun: {why}")
         self.term.message(text.rstrip("\n"))
         for p in problems:
@@ -161,14 +173,14 @@ class RunController:
         if self.opts.on_hang == "kill":
             self.hung = why
             self.term.message(f"clusterrun: --on-hang kill: stopping every node (stacks: {path})")
-            self.stop_all({rank for rank, st in self.states.items() if st["state"] in FINAL_STATES})
+            self.stop_all({rank for rank, st in self.states.items() if st.state in FINAL_STATES})
         else:
             self.term.message(f"clusterrun: stacks saved in {path}; still waiting")
 
     def wait_started(self) -> None:
         """Block until every node has started (or already ended)."""
         with self._started:
-            self._started.wait_for(lambda: self.running_or_done() >= len(self.jobs))
+            self._started.wait_for(lambda: self.running_or_done() >= len(self.plan.nodes))
 
     def abandon(self) -> list[NodeResult]:
         """Ctrl-C while the nodes are checked: end every node's session (none started) and
@@ -186,7 +198,7 @@ class RunController:
     def kill(self, grace: float) -> list[str]:
         """`clusterrun kill` through this collector: every live node's agent kills its
         job, then the run's end is recorded. The problems: nodes not confirmed clean."""
-        live = [j for j in self.jobs if self.states.get(j.node.node_rank, {}).get("state") not in FINAL_STATES]
+        live = [j for j in self.jobs if not has_ended(self.states.get(j.node.node_rank))]
         problems = confirm_kills([(j.node.name, functools.partial(j.stop, grace)) for j in live])
         if not self.finished.wait(timeout=grace + 15):
             problems.append("the run's end was not recorded in time; see `clusterrun status`")
@@ -198,7 +210,7 @@ class RunController:
         stoppers: list[threading.Thread] = []
         self.interrupted = False
         stopping = False
-        while len(results) < len(self.jobs):
+        while len(results) < len(self.plan.nodes):
             try:
                 r = self.done.get(timeout=0.5)
             except queue.Empty:
@@ -224,7 +236,7 @@ class RunController:
             if not r.ok and self.opts.fail_fast and not stopping and not r.stopped and not held_back:
                 stopping = True
                 ended = {x.node.node_rank for x in results}
-                if len(ended) < len(self.jobs):
+                if len(ended) < len(self.plan.nodes):
                     self.term.message(f"clusterrun: node {r.node.name} failed: stopping the other nodes")
                     stoppers.append(self.stop_all(ended))
         for t in stoppers:      # return only once every stopped node has confirmed it
@@ -245,7 +257,7 @@ class RunController:
 
     def finish(self, results: list[NodeResult]) -> int:
         """Record the outcome, print the summary, and return the exit code."""
-        if all(r.state != NodeState.RUNNING for r in results) and len(results) == len(self.jobs):
+        if all(r.state != NodeState.RUNNING for r in results) and len(results) == len(self.plan.nodes):
             self.run.write_json("result.json", [dataclasses.asdict(r) | {"node": r.node.name}
                                                 for r in results])
         self.finished.set()
@@ -261,18 +273,17 @@ class RunController:
             self.control.close()
             self.control = None
 
-    def end_attempt(self) -> list[Transport]:
+    def end_attempt(self) -> list[Transport | None]:
         """This attempt is over and the run goes on in another: its connections, still open."""
         self.finished.set()
         self._close_control()
-        return [job.transport for job in self.jobs]
+        return self.transports()
 
     def close(self) -> None:
         self.finished.set()
         self._close_control()
         for job in self.jobs:
-            if job.transport is not None:
-                job.transport.close(linger=self.handed_over)
+            job.transport.close(linger=self.handed_over)
 
 
 # After an attempt ends: the next attempt's controller and results (up --max-restarts).

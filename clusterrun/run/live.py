@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-from ..model import FINAL_STATES
 from ..options import WatchOptions
 from ..plan import Plan
 from ..transports.base import Transport
 from ..transports.connect import connect_all
+from .records import has_ended
 from .runs import RunDir
 
 
@@ -15,7 +15,7 @@ def connect_live(run: RunDir, plan: Plan, opts: WatchOptions, consequence: str =
     """Connections to the run's nodes in parallel; None for nodes already recorded as ended.
     `visiting`: only looking in (stacks), not collecting: the run's masters stay its collector's."""
     states = run.node_states()
-    live = [n for n in plan.nodes if states.get(n.node_rank, {}).get("state") not in FINAL_STATES]
+    live = [n for n in plan.nodes if not has_ended(states.get(n.node_rank))]
     conns = connect_all([n.host for n in live], opts.connect_timeout, opts.accept_new_host_keys,
                         consequence, scope=plan.run_id, visiting=visiting) if live else []
     by_rank = dict(zip((n.node_rank for n in live), conns))

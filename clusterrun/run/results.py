@@ -97,6 +97,7 @@ def summary(results: Sequence[NodeResult], run: RunDir, tail: int = TAIL) -> lis
         lines += [f"  | {t}" for t in tail_lines(run.node_log(node.node_rank), tail)]
     after = f" after {first} failed" if first else ""
     for f, node in collateral:
+        assert f.exitcode is not None       # _by_torchrun: it ended by one of the stop signals
         lines.append(f"clusterrun: rank {f.rank} ({node.name}, local rank {f.local_rank}) was stopped "
                      f"({signal.Signals(-f.exitcode).name}){after}")
     for r in results:

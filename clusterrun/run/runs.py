@@ -2,6 +2,8 @@
 
     runs/<run id>/plan.json        what was launched (the exact plan)
     runs/<run id>/state.json       each node's state, kept by the run's collector
+    runs/<run id>/attempts.json    where each attempt's lines start (up --max-restarts)
+    runs/<run id>/hang.json        the last hang diagnosed
     runs/<run id>/logs/rank<G>.log every line of global rank G, as printed
     runs/<run id>/logs/node<K>.log torchrun's own lines on node K
     runs/<run id>/result.json      every node's outcome, once the run has ended
@@ -12,6 +14,9 @@ Exactly one process at a time, the collector, streams a run from its nodes into
 these files: the attached `up`, the background collector of `up --detach`, or a
 `logs -f`/`status` that finds nobody collecting (after `up` was killed). The
 byte size of each log is where a new collector resumes on the node.
+
+The records (state.json, attempts.json, hang.json) are typed (records.py) and
+written only here, each atomically (a new file renamed over the old).
 """
 
 from __future__ import annotations
@@ -21,13 +26,19 @@ import fcntl
 import json
 import os
 import secrets
+import threading
 import time
 from pathlib import Path
 from typing import Any
 
 from ..errors import UsageError
 from ..plan import Plan, masked, plan_from_dict
+from .records import AttemptRecord, HangRecord, NodeRecord
 
+# A node's thread records its state while others record theirs: each write reads the
+# file and replaces one entry, so they take turns (one process writes a run's records:
+# its collector, or `kill` once the run has ended).
+_state_lock = threading.Lock()
 
 
 def clusterrun_home() -> Path:
@@ -122,8 +133,24 @@ class RunDir:
             raise UsageError(f"run {self.run_id}: no readable plan.json in {self.path}")
         return plan_from_dict(data)
 
-    def node_states(self) -> dict[int, dict[str, Any]]:
-        return {int(k): v for k, v in (self.read_json("state.json") or {}).items()}
+    def node_states(self) -> dict[int, NodeRecord]:
+        """Each node's recorded state, by node_rank (a node not yet recorded has none)."""
+        return {int(k): NodeRecord.from_json(v) for k, v in (self.read_json("state.json") or {}).items()}
+
+    def set_node_state(self, node_rank: int, record: NodeRecord) -> dict[int, NodeRecord]:
+        """Record one node's state (the only writer of state.json); returns every node's."""
+        with _state_lock:
+            states = self.node_states()
+            states[node_rank] = record
+            self.write_json("state.json", {str(k): s.to_json() for k, s in sorted(states.items())})
+            return states
+
+    def hang(self) -> HangRecord | None:
+        data = self.read_json("hang.json")
+        return HangRecord.from_json(data) if data else None
+
+    def record_hang(self, hang: HangRecord) -> None:
+        self.write_json("hang.json", hang.to_json())
 
     def ended(self) -> bool:
         return (self.path / "result.json").exists()
@@ -134,18 +161,18 @@ class RunDir:
         """Record where attempt plan.attempt's lines start in every log, and which nodes run it."""
         records = self.attempts()
         starts = {p.name: p.stat().st_size for p in self.logs.iterdir() if p.suffix == ".log"}
-        records.append({"attempt": plan.attempt, "time": time.time(), "max_restarts": max_restarts,
-                        "starts": starts, "nodes": [n.name for n in plan.nodes], "replaced": replaced})
-        self.write_json("attempts.json", records)
+        records.append(AttemptRecord(plan.attempt, time.time(), max_restarts, starts,
+                                     [n.name for n in plan.nodes], dict(replaced)))
+        self.write_json("attempts.json", [r.to_json() for r in records])
 
-    def attempts(self) -> list[dict[str, Any]]:
+    def attempts(self) -> list[AttemptRecord]:
         """Every attempt's record, first to last ([] for a run without restarts)."""
-        return self.read_json("attempts.json") or []
+        return [AttemptRecord.from_json(r) for r in self.read_json("attempts.json") or []]
 
     def attempt_starts(self) -> dict[str, int]:
         """Where the current attempt's bytes start in each log, by file name (none: 0)."""
         records = self.attempts()
-        return records[-1]["starts"] if records else {}
+        return records[-1].starts if records else {}
 
     def mark_killed(self, why: str) -> None:
         """Record that the run is being stopped on purpose (kill, Ctrl-C): nodes that end

@@ -53,7 +53,8 @@ def cli(*args: str) -> str:
     return r.output
 
 
-F = {"rank": 2, "local_rank": 0, "exitcode": 1, "exit_time": 100.5, "stopped": False, "oom": False}
+F = {"rank": 2, "local_rank": 0, "exitcode": 1, "exit_time": 100.5, "stopped": False, "oom": False,
+     "finished": False}
 
 
 def failed_run() -> RunDir:
@@ -223,7 +224,8 @@ def test_ps_shows_every_run_as_it_always_did(home):
 
 def test_a_node_record_comes_back_from_its_file_as_it_went_in():
     rec = NodeRecord("nodeB", NodeState.EXITED, time=101.0, code=1, message="", stopped=True,
-                     failures=[RankFailure(2, 0, -9, 100.5, stopped=False, oom=True)])
+                     failures=[RankFailure(2, 0, -9, 100.5, stopped=False, oom=True),
+                               RankFailure(3, 1, -6, 100.7, stopped=True, finished=True)])
     again = NodeRecord.from_json(json.loads(json.dumps(rec.to_json())))
     assert again == rec and again.state is NodeState.EXITED and type(again.failures[0]) is RankFailure
     running = NodeRecord("nodeA", NodeState.RUNNING, time=5.0, pgid=42, ifname="eth0")

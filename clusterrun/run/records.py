@@ -51,8 +51,9 @@ def has_ended(record: NodeRecord | None) -> bool:
 
 
 def _failure(d: dict[str, Any]) -> RankFailure:
-    return RankFailure(rank=d["rank"], local_rank=d["local_rank"], exitcode=d.get("exitcode"),
-                       exit_time=d.get("exit_time"), stopped=bool(d.get("stopped")), oom=bool(d.get("oom")))
+    # By RankFailure's own fields, so that a fact added to it is kept without a change
+    # here; a fact an older version did not record takes its default.
+    return RankFailure(**{f.name: d[f.name] for f in dataclasses.fields(RankFailure) if f.name in d})
 
 
 @dataclass(frozen=True)

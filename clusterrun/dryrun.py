@@ -19,7 +19,8 @@ from typing import Callable
 
 from .gpus import ORDER_VAR, VISIBLE_VAR, describe
 from .hostsfile import Host
-from .plan import MERGE_STDERR, JOB_MARKER_VAR, NodePlan, Plan, masked, quote_path, shell_prefix
+from .login import Login
+from .plan import MERGE_STDERR, JOB_MARKER_VAR, NodePlan, Plan, masked, quote_path
 
 # make_plan needs a run id for the parts of a node's plan that only clusterrun's own
 # machinery uses (job directory, marker, --rdzv-id): none of them is printed.
@@ -176,7 +177,7 @@ def node_command(plan: Plan, node: NodePlan, *, port_auto: bool = False, mask: b
     # argv[0] is the node's python, which may be ~/...; everything else is quoted as is.
     torchrun = " ".join([quote_path(argv[0]), *(shlex.quote(a) for a in argv[1:])])
     pick = pick_interface(plan.master_addr) if node.pick_ifname else ""
-    return shell_prefix(node) + pick + "env " + " ".join(words + [torchrun])
+    return Login(node.workdir, node.setup).shown_steps() + pick + "env " + " ".join(words + [torchrun])
 
 
 def manual_argv(node: NodePlan, port: str) -> tuple[str, ...]:

@@ -6,27 +6,9 @@ The loader reads this file (compressed) from stdin's first line, and the spec
 Standard library only, Python 3.8+, because it runs under whatever interpreter
 the node has. It never imports clusterrun.
 
-Modes (spec["mode"]):
-  start   create the job directory, start torchrun in its own session under a
-          supervisor that outlives the SSH connection, then stream its output
-  attach  stream an existing job's output from given byte offsets (reconnect);
-          with "follow": false, stop once caught up (event "running")
-  kill    TERM, then KILL after a grace period, every process of the job;
-          return once none is left
-  stacks  every selected rank's Python stacks (each worker dumps its own, see
-          STACKS_SITE; py-spy adds native frames where asked and present)
-
-Output protocol on stdout (binary, read by clusterrun/run/remote.py):
-  D <key> <n>\\n<n bytes>   whole lines from one output file; key is "L" for
-                           torchrun's own output, the local rank for a worker
-  S <json>\\n              an event: started, exit, lost, killed
-  H\\n                     a heartbeat while the job is quiet
-Input on stdin, after the spec (start, attach), one command a line:
-  go                      after a "probe" event: start (anything else: do not)
-  kill <grace>            while streaming: kill the job as the kill mode does,
-                          answer with a "killed" event, then stream to the end
-  rm                      after the final event: remove the job directory (the
-                          controller has everything by then)
+Every mode, event, frame and command of the wire protocol is defined once, in
+the section "the protocol" below, with the spec each mode takes; the controller
+imports those names from here (clusterrun/run/frames.py reads the frames).
 """
 
 import errno
@@ -42,11 +24,155 @@ import sys
 import threading
 import time
 
+# --- the protocol ----------------------------------------------------------------
+# What the controller and this agent say to each other, defined here only: the
+# controller imports these names (the agent itself ships alone, so it cannot import
+# theirs).
+#
+# The login line (built by clusterrun/login.py) runs `cd WORKDIR`, then `setup:`; a
+# step that fails writes FAILED_MARK and the step's name on stderr, then exits 1:
+#   CLUSTERRUN-FAILED workdir missing|notdir|denied
+#   CLUSTERRUN-FAILED setup <its exit status>
+# Then the agent starts, and its first output is a newline (it ends a login line
+# left open) and AGENT_MARK with the session's token (the loader's argument), so
+# that nothing a login prints can be taken for a frame. Then frames, on stdout:
+#   D <key> <n>\n<n bytes>   whole lines from one output file; key is "L" for
+#                            torchrun's own output (LAUNCHER_KEY), the local rank
+#                            for a worker
+#   S <json>\n              an event: {"event": <Event name>, ...its fields}
+#   H\n                     a heartbeat while the job is quiet (every HEARTBEAT_EVERY s)
+# Anything else on stdout is not the agent's (a login that printed late).
+#
+# stdin: the agent's code (compressed), the spec (JSON), then, for start and
+# attach, one Command a line. The sync mode has its own exchange instead: a JSON
+# list of relative paths in, a JSON {path: [size, mtime]} line out for those the
+# node has, then a tar stream in, and the `synced` event out.
+
+AGENT_MARK = b"CLUSTERRUN-AGENT "
+FAILED_MARK = "CLUSTERRUN-FAILED "
+FAILED_WORKDIR = "workdir"          # ... and missing, notdir or denied (test(1)'s answer)
+FAILED_SETUP = "setup"              # ... and the setup's exit status
+
+DATA = b"D"
+EVENT = b"S"
+HEARTBEAT = b"H\n"
+LAUNCHER_KEY = "L"                  # a data frame's key for launcher.log (torchrun's own output)
+
+
+class Mode(object):
+    """spec["mode"]: what the agent does (the spec each takes: the *Spec types below)."""
+    START = "start"     # create the job directory, start torchrun in its own session under a
+                        # supervisor that outlives the SSH connection, then stream its output
+                        # (with "check": probe first, start only on Command.GO)
+    ATTACH = "attach"   # stream an existing job's output from given byte offsets (reconnect);
+                        # with "follow": false, stop once caught up (Event.RUNNING)
+    KILL = "kill"       # TERM, then KILL after a grace period, every process of the job;
+                        # answer Event.KILLED once none is left
+    STACKS = "stacks"   # every selected rank's Python stacks (each worker dumps its own, see
+                        # STACKS_SITE; py-spy adds native frames where asked and present)
+    PROBE = "probe"     # what `check` and the preflight of `up` need to know (Event.PROBE)
+    SYNC = "sync"       # receive the changed files of the workdir (`up --sync`)
+
+
+class Event(object):
+    """The events ("S" frames), by name; each with the fields that follow it."""
+    PROBE = "probe"         # the probe's findings (Mode.PROBE; Mode.START with "check")
+    STARTED = "started"     # pgid, ifname, hostname: torchrun runs
+    RUNNING = "running"     # attach without follow: caught up, the job still runs
+    KILLED = "killed"       # forced, left: the answer to Mode.KILL and Command.KILL
+    EXIT = "exit"           # code, failures, stop_time: torchrun ended (final)
+    LOST = "lost"           # reason: the job is gone without an exit code (final)
+    STACKS = "stacks"       # ranks: the answer to Mode.STACKS
+    SYNCED = "synced"       # files: the answer to Mode.SYNC
+
+
+class Command(object):
+    """The controller's lines on stdin, after the spec (start, attach)."""
+    GO = b"go"          # after a probe event: start (anything else, STOP say, does not)
+    STOP = b"stop"
+    KILL = b"kill"      # "kill <grace>" while streaming: kill the job as Mode.KILL does,
+                        # answer Event.KILLED, then stream to the end
+    RM = b"rm"          # after the final event: remove the job directory (the controller
+                        # has everything by then)
+
+
+def data_header(key, size):
+    """The header of a data frame: the next `size` bytes are lines of output file `key`."""
+    return b"%s %s %d\n" % (DATA, key.encode(), size)
+
+
+def event_frame(name, **fields):
+    """An event frame ("event" last in its JSON)."""
+    fields["event"] = name
+    return EVENT + b" " + json.dumps(fields).encode() + b"\n"
+
+
+def kill_command(grace):
+    """Command.KILL with its grace period, as a line."""
+    return Command.KILL + b" %r\n" % float(grace)
+
+
+if __name__ != "__main__":
+    # The specs, typed for the controller (mypy checks what it builds against them). Only
+    # where this file is imported: the node runs it as __main__ and needs no typing.
+    from typing import Dict, List, Optional, TypedDict, Union
+
+    class _Spec(TypedDict):
+        mode: str
+        job_dir: str                # the job's directory on the node (~/... expanded there)
+
+    class _ProbeFields(TypedDict, total=False):
+        torch: bool                 # import torch (and its torchrun); else only look for it
+        master_addr: str            # report the interface that reaches it
+        inventory: bool             # torch, CUDA and NCCL versions, nvidia-smi's GPUs
+        env: Dict[str, str]         # the job's env: nvidia-smi is looked for on its PATH
+        script: str                 # report whether it is there (a module: importable)
+        module: bool
+        port: "int | str"           # report whether it is free; "auto": a free one
+
+    class ProbeCheck(_ProbeFields):
+        mode: str                   # (Mode.PROBE)
+
+    class ProbeSpec(_Spec, _ProbeFields):
+        pass
+
+    class _StartFields(_Spec):
+        argv: List[str]             # the plan's torchrun command
+        env: Dict[str, str]
+        python: str
+        pick_ifname: List[str]      # env names to set to the interface that reaches master_addr
+        master_addr: str
+        marker: str                 # CLUSTERRUN_JOB: finds the job's processes
+
+    class StartSpec(_StartFields, total=False):
+        check: ProbeCheck           # probe first, start only on Command.GO
+
+    class AttachSpec(_Spec):
+        offsets: Dict[str, int]     # output file key -> bytes already received
+        follow: bool
+        marker: str
+
+    class KillSpec(_Spec):
+        marker: str
+        grace: float
+
+    class StacksSpec(_Spec):
+        marker: str
+        local_ranks: Optional[List[int]]    # None: every rank
+        native: bool
+        children: bool
+
+    class SyncSpec(_Spec):
+        pass
+
+    Spec = Union[StartSpec, AttachSpec, KillSpec, StacksSpec, ProbeSpec, SyncSpec]
+
+
 POLL_IDLE = 0.02            # seconds between polls when no file grew (without inotify)
 READ_MAX = 1 << 20          # bytes read from one file per pass
 LINE_MAX = 1 << 20          # a "line" longer than this is passed on in pieces
 DISCOVER_EVERY = 0.2        # seconds between looks for new worker log files (while output flows)
-HEARTBEAT = 5.0             # an idle stream says "H" this often, so a dead link shows
+HEARTBEAT_EVERY = 5.0       # an idle stream says HEARTBEAT this often, so a dead link shows
 ALIVE_EVERY = 0.5           # seconds between checks that the job's process group exists
 COMMAND_EVERY = 0.05        # seconds between looks at stdin while output keeps coming
 
@@ -55,33 +181,33 @@ def main(argv):
     # First, the line that tells the controller where the login's output ends and
     # the agent's frames begin (the newline ends a login line left open).
     if len(argv) > 1:
-        write_out(b"\nCLUSTERRUN-AGENT " + argv[1].encode() + b"\n")
+        write_out(b"\n" + AGENT_MARK + argv[1].encode() + b"\n")
     # The spec comes on stdin, after the agent's own code: nothing of it (env
     # values included) shows in the node's process list.
     spec = json.loads(sys.stdin.buffer.readline())
     mode = spec["mode"]
     job_dir = os.path.expanduser(spec["job_dir"])
-    if mode in ("start", "attach"):
+    if mode in (Mode.START, Mode.ATTACH):
         commands = Commands()
-    if mode == "start":
+    if mode == Mode.START:
         if spec.get("check"):       # the preflight: answer, then start only if told "go"
-            event("probe", **probe(spec["check"]))
-            if commands.next() != b"go":
+            event(Event.PROBE, **probe(spec["check"]))
+            if commands.next() != Command.GO:
                 return 0
         start(spec, job_dir)
         stream(job_dir, {}, commands, spec.get("marker"))
-    elif mode == "attach":
+    elif mode == Mode.ATTACH:
         if not os.path.isdir(job_dir):
-            event("lost", reason="no job directory on the node")
+            event(Event.LOST, reason="no job directory on the node")
             return 0
         stream(job_dir, spec.get("offsets", {}), commands, spec.get("marker"), spec.get("follow", True))
-    elif mode == "kill":
+    elif mode == Mode.KILL:
         kill(job_dir, spec["marker"], float(spec.get("grace", 5)))
-    elif mode == "stacks":
-        event("stacks", ranks=stacks(job_dir, spec))
-    elif mode == "probe":
-        event("probe", **probe(spec))
-    elif mode == "sync":
+    elif mode == Mode.STACKS:
+        event(Event.STACKS, ranks=stacks(job_dir, spec))
+    elif mode == Mode.PROBE:
+        event(Event.PROBE, **probe(spec))
+    elif mode == Mode.SYNC:
         sync(spec)
     return 0
 
@@ -315,7 +441,7 @@ def sync(spec):
             member.name = name
             tar.extract(member, root, set_attrs=member.isfile())
             count += member.isfile()
-    event("synced", files=count)
+    event(Event.SYNCED, files=count)
 
 
 # --- start -------------------------------------------------------------------
@@ -344,7 +470,7 @@ def start(spec, job_dir):
     os.waitpid(pid, 0)
     # The child was the session leader, so the job's process group id is its pid.
     write_atomic(os.path.join(job_dir, "pgid"), str(pid))
-    event("started", pgid=pid, ifname=ifname, hostname=socket.gethostname())
+    event(Event.STARTED, pgid=pid, ifname=ifname, hostname=socket.gethostname())
 
 
 def supervise(job_dir, argv, env):
@@ -872,7 +998,7 @@ def discover(job_dir, sources, offsets, changes=None):
     each local rank's, <job>/torchrun/<run>/attempt_0/<local rank>/stdout.log
     (--max-restarts=0 makes one attempt); how many are new. Every directory on
     the way is watched for new entries."""
-    paths = [("L", os.path.join(job_dir, "launcher.log"))]
+    paths = [(LAUNCHER_KEY, os.path.join(job_dir, "launcher.log"))]
     entries(job_dir, changes)
     tdir = os.path.join(job_dir, "torchrun")
     for run in entries(tdir, changes):
@@ -977,7 +1103,7 @@ def read_frames(sources, final=False):
         elif cut == 0 and len(buf) > LINE_MAX:
             cut = len(buf)          # runaway line with no newline: pass it on as-is
         if cut:
-            frames.append(b"D %s %d\n" % (src.key.encode(), cut))
+            frames.append(data_header(src.key, cut))
             frames.append(buf[:cut])
         src.pending = buf[cut:]
     return frames
@@ -1050,8 +1176,8 @@ def stream(job_dir, offsets, commands, marker=None, follow=True):
                 next_command = now + COMMAND_EVERY
                 obey(commands.next(0), job_dir, marker)
             continue
-        if now - last_out >= HEARTBEAT:
-            write_out(b"H\n")
+        if now - last_out >= HEARTBEAT_EVERY:
+            write_out(HEARTBEAT)
             last_out = now
         done = os.path.exists(exit_path)
         # A cheap test (no /proc scan) and not on every poll: this loop runs for the
@@ -1061,14 +1187,14 @@ def stream(job_dir, offsets, commands, marker=None, follow=True):
             if not group_exists(pgid):
                 done = os.path.exists(exit_path)
                 if not done:
-                    finish(job_dir, sources, offsets, commands, "lost",
+                    finish(job_dir, sources, offsets, commands, Event.LOST,
                            reason="the job's processes are gone")
                     return
         if done:
-            finish(job_dir, sources, offsets, commands, "exit", **json.loads(read_text(exit_path)))
+            finish(job_dir, sources, offsets, commands, Event.EXIT, **json.loads(read_text(exit_path)))
             return
         if not follow:
-            event("running")
+            event(Event.RUNNING)
             return
         # The idle wait, cut short by a command. With inotify it lasts until a file
         # grows, an entry appears (a rank's log, exit.json) or a check is due:
@@ -1079,7 +1205,7 @@ def stream(job_dir, offsets, commands, marker=None, follow=True):
             changes.arm(src.path for src in sources.values())
             armed = True                # then read once more: a write before the watch counts
         else:
-            timeout = max(0.0, min(next_alive_check, last_out + HEARTBEAT) - now)
+            timeout = max(0.0, min(next_alive_check, last_out + HEARTBEAT_EVERY) - now)
             obey(commands.next(timeout, changes.fd), job_dir, marker)
             # A new entry somewhere: look for new files now; else not before
             # DISCOVER_EVERY (a wake for a write or a check needs no look).
@@ -1093,7 +1219,7 @@ def stream(job_dir, offsets, commands, marker=None, follow=True):
 
 def obey(command, job_dir, marker):
     """A command that came while streaming: "kill <grace>" (the stream then runs to its end)."""
-    if command and command.startswith(b"kill ") and marker:
+    if command and command.startswith(Command.KILL + b" ") and marker:
         kill(job_dir, marker, float(command.split()[1]))
 
 
@@ -1104,9 +1230,9 @@ def finish(job_dir, sources, offsets, commands, name, **fields):
         write_out(b"".join(frames))
     event(name, **fields)
     answer = commands.next()
-    while answer.startswith(b"kill "):     # too late: the job has ended by itself
+    while answer.startswith(Command.KILL + b" "):     # too late: the job has ended by itself
         answer = commands.next()
-    if answer == b"rm":
+    if answer == Command.RM:
         remove_tree(job_dir)
 
 
@@ -1118,8 +1244,7 @@ def write_out(data):
 
 
 def event(name, **fields):
-    fields["event"] = name
-    write_out(b"S " + json.dumps(fields).encode() + b"\n")
+    write_out(event_frame(name, **fields))
 
 
 # --- kill ----------------------------------------------------------------------
@@ -1196,7 +1321,7 @@ def kill(job_dir, marker, grace):
             left = job_pids(marker)
     # Members of the group without the marker (the supervisor) count too.
     alive = group_alive(pgid)
-    event("killed", forced=forced, left=len(left) + (1 if alive else 0))
+    event(Event.KILLED, forced=forced, left=len(left) + (1 if alive else 0))
 
 
 def pgrp_of(pid):

@@ -276,15 +276,3 @@ def setup_part(line: str) -> str:
     if "\n" in text or "#" in text:
         return "{ " + text + "\n}"
     return text
-
-
-def shell_prefix(node: NodePlan) -> str:
-    """`cd WORKDIR && { SETUP; } </dev/null && ` as the node's login shell would run it.
-    The setup lines read nothing from stdin: it carries the node agent and its spec."""
-    parts = []
-    if node.workdir:
-        parts.append(f"cd {quote_path(node.workdir)}")
-    setup = [setup_part(s) for s in node.setup if s.strip()]
-    if setup:
-        parts.append("{ " + " && ".join(setup) + "; } </dev/null")
-    return "".join(p + " && " for p in parts)

@@ -2,12 +2,10 @@
 
 The controller side (remote.RemoteJob, controller.RunController) runs for real;
 only the connection is fake. A FakeProcess's stdout carries exactly the bytes a
-real node agent writes (clusterrun/nodeagent.py): whatever the login printed,
-the agent's own line `\\nCLUSTERRUN-AGENT <token>\\n`, then frames:
-
-    D <key> <n>\\n<n bytes>    data_frame(key, chunk)
-    S <json>\\n                event_frame(name, **fields)
-    H\\n                       HEARTBEAT
+real node agent writes, encoded with the agent's own definitions (clusterrun/nodeagent.py,
+"the protocol"): whatever the login printed, the agent's own line (a newline, AGENT_MARK
+and the session's token), then frames: data_frame(key, chunk), event_frame(name,
+**fields), HEARTBEAT.
 
 A test feeds that output as it goes (from its own thread, or from a hook the
 process calls when the controller writes to it), can end it like a lost link
@@ -30,22 +28,16 @@ import threading
 import weakref
 from typing import Any, Callable
 
+from clusterrun import nodeagent
 from clusterrun.errors import UnreachableError
-from clusterrun.run.remote import AGENT_MARK
+from clusterrun.nodeagent import AGENT_MARK, HEARTBEAT, Command, event_frame
 from clusterrun.run.stream import Terminal
-
-HEARTBEAT = b"H\n"
 
 
 def data_frame(key: str, chunk: bytes) -> bytes:
-    """Whole lines from one node-side file: key "L" is launcher.log, a number a local rank."""
-    return b"D %s %d\n" % (key.encode(), len(chunk)) + chunk
-
-
-def event_frame(name: str, **fields: Any) -> bytes:
-    """An event, serialised as nodeagent.event does ("event" last)."""
-    fields["event"] = name
-    return b"S " + json.dumps(fields).encode() + b"\n"
+    """Whole lines from one node-side file: key nodeagent.LAUNCHER_KEY is launcher.log, a
+    number a local rank (the agent writes the header and the chunk apart)."""
+    return nodeagent.data_header(key, len(chunk)) + chunk
 
 
 class FakeStdout:
@@ -232,7 +224,7 @@ class FakeProcess:
         for line in new:
             if self.on_command is not None:
                 self.on_command(self, line)
-            if line in (b"rm", b"stop"):      # the real agent's last command: it exits
+            if line in (Command.RM, Command.STOP):      # the real agent's last command: it exits
                 self.exit(0)
         return True
 

@@ -24,6 +24,8 @@ from clusterrun.hostsfile import parse_hosts
 from clusterrun.model import NodeState, RankFailure
 from clusterrun.options import LaunchOptions
 from clusterrun.plan import Plan, make_plan
+from clusterrun.nodeagent import Event, Mode
+from clusterrun.run.agentspec import attach_spec, probe_check, probe_spec
 from clusterrun.run.remote import RemoteJob, start_agent
 from clusterrun.run.runs import RunDir
 from clusterrun.run.stream import NodeOutput
@@ -100,8 +102,7 @@ def test_fake_agent_output_is_byte_for_byte_a_real_agents(tmp_path):
     (node,) = make_plan(hosts, LaunchOptions("train.py"), run_id=RUN_ID, master_addr="127.0.0.1",
                         master_port=29500, controller_python=sys.executable,
                         local_home=str(tmp_path)).nodes
-    spec = {"mode": "attach", "offsets": {}, "follow": True, "marker": node.marker}
-    proc, _ = start_agent(node, LocalTransport("localhost"), spec)
+    proc, _ = start_agent(node, LocalTransport("localhost"), attach_spec(node, {}, follow=True))
     try:
         real = proc.stdout.read()
         assert proc.wait(timeout=30) == 0, proc.stderr_text()
@@ -109,16 +110,16 @@ def test_fake_agent_output_is_byte_for_byte_a_real_agents(tmp_path):
         proc.close()
 
     fake = FakeTransport("localhost")
-    p = fake.exec(remote.agent_command(node, token=proc_token(real)))
-    p.preamble().event("lost", reason="no job directory on the node")
+    p = fake.exec(remote.agent_command(node, token=proc_token(real), mode=Mode.ATTACH))
+    p.preamble().event(Event.LOST, reason="no job directory on the node")
     p.exit(0)
     assert p.stdout.read() == real
 
 
 def proc_token(agent_output: bytes) -> str:
     first = agent_output.split(b"\n")[1]
-    assert first.startswith(remote.AGENT_MARK)
-    return first[len(remote.AGENT_MARK):].decode()
+    assert first.startswith(nodeagent.AGENT_MARK)
+    return first[len(nodeagent.AGENT_MARK):].decode()
 
 
 # --- frames ---------------------------------------------------------------------------------
@@ -409,5 +410,5 @@ def test_each_login_failure_is_told_in_its_own_words(entry, cause, shell, tmp_pa
     (node,) = make_plan(hosts, LaunchOptions("t.py"), run_id="r1", master_addr="127.0.0.1", master_port=1,
                         controller_python=sys.executable, local_home=str(tmp_path)).nodes
     with pytest.raises(remote.AgentError) as e:
-        remote.run_agent(node, LocalTransport("localhost"), {"mode": "probe"})
+        remote.run_agent(node, LocalTransport("localhost"), probe_spec(node, probe_check(torch=False)))
     assert str(e.value) == cause or str(e.value).startswith(cause + " (")

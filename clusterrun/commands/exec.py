@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import shlex
+from collections import deque
+from dataclasses import dataclass
 from typing import Sequence
 
 from ..errors import EXIT_JOB_FAILED, UnreachableError, UsageError
 from ..hostsfile import Host, load_hosts, with_transport
 from ..parallel import each
-from ..plan import quote_path, setup_part
+from ..login import Login
+from ..nodeagent import FAILED_MARK
 from ..run.stream import Terminal, shown_lines, tag_for, tag_lines
 from ..transports.connect import connect_node
 from ..transports.base import Transport
@@ -17,14 +20,22 @@ READ = 65536
 
 
 def exec_command(host: Host, argv: Sequence[str]) -> str:
-    """The shell line for a node: its workdir, setup and env, then argv quoted once."""
-    parts = []
-    if host.workdir:
-        parts.append(f"cd {quote_path(host.workdir)}")
-    parts.extend(setup_part(s) for s in host.setup if s.strip())
+    """The shell line for a node: the login line of `up` (its workdir and setup, each
+    failure marked), then its env and argv, quoted once."""
     env = "".join(f"{k}={shlex.quote(v)} " for k, v in host.env.items())
-    parts.append(("exec env " + env if env else "exec ") + shlex.join(argv))
-    return " && ".join(parts)
+    return login_of(host).line(("env " + env if env else "") + shlex.join(argv))
+
+
+def login_of(host: Host) -> Login:
+    return Login(host.workdir, host.setup)
+
+
+@dataclass(frozen=True)
+class Ran:
+    """How one node's command ended: its exit code (None: no status came back), and why
+    it never started if a step of the login line (workdir, setup) failed."""
+    code: int | None
+    not_started: str | None = None
 
 
 def run_exec(hosts_path: str, argv: Sequence[str], color: bool = False, accept_new: bool = False,
@@ -35,7 +46,7 @@ def run_exec(hosts_path: str, argv: Sequence[str], color: bool = False, accept_n
         raise UsageError("exec needs a command: clusterrun exec HOSTS -- CMD [ARGS...]")
     hosts = with_transport(load_hosts(hosts_path), transport)
     term = Terminal()
-    codes: list[int | None] = [None] * len(hosts.hosts)
+    results: list[Ran | None] = [None] * len(hosts.hosts)
     unreachable: list[str] = []
     palette = (36, 33, 35, 32, 34, 31)
 
@@ -51,32 +62,53 @@ def run_exec(hosts_path: str, argv: Sequence[str], color: bool = False, accept_n
             unreachable.append(f"{host.name}: {type(e).__name__}: {e}")
             return
         try:
-            codes[i] = run_one(t, exec_command(host, argv), term,
-                               tag_for(host.name, palette[i % len(palette)] if color else 0))
+            results[i] = run_one(t, exec_command(host, argv), login_of(host), term,
+                                 tag_for(host.name, palette[i % len(palette)] if color else 0))
         except Exception as e:  # noqa: BLE001 - e.g. the connection dropped mid-command
             unreachable.append(f"{host.name}: the command did not complete: {e or type(e).__name__}")
         finally:
             t.close()
 
     each(list(enumerate(hosts.hosts)), lambda ih: one(*ih))
-    failed = [(h.name, c) for h, c in zip(hosts.hosts, codes) if c is not None and c != 0]
+    ran = [(h.name, r) for h, r in zip(hosts.hosts, results) if r is not None]
+    not_started = [(name, r.not_started) for name, r in ran if r.not_started is not None]
+    codes = [(name, r.code) for name, r in ran if r.not_started is None and r.code is not None]
+    failed = [(name, c) for name, c in codes if c != 0]
     # A node with no exit status (the connection ended without one) did not succeed either.
-    unreachable += [f"{h.name}: no exit status came back" for h, c in zip(hosts.hosts, codes)
-                    if c is None and not any(u.startswith(h.name + ": ") for u in unreachable)]
+    unreachable += [f"{name}: no exit status came back" for name, r in ran if r.code is None]
+    unreachable += [f"{h.name}: no exit status came back" for h, r in zip(hosts.hosts, results)
+                    if r is None and not any(u.startswith(h.name + ": ") for u in unreachable)]
+    if not_started:     # the workdir or `setup:` failed: told in words, as `up` tells them
+        term.message(f"clusterrun: {shlex.join(argv)} did not start on {len(not_started)} of "
+                     f"{len(ran)} nodes:\n  " + "\n  ".join(f"{n}: {why}" for n, why in not_started))
     if failed:
-        ran = sum(c is not None for c in codes)
-        term.message(f"clusterrun: {shlex.join(argv)} failed on {len(failed)} of {ran} nodes: "
+        term.message(f"clusterrun: {shlex.join(argv)} failed on {len(failed)} of {len(codes)} nodes: "
                      + ", ".join(f"{n} (exit {c})" for n, c in failed))
     if unreachable:
-        raise UnreachableError(f"cannot reach {len(unreachable)} of {len(codes)} nodes "
+        raise UnreachableError(f"cannot reach {len(unreachable)} of {len(hosts.hosts)} nodes "
                                "(the command ran on the others):\n  " + "\n  ".join(sorted(unreachable)))
-    return EXIT_JOB_FAILED if failed else 0
+    return EXIT_JOB_FAILED if failed or not_started else 0
 
 
-def run_one(t: Transport, command: str, term: Terminal, tag: bytes) -> int | None:
+_MARK = FAILED_MARK.encode()
+_KEEP = 8192        # bytes of a node's latest output kept, for the last lines of a failed setup
+
+
+def run_one(t: Transport, command: str, login: Login, term: Terminal, tag: bytes) -> Ran:
     """Run one node's command, its output tagged line by line (a line redrawn with \\r,
-    a progress bar, as its last redraw); its exit code."""
+    a progress bar, as its last redraw); how it ended."""
     proc = t.exec(command, merge_stderr=True)
+    marks: list[str] = []       # the login line's failure mark, if one of its steps failed
+    latest = b""
+
+    def show(lines: bytes) -> None:
+        nonlocal latest
+        if _MARK in lines:
+            lines = _unmarked(lines, marks)
+        if lines:
+            latest = (latest + lines)[-_KEEP:]
+            term.write(tag_lines(tag, shown_lines(lines)))
+
     pending = b""
     while True:
         chunk = proc.read_some(READ)
@@ -85,10 +117,27 @@ def run_one(t: Transport, command: str, term: Terminal, tag: bytes) -> int | Non
         chunk = pending + chunk
         cut = chunk.rfind(b"\n") + 1
         if cut:
-            term.write(tag_lines(tag, shown_lines(chunk[:cut])))
+            show(chunk[:cut])
         pending = chunk[cut:]
     if pending:
-        term.write(tag_lines(tag, shown_lines(pending + b"\n")))
+        show(pending + b"\n")
     code = proc.wait()
     proc.close()
-    return code
+    if marks and code == 1:     # a failed step exits 1 (the command itself never ran)
+        return Ran(code, login.marked_failure(marks, latest.decode("utf-8", "replace").splitlines()))
+    return Ran(code)
+
+
+def _unmarked(lines: bytes, marks: list[str]) -> bytes:
+    """The lines without the login line's failure mark, which goes to marks. (A setup
+    that left its last line open has the mark at that line's end.)"""
+    out = []
+    for line in lines.splitlines(keepends=True):
+        at = line.find(_MARK)
+        if at < 0:
+            out.append(line)
+            continue
+        marks.append(line[at:].decode("utf-8", "replace").strip())
+        if line[:at].strip():
+            out.append(line[:at] + b"\n")
+    return b"".join(out)

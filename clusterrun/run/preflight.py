@@ -19,6 +19,8 @@ from .inventory import node_problems as inventory_problems
 from ..options import LaunchOptions
 from ..plan import Facts, NodePlan, Plan
 from ..parallel import each
+from ..nodeagent import ProbeCheck
+from . import agentspec
 from .remote import AgentError, run_agent
 from ..transports.base import Transport
 
@@ -28,18 +30,14 @@ class PreflightError(ClusterrunError):
 
 
 def probe_spec(plan: Plan, node: NodePlan, script: str | None, module: bool, port: int | str | None,
-               torch: bool) -> dict[str, Any]:
+               torch: bool) -> ProbeCheck:
+    """What the preflight asks of a node. Only node 0 checks the master port."""
     # The node's env goes along for nvidia-smi: the PATH the job gets is where it is looked for.
-    spec: dict[str, Any] = {"mode": "probe", "torch": torch, "master_addr": plan.master_addr,
-                            "inventory": True, "env": dict(node.env)}
-    if script:
-        spec.update(script=script, module=module)
-    if node.node_rank == 0 and port is not None:
-        spec["port"] = port
-    return spec
+    return agentspec.probe_check(torch=torch, master_addr=plan.master_addr, inventory=True, env=node.env,
+                                 script=script, module=module, port=port if node.node_rank == 0 else None)
 
 
-def probe_all(plan: Plan, transports: Sequence[Transport | None], specs: Sequence[dict[str, Any]]
+def probe_all(plan: Plan, transports: Sequence[Transport | None], specs: Sequence[ProbeCheck]
               ) -> list[dict[str, Any] | str]:
     """Each node's probe result, or the reason it could not run."""
     def one(i: int) -> dict[str, Any] | str:
@@ -47,7 +45,7 @@ def probe_all(plan: Plan, transports: Sequence[Transport | None], specs: Sequenc
         if t is None:
             return "unreachable"
         try:
-            return run_agent(plan.nodes[i], t, specs[i])
+            return run_agent(plan.nodes[i], t, agentspec.probe_spec(plan.nodes[i], specs[i]))
         except AgentError as e:
             return str(e)
 
@@ -148,7 +146,7 @@ class Gate:
         self.problems: list[str] | None = None
         self.warnings: list[str] = []
 
-    def spec(self, node: NodePlan) -> dict[str, Any]:
+    def spec(self, node: NodePlan) -> ProbeCheck:
         return probe_spec(self.plan, node, self.opts.script, self.opts.module, self.port, torch=False)
 
     def answer(self, node: NodePlan, r: dict[str, Any] | str) -> bool:
@@ -201,7 +199,7 @@ def find_facts(reach: Plan, transports: Sequence[Transport], opts: LaunchOptions
 
 def auto_port(plan: Plan, transports: Sequence[Transport]) -> int:
     """A port that is free on node 0 right now (the kernel's pick)."""
-    spec = {"mode": "probe", "torch": False, "port": "auto"}
+    spec = agentspec.probe_spec(plan.nodes[0], agentspec.probe_check(torch=False, port="auto"))
     try:
         return int(run_agent(plan.nodes[0], transports[0], spec)["free_port"])
     except AgentError as e:

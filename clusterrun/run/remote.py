@@ -19,10 +19,14 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from ..errors import UnreachableError
-from ..plan import NodePlan, quote_path, setup_part
+from ..login import Login
+from ..nodeagent import Command, Event, Mode, Spec, kill_command
+from ..plan import NodePlan, quote_path
 from ..model import NodeResult, NodeState, RankFailure
 from ..options import RECONNECT_WINDOW
 from ..parallel import each
+from .agentspec import attach_spec, kill_spec, start_spec
+from .frames import Broken, DataFrame, FrameReader, Heartbeat, Stray, agent_mark, read_preamble
 from .stream import NodeOutput
 from ..transports.base import Process, Transport, link_errors
 
@@ -33,108 +37,41 @@ STALL_TIMEOUT = 30.0
 _AGENT_LINE = base64.b64encode(zlib.compress((Path(__file__).parent.parent / "nodeagent.py").read_bytes(), 9)) + b"\n"
 # What runs on the node: a short loader; the agent's code and spec follow on stdin.
 AGENT_LOADER = "import base64,sys,zlib;exec(zlib.decompress(base64.b64decode(sys.stdin.buffer.readline())))"
-# The agent's first output line: this, then the session's random token (the
-# loader's argument), so that nothing a login prints can be taken for a frame.
-AGENT_MARK = b"CLUSTERRUN-AGENT "
-
-
-# A step of the login line that fails says which on stderr, so that each cause gets
-# its own words (login_failure): `CLUSTERRUN-FAILED workdir`, `... setup <status>`.
-FAILED_MARK = "CLUSTERRUN-FAILED "
-
-
-def login_steps(node: NodePlan) -> str:
-    """`cd WORKDIR`, then the setup lines (reading nothing from stdin: it carries the
-    agent), each stopping the login line with its own mark if it fails."""
-    steps = []
-    if node.workdir:
-        steps.append(_workdir_step(quote_path(node.workdir)))
-    setup = [setup_part(s) for s in node.setup if s.strip()]
-    if setup:
-        steps.append("{ " + " && ".join(setup) + "; } </dev/null || "
-                     f"{{ echo \"{FAILED_MARK}setup $?\" >&2; exit 1; }}; ")
-    return "".join(steps)
 
 
 # Modes that only look at or end what a job left on the node (its directory, its
 # processes) need neither the workdir nor `setup:`: without them a reconnect, `status`,
 # `logs` and `kill` neither wait for a slow setup nor run it again. Unless the python
 # is only found through them (a bare name, or a path relative to the workdir).
-_NO_LOGIN_MODES = ("attach", "kill")
+_NO_LOGIN_MODES = (Mode.ATTACH, Mode.KILL)
 
 
-def login_for(node: NodePlan, mode: str) -> str:
-    """The login steps an agent mode needs (see login_steps)."""
+def agent_command(node: NodePlan, token: str = "", mode: str = Mode.START, make_workdir: bool = False) -> str:
+    """The login line that runs the node agent in this mode: cd, setup, then exec python
+    (the loader, with the session's token)."""
+    login = Login(node.workdir, node.setup)
     if mode in _NO_LOGIN_MODES and node.python.startswith(("/", "~")):
-        return ""
-    return login_steps(node)
-
-
-# Shells word a failed cd each their own way (bash: "No such file or directory",
-# dash: "can't cd to"), so the reason comes from test(1), which every POSIX shell has.
-_CD_REASONS = {"missing": "No such file or directory", "notdir": "Not a directory",
-               "denied": "Permission denied"}
-
-
-def _workdir_step(quoted: str) -> str:
-    why = f"$([ -d {quoted} ] && echo denied || {{ [ -e {quoted} ] && echo notdir || echo missing; }})"
-    return f"cd {quoted} || {{ echo \"{FAILED_MARK}workdir {why}\" >&2; exit 1; }}; "
-
-
-def agent_command(node: NodePlan, prefix: str | None = None, token: str = "") -> str:
-    """The shell line that runs the node agent: cd, setup, then exec python."""
-    prefix = login_steps(node) if prefix is None else prefix
-    return prefix + f"exec {quote_path(node.python)} -c {shlex.quote(AGENT_LOADER)} {token}"
+        login = Login(None, ())
+    return login.line(f"{quote_path(node.python)} -c {shlex.quote(AGENT_LOADER)} {token}", make_workdir)
 
 
 def login_failure(node: NodePlan, code: int | None, stderr: str, login: bytes = b"") -> str:
-    """Why the login line ended before the agent spoke, in words: the workdir, the
+    """Why the agent's login line ended before the agent spoke, in words: the workdir, the
     setup (with its exit status and last lines), or the python."""
-    lines = [line for line in stderr.splitlines() if line.strip()]
-    mark = next((line[len(FAILED_MARK):].split() for line in lines if line.startswith(FAILED_MARK)), None)
-    rest = [line for line in lines if not line.startswith(FAILED_MARK)]
-    if mark and mark[0] == "workdir":
-        return f"workdir {node.workdir}: {_CD_REASONS.get(mark[-1], 'cannot be entered')}"
-    if mark and mark[0] == "setup":
-        out = rest or login.decode("utf-8", "replace").splitlines()
-        last = " | ".join(line.strip() for line in out[-3:] if line.strip())
-        return f"setup failed with exit code {mark[1]}" + (f": {last}" if last else "")
-    if code == 127:
-        return f"python {node.python} not found"
-    if code == 126:
-        return f"python {node.python} cannot be run" + (f" ({rest[-1]})" if rest else "")
-    return rest[-1] if rest else f"the login shell exited with code {code} before python started"
+    return Login(node.workdir, node.setup).why_failed(node.python, code, stderr, login)
 
 
-def start_agent(node: NodePlan, transport: Transport, spec: dict[str, Any],
-                prefix: str | None = None) -> tuple[Process, bytes]:
+def start_agent(node: NodePlan, transport: Transport, spec: Spec,
+                make_workdir: bool = False) -> tuple[Process, bytes]:
     """Run the node agent in one mode; its stdin is then the mode's to use.
 
     Returns the process and the line the agent starts its output with: what
     comes before that line is the login's (a .bashrc banner, conda, setup), never
-    a frame (see read_preamble)."""
+    a frame (see frames.read_preamble)."""
     token = secrets.token_hex(8)
-    if prefix is None:
-        prefix = login_for(node, spec["mode"])
-    proc = transport.exec(agent_command(node, prefix, token))
-    proc.send(_AGENT_LINE + json.dumps({"job_dir": node.job_dir, **spec}).encode() + b"\n")
-    return proc, AGENT_MARK + token.encode() + b"\n"
-
-
-def read_preamble(proc: Process, mark: bytes) -> tuple[bool, bytes]:
-    """Read up to the agent's first line: (whether the agent spoke, the login's output
-    before it). The agent starts with a newline of its own, which ends a login line
-    left open; it is not part of the login's output."""
-    seen = []
-    while True:
-        line = proc.stdout.readline()
-        if not line:
-            return False, b"".join(seen)
-        if line.endswith(mark):
-            seen.append(line[:-len(mark)])
-            login = b"".join(seen)
-            return True, login[:-1] if login.endswith(b"\n") else login
-        seen.append(line)
+    proc = transport.exec(agent_command(node, token, spec["mode"], make_workdir))
+    proc.send(_AGENT_LINE + json.dumps(spec).encode() + b"\n")
+    return proc, agent_mark(token)
 
 
 class Detached(Exception):
@@ -174,22 +111,10 @@ class RemoteJob:
         self._awaiting_report = False
         self._abandoned = False
 
-    def start_spec(self) -> dict[str, Any]:
-        n = self.node
-        spec = {"mode": "start", "argv": list(n.argv), "env": dict(n.env), "python": n.python,
-                "pick_ifname": list(n.pick_ifname), "master_addr": self.master_addr,
-                "marker": n.marker}
-        if self.gate is not None:
-            spec["check"] = self.gate.spec(n)
-        return spec
-
-    def attach_spec(self, follow: bool) -> dict[str, Any]:
-        return {"mode": "attach", "offsets": dict(self.output.received), "follow": follow,
-                "marker": self.node.marker}
-
     def run(self, start: bool = True, follow: bool = True) -> NodeResult:
         """Stream until the job ends (or, follow=False, until caught up: state running)."""
-        spec = self.start_spec() if start else self.attach_spec(follow)
+        spec: Spec = (start_spec(self.node, self.master_addr, None if self.gate is None else self.gate.spec(self.node))
+                      if start else self._attach_spec(follow))
         lost_since: float | None = None
         delay = 0.25
         while True:
@@ -199,7 +124,7 @@ class RemoteJob:
                 if self._abandoned:
                     proc.close()
                 try:
-                    result = self._read(proc, mark, starting=spec["mode"] == "start")
+                    result = self._read(proc, mark, starting=spec["mode"] == Mode.START)
                 finally:
                     self._agent = None
                     if self._awaiting_report:   # a stop() waiting for this agent: it will not answer
@@ -235,7 +160,11 @@ class RemoteJob:
             self.reconnects += 1
             self._say(f"reconnected to {self.node.name}: its lines resume where they stopped")
             lost_since, delay = None, 0.25
-            spec = self.attach_spec(follow)
+            spec = self._attach_spec(follow)
+
+    def _attach_spec(self, follow: bool) -> Spec:
+        """Resume the stream where this controller's copy of each file ends."""
+        return attach_spec(self.node, self.output.received, follow)
 
     def _read(self, proc: Process, mark: bytes, starting: bool) -> NodeResult | None:
         """Frames until the agent's final event; None if the connection broke."""
@@ -246,66 +175,61 @@ class RemoteJob:
             self._pass_stop_on(proc)
         if login:                       # kept apart from torchrun's lines: it shifts no offset
             self.output.login(login if login.endswith(b"\n") else login + b"\n")
-        out, data = proc.stdout, self.output.data
-        readline, read = out.readline, out.read
-        header = readline()
-        # The agent says something at least every HEARTBEAT seconds; silence far
+        data = self.output.data
+        frames = FrameReader(proc)
+        frame = frames.next()
+        # The agent says something at least every HEARTBEAT_EVERY seconds; silence far
         # longer than that is a dead link (raises socket.timeout: reconnect).
         proc.set_read_timeout(STALL_TIMEOUT)
         while True:
-            if header[:2] == b"D ":
-                _, key, n = header.split(b" ")
-                size = int(n)
-                chunk = read(size)
-                if len(chunk) < size:
-                    return self._broken(proc)
-                data(key.decode(), chunk)
-            elif header == b"H\n":          # heartbeat: the link is alive
+            if isinstance(frame, DataFrame):
+                data(frame.key, frame.chunk)
+            elif isinstance(frame, Heartbeat):  # the link is alive
                 pass
-            elif header[:2] == b"S ":
-                ev = json.loads(header[2:])
-                name = ev.pop("event")
-                if name == "probe":
+            elif isinstance(frame, Stray):      # not the agent's: show it apart
+                line = frame.line
+                self.output.login(line if line.endswith(b"\n") else line + b"\n")
+            elif isinstance(frame, Broken):
+                return self._broken(proc)
+            else:
+                name, ev = frame.name, frame.fields
+                if name == Event.PROBE:
                     go = self.gate.answer(self.node, ev) and not self.stopped
-                    if not proc.send(b"go\n" if go else b"stop\n") and go:
+                    if not proc.send((Command.GO if go else Command.STOP) + b"\n") and go:
                         return self._broken(proc)   # the answer did not get there: as a dropped link
                     if not go:
                         self._stop_never_started()
                         return NodeResult(self.node, NodeState.NOT_STARTED)
-                elif name == "started":
+                elif name == Event.STARTED:
                     self.on_started(self.node, ev)
                     self._pass_stop_on(proc)
-                elif name == "killed":       # the answer to stop(): the stream goes on to the end
+                elif name == Event.KILLED:      # the answer to stop(): the stream goes on to the end
                     self._kill_reports.put(ev)
-                elif name == "running":      # attach without follow: caught up
+                elif name == Event.RUNNING:     # attach without follow: caught up
                     return NodeResult(self.node, NodeState.RUNNING)
                 else:
                     return self._final(proc, name, ev)
-            elif header:                    # not the agent's (it writes only frames): show it apart
-                self.output.login(header if header.endswith(b"\n") else header + b"\n")
-            else:
-                return self._broken(proc)
-            header = readline()
+            frame = frames.next()
 
     def _pass_stop_on(self, proc: Process) -> None:
         """A stop that reached no agent: this one kills the job as soon as it streams."""
         grace = self._undelivered_stop
-        if grace is not None and proc.send(b"kill %r\n" % grace):
+        if grace is not None and proc.send(kill_command(grace)):
             self._undelivered_stop = None
 
     def _stop_never_started(self) -> None:
         """Held back before it started (the preflight, or a stop): a waiting stop is done."""
         self._undelivered_stop = None
         if self._awaiting_report:
-            self._kill_reports.put({"event": "killed", "forced": False, "left": 0})
+            self._kill_reports.put({"event": Event.KILLED, "forced": False, "left": 0})
 
     def _final(self, proc: Process, name: str, ev: dict[str, Any]) -> NodeResult:
         # Every byte is in our logs: the node may clean up.
-        kept = "" if proc.send(b"rm\n") else (
+        kept = "" if proc.send(Command.RM + b"\n") else (
             f"its job directory {self.node.job_dir} was left on the node (the connection "
             "ended before clusterrun could say it may be removed)")
         proc.wait(timeout=10)
-        if name == "exit":
+        if name == Event.EXIT:
             return NodeResult(self.node, NodeState.EXITED, ev["code"],
                               [RankFailure(**f) for f in ev.get("failures", [])], message=kept,
                               stopped=ev.get("stop_time") is not None)
@@ -369,7 +293,7 @@ class RemoteJob:
         while not self._kill_reports.empty():      # an answer nobody waited for (a stop passed on)
             self._kill_reports.get_nowait()
         agent = self._agent
-        if agent is not None and agent.send(b"kill %r\n" % float(grace)):
+        if agent is not None and agent.send(kill_command(grace)):
             report = self._await_report(grace)
             if report is not None:
                 return report
@@ -394,7 +318,7 @@ class RemoteJob:
         finally:
             self._awaiting_report = False
         if report is not None:
-            report["event"] = "killed"
+            report["event"] = Event.KILLED
         return report
 
 
@@ -404,33 +328,29 @@ def confirm_kills(kills: Sequence[tuple[str, Callable[[], dict[str, Any]]]]) -> 
     for (name, _), o in zip(kills, each(kills, lambda k: k[1]())):
         if o.error is not None:             # report the node, the others went on
             problems.append(f"{name}: {type(o.error).__name__}: {o.error}")
-        elif o.value is None or o.value.get("event") != "killed" or o.value.get("left"):
+        elif o.value is None or o.value.get("event") != Event.KILLED or o.value.get("left"):
             problems.append(f"{name}: {o.value}")
     return problems
 
 
 def kill_job(node: NodePlan, transport: Transport, grace: float) -> dict[str, Any]:
     """Run the node agent's kill: returns its report once nothing of the job is left."""
-    return run_agent(node, transport, {"mode": "kill", "marker": node.marker, "grace": grace})
+    return run_agent(node, transport, kill_spec(node, grace))
 
 
 class AgentError(Exception):
     """The node agent could not run (no python, no workdir) or said nothing."""
 
 
-def run_agent(node: NodePlan, transport: Transport, spec: dict[str, Any]) -> dict[str, Any]:
-    """Run a one-shot agent mode (kill, probe) and return its event."""
+def run_agent(node: NodePlan, transport: Transport, spec: Spec) -> dict[str, Any]:
+    """Run a one-shot agent mode (kill, probe, stacks) and return its event (with "event")."""
     proc, mark = start_agent(node, transport, spec)
     try:
-        line = b""
         spoke, login = read_preamble(proc, mark)
-        while spoke:
-            line = proc.stdout.readline()
-            if not line or line.startswith(b"S "):
-                break
+        answer = FrameReader(proc).next_event() if spoke else None
         code = proc.wait(timeout=30)
-        if line.startswith(b"S "):
-            return json.loads(line[2:])
+        if answer is not None:
+            return answer.report()
         if not spoke:
             raise AgentError(login_failure(node, code, proc.stderr_text(), login))
         err = proc.stderr_text().strip()

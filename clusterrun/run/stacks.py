@@ -17,6 +17,7 @@ from typing import Sequence
 from ..errors import UsageError
 from ..parallel import each
 from ..plan import NodePlan, Plan
+from .agentspec import stacks_spec
 from .remote import AgentError, run_agent
 from .results import describe_ranks
 from .runs import RunDir
@@ -176,8 +177,7 @@ def take(plan: Plan, transports: Sequence[Transport | None], ranks: Sequence[int
     asked = [n for n in chosen if wanted[n.node_rank] and transports[n.node_rank] is not None]
 
     def one(n: NodePlan) -> dict:
-        spec = {"mode": "stacks", "marker": n.marker, "local_ranks": wanted[n.node_rank],
-                "native": native, "children": children}
+        spec = stacks_spec(n, wanted[n.node_rank], native=native, children=children)
         return run_agent(n, transports[n.node_rank], spec)   # type: ignore[arg-type]
 
     found: list[RankStacks] = []

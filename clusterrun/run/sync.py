@@ -21,9 +21,12 @@ from pathlib import Path
 from typing import Sequence
 
 from ..errors import ClusterrunError, UsageError
-from ..plan import NodePlan, Plan, quote_path
+from ..nodeagent import Event
+from ..plan import NodePlan, Plan
 from ..parallel import each
-from .remote import login_failure, login_steps, read_preamble, start_agent
+from .agentspec import sync_spec
+from .frames import EventFrame, FrameReader, read_preamble
+from .remote import login_failure, start_agent
 from ..transports.base import Transport
 
 SKIP_DIRS = frozenset({".git", ".hg", ".svn", "__pycache__", ".venv", "venv", "node_modules",
@@ -92,18 +95,12 @@ def _ignored(rel: str, name: str, is_dir: bool, patterns: Sequence[str]) -> bool
     return False
 
 
-def sync_login(node: NodePlan) -> str:
-    """The sync agent's login line: the workdir is made first (a first sync creates it),
-    then the login every agent mode has (cd, then `setup:`, each failure with its mark),
-    so that the python the hosts file names is found as in the run itself."""
-    assert node.workdir
-    # `|| exit`: a workdir that cannot be made ends the line with mkdir's own words.
-    return f"mkdir -p {quote_path(node.workdir)} || exit; " + login_steps(node)
-
-
 def sync_node(node: NodePlan, transport: Transport, root: Path, files: list[LocalFile]) -> int:
     """Bring one node's workdir up to date; returns how many files were sent."""
-    proc, mark = start_agent(node, transport, {"mode": "sync"}, prefix=sync_login(node))
+    # The workdir is made first (a first sync creates it); the python the hosts file
+    # names is then found as in the run itself.
+    assert node.workdir
+    proc, mark = start_agent(node, transport, sync_spec(node), make_workdir=True)
     try:
         proc.send(json.dumps([f.rel for f in files]).encode() + b"\n")
         spoke, login = read_preamble(proc, mark)
@@ -123,8 +120,8 @@ def sync_node(node: NodePlan, transport: Transport, root: Path, files: list[Loca
             for f in changed:
                 tar.add(root / f.rel, arcname=f.rel, recursive=False)
         proc.close_stdin()
-        done = proc.stdout.readline()
-        if not done.startswith(b"S "):
+        done = FrameReader(proc).next()
+        if not (isinstance(done, EventFrame) and done.name == Event.SYNCED):
             raise SyncError(f"{node.name}: sync failed: {proc.stderr_text().strip() or 'no answer'}")
         return len(changed)
     finally:

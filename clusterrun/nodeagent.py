@@ -12,6 +12,7 @@ imports those names from here (clusterrun/run/frames.py reads the frames).
 """
 
 import errno
+import io
 import json
 import os
 import re
@@ -217,7 +218,7 @@ def main(argv):
 def probe(spec):
     """What `check` and the preflight of `up` need to know about this node."""
     import platform
-    info = {"python": platform.python_version(), "executable": sys.executable,
+    info: dict = {"python": platform.python_version(), "executable": sys.executable,
             "hostname": socket.gethostname(), "cwd": os.getcwd()}
     script = spec.get("script")
     if script:
@@ -239,10 +240,11 @@ def probe(spec):
         s.close()
     elif port:
         info["port_free"] = port_free(int(port))
-    torch = None
+    loaded: object = None       # the imported torch, for the inventory
     if spec.get("torch"):
         try:
             import torch
+            loaded = torch
             info["torch"] = torch.__version__
             import torch.distributed.run  # noqa: F401 - torchrun's entry point
             info["torchrun"] = True
@@ -254,7 +256,7 @@ def probe(spec):
         import importlib.util
         info["torch_found"] = importlib.util.find_spec("torch") is not None
     if spec.get("inventory"):
-        info["versions"] = torch_versions(torch if info.get("torch") else None)
+        info["versions"] = torch_versions(loaded if info.get("torch") else None)
         info["smi"] = gpu_inventory(spec.get("env") or {})
     return info
 
@@ -263,7 +265,7 @@ def torch_versions(torch=None):
     """torch's version, the CUDA it was built for, and its NCCL. Without the imported
     module (the preflight of `up`: importing torch takes seconds), from torch's own
     version.py and the NCCL package that torch's wheel loads."""
-    out = {"torch": None, "cuda": None, "nccl": None}
+    out: dict = {"torch": None, "cuda": None, "nccl": None}
     if torch is not None:
         out["torch"] = str(torch.__version__)
         out["cuda"] = getattr(torch.version, "cuda", None)
@@ -290,7 +292,7 @@ def torch_versions(torch=None):
 
 def torch_file_versions(root):
     """torch_versions from the files of the torch package in `root`, without importing it."""
-    out = {"torch": None, "cuda": None, "nccl": None}
+    out: dict = {"torch": None, "cuda": None, "nccl": None}
     text = read_text(os.path.join(root, "version.py"))
     for key, name in (("torch", "__version__"), ("cuda", "cuda")):
         m = re.search(r"^%s\s*(?::[^=\n]*)?=\s*(?:'([^']*)'|\"([^\"]*)\")" % name, text, re.M)
@@ -617,7 +619,7 @@ def stacks(job_dir, spec):
     wanted = spec.get("local_ranks")
     ranks = dict((pid, p) for pid, p in procs.items()
                  if p[2] not in procs and (wanted is None or p[1] in wanted))
-    kids = {}
+    kids: dict = {}
     if spec.get("children"):
         for pid, p in procs.items():
             if p[2] in procs:
@@ -678,7 +680,7 @@ def _dump_all(pids, where, settle=0.05, limit=5.0):
             asked[pid] = (path, blocked_before)
         except OSError as e:
             out[pid] = ("unavailable", "%s\n" % e.strerror)
-    sizes = {}
+    sizes: dict = {}
     deadline = time.monotonic() + limit
     while asked:
         late = time.monotonic() >= deadline
@@ -704,7 +706,8 @@ def _signal_state(pid, sig):
     faulthandler's handler does: it is registered without SA_NODEFER). Linux's
     /proc; elsewhere nothing is known and the file's size alone decides."""
     bit = 1 << (sig - 1)
-    pending, blocked = False, set()
+    pending = False
+    blocked: set = set()
     try:
         tids = os.listdir("/proc/%d/task" % pid)
     except OSError:
@@ -759,7 +762,7 @@ class RankWatch(threading.Thread):
         self.join(2.0)
 
     def run(self):
-        fds = {}                # pidfd (or -pid without pidfd) -> pid
+        fds: dict = {}          # pidfd (or -pid without pidfd) -> pid
         while not self._done:
             self._discover(fds)
             if hasattr(os, "pidfd_open"):
@@ -1065,6 +1068,7 @@ class Changes(object):
     def drain(self):
         """Take every pending event; whether one of them was a new directory entry
         (or events were lost, which may have hidden one)."""
+        assert self.fd is not None     # (the stream drains only where there is inotify)
         created = False
         while True:
             try:
@@ -1120,9 +1124,12 @@ class Commands(object):
     @staticmethod
     def _buffered():
         """What sys.stdin's buffer read ahead of the spec (a command sent early)."""
+        buffered = sys.stdin.buffer
+        if not isinstance(buffered, io.BufferedReader):     # (a pipe's or a socket's always is)
+            return b""
         os.set_blocking(0, False)
         try:
-            return sys.stdin.buffer.read1(1 << 16) or b""
+            return buffered.read1(1 << 16) or b""
         except (BlockingIOError, ValueError):
             return b""
         finally:
@@ -1154,7 +1161,7 @@ class Commands(object):
 
 
 def stream(job_dir, offsets, commands, marker=None, follow=True):
-    sources = {}
+    sources: dict = {}
     exit_path = os.path.join(job_dir, "exit.json")
     pgid = int(read_text(os.path.join(job_dir, "pgid")) or 0)
     changes = Changes()

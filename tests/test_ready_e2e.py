@@ -62,6 +62,20 @@ def test_exec_tags_lines_by_node_and_names_failures(cluster, ctl, tmp_path):
     assert not marker.exists()
 
 
+def test_exec_names_a_node_whose_setup_fails_and_runs_on_the_others(cluster, ctl, tmp_path):
+    good, bad = cluster.names[:2]
+    hosts = hosts_file(tmp_path, [good, {"host": bad, "setup": ["echo preparing", "ls /clusterrun-no-such-dir"]}])
+    r = ctl.run("exec", str(hosts), "--", "sh", "-c", "echo ran on $(hostname)")
+    assert r.returncode == 1, r.stdout + r.stderr        # as docs/commands.md says: it failed somewhere
+    assert f"[{good}] ran on {good}" in r.stdout.splitlines()
+    assert f"[{bad}] preparing" in r.stdout.splitlines() and f"ran on {bad}" not in r.stdout
+    assert r.stderr.splitlines() == [
+        "clusterrun: sh -c 'echo ran on $(hostname)' did not start on 1 of 2 nodes:",
+        # stdout and stderr are merged in exec: the last lines are the setup's, of both
+        f"  {bad}: setup failed with exit code 2: preparing | ls: cannot access '/clusterrun-no-such-dir': "
+        "No such file or directory"]
+
+
 def test_exec_runs_on_the_reachable_nodes_and_names_the_unreachable_one(cluster, ctl, tmp_path):
     """Like pdsh: one node down does not keep the command from the others; exit 3 says so."""
     down = {"host": cluster.names[1], "name": "down", "port": 2222}   # nothing listens there

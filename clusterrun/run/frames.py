@@ -66,7 +66,7 @@ def read_preamble(proc: Process, mark: bytes) -> tuple[bool, bytes]:
     """Read up to the agent's first line: (whether the agent spoke, the login's output
     before it). The agent starts with a newline of its own, which ends a login line
     left open; it is not part of the login's output."""
-    seen = []
+    seen: list[bytes] = []
     while True:
         line = proc.stdout.readline()
         if not line:

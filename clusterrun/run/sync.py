@@ -12,13 +12,14 @@ too big to copy, and may loop), and a dangling link is skipped.
 from __future__ import annotations
 
 import fnmatch
+import io
 import json
 import os
 import stat
 import tarfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
 from ..errors import ClusterrunError, UsageError
 from ..nodeagent import Event
@@ -27,7 +28,10 @@ from ..parallel import each
 from .agentspec import sync_spec
 from .frames import EventFrame, FrameReader, read_preamble
 from .remote import login_failure, start_agent
-from ..transports.base import Transport
+from ..transports.base import Process, Transport
+
+if TYPE_CHECKING:
+    from _typeshed import ReadableBuffer
 
 SKIP_DIRS = frozenset({".git", ".hg", ".svn", "__pycache__", ".venv", "venv", "node_modules",
                        ".mypy_cache", ".pytest_cache", ".ruff_cache", ".tox", ".ipynb_checkpoints",
@@ -128,15 +132,20 @@ def sync_node(node: NodePlan, transport: Transport, root: Path, files: list[Loca
         proc.close()
 
 
-class _Sender:
+class _Sender(io.RawIOBase):
     """A write-only file object over a Process's stdin, for tarfile's stream mode."""
 
-    def __init__(self, proc) -> None:
+    def __init__(self, proc: Process) -> None:
+        super().__init__()
         self.proc = proc
 
-    def write(self, data: bytes) -> int:
-        self.proc.send(bytes(data))
-        return len(data)
+    def writable(self) -> bool:
+        return True
+
+    def write(self, data: ReadableBuffer) -> int:
+        chunk = bytes(data)
+        self.proc.send(chunk)
+        return len(chunk)
 
 
 def sync_all(plan: Plan, transports: Sequence[Transport], root: Path) -> dict[str, int]:
@@ -157,7 +166,9 @@ def sync_all(plan: Plan, transports: Sequence[Transport], root: Path) -> dict[st
         once.setdefault((node.host.host, node.workdir or ""), (node, t))
     pairs = list(once.values())
     outcomes = each(pairs, lambda nt: sync_node(nt[0], nt[1], root, files), window=32)
-    for o in outcomes:
+    sent: dict[str, int] = {}
+    for (node, _), o in zip(pairs, outcomes):
         if o.error is not None:
             raise o.error
-    return {node.name: o.value for (node, _), o in zip(pairs, outcomes)}
+        sent[node.name] = o.value or 0
+    return sent

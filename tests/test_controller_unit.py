@@ -20,12 +20,15 @@ from clusterrun.run.controller import RunController
 from clusterrun.errors import EXIT_JOB_FAILED, EXIT_OK, UnreachableError
 from clusterrun.hostsfile import parse_hosts
 from clusterrun.model import NodeResult, NodeState
+from clusterrun.nodeagent import LAUNCHER_KEY, Command, Event, Mode, kill_command
 from clusterrun.options import LaunchOptions, WatchOptions
 from clusterrun.plan import Plan, make_plan
 from clusterrun.run.preflight import Gate, preflight_error
 from clusterrun.run.records import NodeRecord
 from clusterrun.run.runs import RunDir
 from fakenode import FakeProcess, FakeTransport, Screen
+
+KILL_2 = kill_command(2.0).rstrip(b"\n")       # the stop line for a 2 s grace, as the controller sends it
 
 RUN_ID = "20260101-000000-abc123"
 LAUNCH = LaunchOptions("train.py")
@@ -98,21 +101,21 @@ def probe(p: FakeProcess, **override) -> None:
     if "port" in p.spec["check"]:
         info["port_free"] = True
     info.update(override)
-    p.preamble().event("probe", **info)
+    p.preamble().event(Event.PROBE, **info)
 
 
 def start(p: FakeProcess, line: bytes) -> None:
     """The job has started and its local rank 0 prints a line."""
-    p.event("started", pgid=4242, ifname="eth0", hostname=p.transport.name)
+    p.event(Event.STARTED, pgid=4242, ifname="eth0", hostname=p.transport.name)
     p.data("0", line)
 
 
 def dies_when_killed(p: FakeProcess, line: bytes) -> None:
     """On `kill`: kill the job (its last line), report it, then its end."""
-    if line.startswith(b"kill "):
+    if line.startswith(Command.KILL):
         p.data("0", b"got SIGTERM\n")
-        p.event("killed", forced=False, left=0)
-        p.event("exit", code=1, failures=[], stop_time=1767225600.5)    # (when the kill reached it)
+        p.event(Event.KILLED, forced=False, left=0)
+        p.event(Event.EXIT, code=1, failures=[], stop_time=1767225600.5)    # (when the kill reached it)
 
 
 def runs_until_killed(p: FakeProcess) -> None:
@@ -149,13 +152,13 @@ def test_after_every_probe_passes_every_node_gets_go_and_its_lines_reach_the_ter
 
     def agent(p: FakeProcess) -> None:
         def on_command(p: FakeProcess, line: bytes) -> None:
-            if line == b"go":
+            if line == Command.GO:
                 with lock:
                     order.append("go")
-                p.event("started", pgid=4242, ifname="eth0", hostname=p.transport.name)
+                p.event(Event.STARTED, pgid=4242, ifname="eth0", hostname=p.transport.name)
                 p.data("0", b"hello from %s\n" % p.transport.name.encode())
-                p.data("L", b"torchrun done\n")
-                p.event("exit", code=0, failures=[])
+                p.data(LAUNCHER_KEY, b"torchrun done\n")
+                p.event(Event.EXIT, code=0, failures=[])
 
         p.on_command = on_command
         with lock:
@@ -171,13 +174,13 @@ def test_after_every_probe_passes_every_node_gets_go_and_its_lines_reach_the_ter
 
     assert code == EXIT_OK
     assert order == ["probe"] * 3 + ["go"] * 3, "no node starts before every node has probed"
-    assert c.commands() == {"nodeW": [b"go", b"rm"], "nodeX": [b"go", b"rm"], "nodeY": [b"go", b"rm"]}
+    assert c.commands() == {"nodeW": [Command.GO, Command.RM], "nodeX": [Command.GO, Command.RM], "nodeY": [Command.GO, Command.RM]}
     checks = [dict(c.session(n.name).spec["check"]) for n in plan.nodes]    # type: ignore[index]
     for n, check in zip(plan.nodes, checks):    # the GPU inventory, with nvidia-smi on the job's PATH
         assert check.pop("inventory") is True and check.pop("env") == dict(n.env)
-    assert checks[0] == {"mode": "probe", "torch": False, "master_addr": "10.0.0.1", "script": "train.py",
+    assert checks[0] == {"mode": Mode.PROBE, "torch": False, "master_addr": "10.0.0.1", "script": "train.py",
                          "module": False, "port": 29500}, "only node 0 checks the master port"
-    assert checks[1] == checks[2] == {"mode": "probe", "torch": False, "master_addr": "10.0.0.1",
+    assert checks[1] == checks[2] == {"mode": Mode.PROBE, "torch": False, "master_addr": "10.0.0.1",
                                       "script": "train.py", "module": False}
     lines = c.screen.text.splitlines()
     assert sorted(lines) == sorted([b"[nodeW g0 l0] hello from gpu-w", b"[nodeW] torchrun done",
@@ -201,7 +204,7 @@ TRACEBACK = b'Traceback (most recent call last):\n  File "train.py", line 9, in 
 def fail_rank_3(p: FakeProcess) -> None:
     """nodeX's local rank 1 (global rank 3) raises; torchrun stops its rank 2 and exits 1."""
     p.data("1", TRACEBACK)
-    p.event("exit", code=1, failures=[{"rank": 3, "local_rank": 1, "exitcode": 1},
+    p.event(Event.EXIT, code=1, failures=[{"rank": 3, "local_rank": 1, "exitcode": 1},
                                       {"rank": 2, "local_rank": 0, "exitcode": -15}])
 
 
@@ -222,7 +225,7 @@ def test_fail_fast_stops_the_other_nodes_and_the_summary_names_the_failure_first
         "nodeY": (NodeState.EXITED, 1, True)}
     assert c.result_json() == {"nodeX": ("exited", 1, False), "nodeW": ("exited", 1, True),
                                "nodeY": ("exited", 1, True)}
-    assert c.commands() == {"nodeW": [b"kill 2.0", b"rm"], "nodeX": [b"rm"], "nodeY": [b"kill 2.0", b"rm"]}
+    assert c.commands() == {"nodeW": [KILL_2, Command.RM], "nodeX": [Command.RM], "nodeY": [KILL_2, Command.RM]}
     assert all(len(t.execs) == 1 for t in c.transports.values()), "the streaming agents killed: no new session"
     m = c.screen.messages
     assert m[:5] == [
@@ -272,14 +275,14 @@ def test_without_fail_fast_the_other_nodes_run_on_to_their_own_end(fake_run):
     fail_rank_3(c.session("nodeX"))
     assert done.again.wait(5)
     for name in ("nodeW", "nodeY"):
-        c.session(name).data("0", b"step 2\n").event("exit", code=0, failures=[])
+        c.session(name).data("0", b"step 2\n").event(Event.EXIT, code=0, failures=[])
     waiter.join(5)
     assert out, "the run did not end"
     (results,) = out
     code = c.ctl.finish(results)
 
     assert code == EXIT_JOB_FAILED
-    assert c.commands() == {"nodeW": [b"rm"], "nodeX": [b"rm"], "nodeY": [b"rm"]}, "nobody was killed"
+    assert c.commands() == {"nodeW": [Command.RM], "nodeX": [Command.RM], "nodeY": [Command.RM]}, "nobody was killed"
     assert c.result_json() == {"nodeX": ("exited", 1, False), "nodeW": ("exited", 0, False),
                                "nodeY": ("exited", 0, False)}
     assert "clusterrun: node nodeX failed: stopping the other nodes" not in c.screen.messages
@@ -290,8 +293,8 @@ def test_without_fail_fast_the_other_nodes_run_on_to_their_own_end(fake_run):
 def test_fail_fast_also_stops_a_node_that_is_reconnecting(fake_run):
     def after_reconnect(p: FakeProcess) -> None:
         assert p.spec is not None
-        if p.spec["mode"] == "kill":            # the kill mode, in a session of its own
-            p.preamble().event("killed", forced=False, left=0)
+        if p.spec["mode"] == Mode.KILL:            # the kill mode, in a session of its own
+            p.preamble().event(Event.KILLED, forced=False, left=0)
             p.exit(0)
         else:                                   # the re-attach: streams on until killed
             p.on_command = dies_when_killed
@@ -321,7 +324,7 @@ def test_fail_fast_also_stops_a_node_that_is_reconnecting(fake_run):
 
     waiter.join(0.5)
     assert out, "fail fast did not end the run: nodeW's job was never stopped"
-    told = [p for p in t2.processes if p.spec and (p.spec["mode"] == "kill" or b"kill 2.0" in p.commands)]
+    told = [p for p in t2.processes if p.spec and (p.spec["mode"] == Mode.KILL or KILL_2 in p.commands)]
     assert told, "nodeW's job was not told to stop"
     assert {r.node.name: r.stopped for r in out[0]} == {"nodeX": False, "nodeW": True, "nodeY": True}
 
@@ -354,8 +357,8 @@ def test_fail_fast_also_stops_a_node_whose_session_is_still_opening(fake_run):
 
     def agent(p: FakeProcess) -> None:
         assert p.spec is not None
-        if p.spec["mode"] == "kill":            # nothing of the job there yet: nothing to kill
-            p.preamble().event("killed", forced=False, left=0)
+        if p.spec["mode"] == Mode.KILL:            # nothing of the job there yet: nothing to kill
+            p.preamble().event(Event.KILLED, forced=False, left=0)
             p.exit(0)
         else:
             runs_until_killed(p)
@@ -376,8 +379,8 @@ def test_fail_fast_also_stops_a_node_whose_session_is_still_opening(fake_run):
 
     waiter.join(0.5)
     assert out, "fail fast did not end the run: nodeW's job was started after its stop and runs on"
-    started = [p for p in w.processes if p.spec and p.spec["mode"] == "start"]
-    assert not started or b"kill 2.0" in started[0].commands, "nodeW's job started and was never stopped"
+    started = [p for p in w.processes if p.spec and p.spec["mode"] == Mode.START]
+    assert not started or KILL_2 in started[0].commands, "nodeW's job started and was never stopped"
 
 
 # --- the preflight gate -----------------------------------------------------------------
@@ -391,7 +394,7 @@ def test_a_node_that_fails_its_preflight_holds_back_every_node_and_is_named(fake
     assert within(gate.wait) is False
     results = c.wait()
 
-    assert c.commands() == {"nodeW": [b"stop"], "nodeX": [b"stop"], "nodeY": [b"stop"]}, "no go to anyone"
+    assert c.commands() == {"nodeW": [Command.STOP], "nodeX": [Command.STOP], "nodeY": [Command.STOP]}, "no go to anyone"
     assert {r.node.name: r.state for r in results} == {n: NodeState.NOT_STARTED for n in ("nodeW", "nodeX", "nodeY")}
     assert str(preflight_error(gate.problems or [])) == (
         "preflight failed, nothing was started:\n"
@@ -410,7 +413,7 @@ def test_a_node_whose_agent_cannot_start_holds_back_every_node_and_is_named(fake
     assert within(gate.wait) is False
     results = c.wait()
 
-    assert c.session("nodeW").commands == [b"stop"] and c.session("nodeX").commands == [b"stop"]
+    assert c.session("nodeW").commands == [Command.STOP] and c.session("nodeX").commands == [Command.STOP]
     assert {r.node.name: r.state for r in results} == {
         "nodeW": NodeState.NOT_STARTED, "nodeX": NodeState.NOT_STARTED, "nodeY": NodeState.FAILED_TO_START}
     assert gate.problems == ["nodeY: python /usr/bin/python3 not found"]
@@ -422,7 +425,7 @@ def test_a_busy_master_port_holds_back_every_node(fake_run, plan):
     c.ctl.launch(start=True, gate=gate)
     assert within(gate.wait) is False
     c.wait()
-    assert c.commands() == {"nodeW": [b"stop"], "nodeX": [b"stop"], "nodeY": [b"stop"]}
+    assert c.commands() == {"nodeW": [Command.STOP], "nodeX": [Command.STOP], "nodeY": [Command.STOP]}
     assert gate.problems == ["nodeW: master port 29500 is already in use (pick another with --master-port, "
                              "or `auto`)"]
 
@@ -446,7 +449,7 @@ def test_kill_through_the_control_socket_has_every_streaming_agent_kill_its_job(
 
     assert answer == [[]], "kill answers once every node confirmed, with no problem"
     assert code == EXIT_JOB_FAILED
-    assert c.commands() == {n: [b"kill 2.0", b"rm"] for n in ("nodeW", "nodeX", "nodeY")}
+    assert c.commands() == {n: [KILL_2, Command.RM] for n in ("nodeW", "nodeX", "nodeY")}
     assert all(len(t.execs) == 1 for t in c.transports.values())
     assert c.result_json() == {n: ("killed", 1, True) for n in ("nodeW", "nodeX", "nodeY")}
     assert sorted(c.screen.messages) == [

@@ -19,8 +19,39 @@ from pathlib import Path
 import pytest
 
 from clusterrun import nodeagent
+from clusterrun.nodeagent import DATA, EVENT, LAUNCHER_KEY, Command, Event, Mode, kill_command
 
 AGENT = Path(nodeagent.__file__)
+
+
+def data_frame(key: str, lines: bytes) -> bytes:
+    """A data frame as the agent writes it (its header is the protocol's)."""
+    return nodeagent.data_header(key, len(lines)) + lines
+
+
+# --- the protocol ---------------------------------------------------------------------------
+
+
+def test_the_wire_format_is_pinned():
+    """The one place the bytes are spelled out: agents already on nodes (an `up --detach`
+    collector, a reconnect after an upgrade) speak them, so a change must be deliberate."""
+    assert nodeagent.AGENT_MARK == b"CLUSTERRUN-AGENT " and nodeagent.FAILED_MARK == "CLUSTERRUN-FAILED "
+    assert nodeagent.data_header(LAUNCHER_KEY, 5) + b"done\n" == b"D L 5\ndone\n"
+    assert nodeagent.event_frame(Event.EXIT, code=1) == b'S {"code": 1, "event": "exit"}\n'
+    assert nodeagent.HEARTBEAT == b"H\n" and kill_command(2) == b"kill 2.0\n"
+    assert (Command.GO, Command.STOP, Command.RM) == (b"go", b"stop", b"rm")
+    modes = {v for k, v in vars(Mode).items() if k.isupper()}
+    events = {v for k, v in vars(Event).items() if k.isupper()}
+    assert modes == {"start", "attach", "kill", "stacks", "probe", "sync"}
+    assert events == {"probe", "started", "running", "killed", "exit", "lost", "stacks", "synced"}
+
+
+def test_the_agent_header_names_every_mode_and_event():
+    header = nodeagent.__doc__ or ""
+    protocol = AGENT.read_text().split("# --- the protocol", 1)[1].split("\n# ---", 1)[0]
+    assert '"the protocol"' in header
+    for name in [v for k, v in vars(Mode).items() if k.isupper()] + [v for k, v in vars(Event).items() if k.isupper()]:
+        assert f'"{name}"' in protocol
 
 
 # --- parse_failures ------------------------------------------------------------------
@@ -159,7 +190,7 @@ def test_discover_keys_launcher_output_L_and_each_worker_by_local_rank(tmp_path)
     sources: dict = {}
     nodeagent.discover(str(tmp_path), sources, {"1": 0})
     try:
-        assert sorted(sources) == ["0", "1", "10", "L"]
+        assert sorted(sources) == ["0", "1", "10", LAUNCHER_KEY]
         assert sources["10"].path.endswith("/attempt_0/10/stdout.log")
     finally:
         for s in sources.values():
@@ -169,54 +200,54 @@ def test_discover_keys_launcher_output_L_and_each_worker_by_local_rank(tmp_path)
 def test_only_whole_lines_are_framed_and_a_partial_line_waits_for_its_newline(files):
     files.add("1")
     files.append("1", b"hello\nwor")
-    assert files.frames() == b"D 1 6\nhello\n"
+    assert files.frames() == data_frame("1", b"hello\n")
     assert files.frames() == b"", "nothing new: the partial line stays pending"
     files.append("1", b"ld")
     assert files.frames() == b""
     files.append("1", b"!\nnext\n")
-    assert files.frames() == b"D 1 12\nworld!\nnext\n"
+    assert files.frames() == data_frame("1", b"world!\nnext\n")
 
 
 def test_final_flushes_the_remainder_with_a_newline_added(files):
-    files.add("L")
-    files.append("L", b"done\nno newline at the end")
-    assert files.frames() == b"D L 5\ndone\n"
-    assert files.frames(final=True) == b"D L 22\nno newline at the end\n"
+    files.add(LAUNCHER_KEY)
+    files.append(LAUNCHER_KEY, b"done\nno newline at the end")
+    assert files.frames() == data_frame(LAUNCHER_KEY, b"done\n")
+    assert files.frames(final=True) == data_frame(LAUNCHER_KEY, b"no newline at the end\n")
     assert files.frames(final=True) == b"", "nothing is sent twice"
 
 
 def test_final_on_whole_lines_adds_nothing(files):
     files.add("0")
     files.append("0", b"a\nb\n")
-    assert files.frames(final=True) == b"D 0 4\na\nb\n"
+    assert files.frames(final=True) == data_frame("0", b"a\nb\n")
 
 
 def test_frames_per_file_with_their_keys(files):
-    files.add("L")
+    files.add(LAUNCHER_KEY)
     files.add("0")
     files.add("1")
     files.append("1", b"from rank l1\n")
-    files.append("L", b"torchrun says\n")
+    files.append(LAUNCHER_KEY, b"torchrun says\n")
     out = files.frames()
-    assert out.count(b"D ") == 2
-    assert b"D L 14\ntorchrun says\n" in out and b"D 1 13\nfrom rank l1\n" in out
+    assert out.count(DATA + b" ") == 2
+    assert data_frame(LAUNCHER_KEY, b"torchrun says\n") in out and data_frame("1", b"from rank l1\n") in out
 
 
 def test_resume_from_an_offset_after_a_reconnect(files):
     files.add("0", offset=6, initial=b"first\nsecond\n")
-    assert files.frames() == b"D 0 7\nsecond\n"
+    assert files.frames() == data_frame("0", b"second\n")
 
 
 def test_a_runaway_line_without_newline_is_passed_on_in_pieces(files, monkeypatch):
     monkeypatch.setattr(nodeagent, "LINE_MAX", 10)
     files.add("0")
     files.append("0", b"x" * 25)
-    assert files.frames() == b"D 0 25\n" + b"x" * 25
+    assert files.frames() == data_frame("0", b"x" * 25)
 
 
 def test_a_progress_bars_redraws_go_at_once_and_a_last_carriage_return_waits(files):
     def frame(data: bytes) -> bytes:
-        return b"D 0 %d\n" % len(data) + data
+        return data_frame("0", data)
 
     files.add("0")
     files.append("0", b"epoch 1\n\r  0%|")
@@ -233,7 +264,7 @@ def test_binary_and_crlf_bytes_pass_through_unchanged(files):
     files.add("0")
     payload = b"\xff\xfe\x00 progress\r 50%\r100%\r\n"
     files.append("0", payload)
-    assert files.frames() == b"D 0 %d\n" % len(payload) + payload
+    assert files.frames() == data_frame("0", payload)
 
 
 # --- job_pids and kill -----------------------------------------------------------------
@@ -271,10 +302,10 @@ def test_job_pids_for_an_unknown_marker_is_empty():
 
 def run_kill(job_dir: Path, marker: str, grace: float) -> dict:
     """`kill` mode as the controller runs it: the agent, its spec on stdin, one event on stdout."""
-    spec = {"mode": "kill", "job_dir": str(job_dir), "marker": marker, "grace": grace}
+    spec = {"mode": Mode.KILL, "job_dir": str(job_dir), "marker": marker, "grace": grace}
     out = subprocess.run([sys.executable, str(AGENT)], stdout=subprocess.PIPE,
                          input=json.dumps(spec).encode() + b"\n", timeout=30, check=True).stdout
-    assert out.startswith(b"S ") and out.endswith(b"\n") and out.count(b"\n") == 1, out
+    assert out.startswith(EVENT + b" ") and out.endswith(b"\n") and out.count(b"\n") == 1, out
     return json.loads(out[2:])
 
 
@@ -293,7 +324,7 @@ def test_kill_terms_the_job(tmp_path, procs):
     waiter = reaped(p)
     ev = run_kill(tmp_path, marker, grace=5)
     waiter.join(5)
-    assert ev == {"event": "killed", "forced": False, "left": 0}
+    assert ev == {"event": Event.KILLED, "forced": False, "left": 0}
     assert p.returncode == -signal.SIGTERM
 
 
@@ -305,7 +336,7 @@ def test_kill_forces_a_job_that_ignores_term(tmp_path, procs):
     waiter = reaped(p)
     ev = run_kill(tmp_path, marker, grace=0.3)
     waiter.join(5)
-    assert ev == {"event": "killed", "forced": True, "left": 0}
+    assert ev == {"event": Event.KILLED, "forced": True, "left": 0}
     assert p.returncode == -signal.SIGKILL
     assert nodeagent.job_pids(marker) == []
 
@@ -322,7 +353,7 @@ def test_kill_does_not_wait_for_torchrun_once_its_workers_are_gone(tmp_path, pro
     ev = run_kill(tmp_path, marker, grace=600)    # run_kill gives up after 30 s
     for w in waiters:
         w.join(5)
-    assert ev == {"event": "killed", "forced": True, "left": 0}
+    assert ev == {"event": Event.KILLED, "forced": True, "left": 0}
     assert worker.returncode == -signal.SIGTERM and torchrun.returncode == -signal.SIGKILL
 
 
@@ -334,7 +365,7 @@ def test_kill_finds_marked_processes_outside_the_process_group(tmp_path, procs):
     waiter = reaped(worker)
     ev = run_kill(tmp_path, marker, grace=5)   # no pgid file at all
     waiter.join(5)
-    assert ev["event"] == "killed" and ev["left"] == 0
+    assert ev["event"] == Event.KILLED and ev["left"] == 0
     assert worker.returncode == -signal.SIGTERM
 
 
@@ -364,7 +395,7 @@ def attach_agent(job_dir: Path, marker: str, inotify: bool = True) -> subprocess
         code = b"import sys\nsys.modules['ctypes'] = None\n" + zlib.decompress(base64.b64decode(line))
         line = base64.b64encode(zlib.compress(code)) + b"\n"
     p = subprocess.Popen([sys.executable, "-c", AGENT_LOADER], stdin=subprocess.PIPE, stdout=subprocess.PIPE)
-    p.stdin.write(line + json.dumps({"mode": "attach", "job_dir": str(job_dir), "marker": marker,
+    p.stdin.write(line + json.dumps({"mode": Mode.ATTACH, "job_dir": str(job_dir), "marker": marker,
                                      "offsets": {}, "follow": True}).encode() + b"\n")
     return p
 
@@ -375,11 +406,11 @@ def events(out) -> list[dict]:
     while True:
         line = out.readline()
         assert line, f"the agent ended without a final event after {seen}"
-        if line.startswith(b"D "):
+        if line.startswith(DATA + b" "):
             out.read(int(line.split()[2]))
-        elif line.startswith(b"S "):
+        elif line.startswith(EVENT + b" "):
             seen.append(json.loads(line[2:]))
-            if seen[-1]["event"] in ("lost", "exit"):
+            if seen[-1]["event"] in (Event.LOST, Event.EXIT):
                 return seen
 
 
@@ -397,15 +428,15 @@ def test_a_streaming_agent_kills_its_job_when_told(tmp_path, procs, early):
     if not early:
         agent.stdin.flush()
         (tmp_path / "launcher.log").write_text("streaming\n")
-        assert agent.stdout.readline() == b"D L 10\n" and agent.stdout.read(10) == b"streaming\n"
-    agent.stdin.write(b"kill 5.0\n")
+        assert agent.stdout.readline() == nodeagent.data_header(LAUNCHER_KEY, 10) and agent.stdout.read(10) == b"streaming\n"
+    agent.stdin.write(kill_command(5.0))
     agent.stdin.flush()
     seen = events(agent.stdout)
     waiter.join(5)
-    assert seen[0] == {"event": "killed", "forced": False, "left": 0}
-    assert seen[-1]["event"] == "lost"          # no supervisor here to write exit.json
+    assert seen[0] == {"event": Event.KILLED, "forced": False, "left": 0}
+    assert seen[-1]["event"] == Event.LOST          # no supervisor here to write exit.json
     assert job.returncode == -signal.SIGTERM
-    agent.stdin.write(b"rm\n")
+    agent.stdin.write(Command.RM + b"\n")
     agent.stdin.close()
     assert agent.wait(10) == 0
     assert not tmp_path.exists()                # "rm" removed the job directory
@@ -417,8 +448,8 @@ def test_a_kill_that_comes_after_the_job_ended_does_not_keep_the_job_directory(t
     (tmp_path / "exit.json").write_text('{"code": 0, "failures": []}')
     agent = attach_agent(tmp_path, f"{uuid.uuid4().hex}.0")
     seen = events(agent.stdout)
-    assert seen == [{"event": "exit", "code": 0, "failures": []}]
-    agent.stdin.write(b"kill 5.0\nrm\n")
+    assert seen == [{"event": Event.EXIT, "code": 0, "failures": []}]
+    agent.stdin.write(kill_command(5.0) + Command.RM + b"\n")
     agent.stdin.close()
     assert agent.wait(10) == 0
     assert not tmp_path.exists()
@@ -486,21 +517,21 @@ def test_a_quiet_stream_passes_on_new_lines_new_rank_logs_and_the_end(tmp_path, 
 
     def frame() -> tuple[bytes, bytes]:
         head = agent.stdout.readline()
-        assert head.startswith(b"D "), head
+        assert head.startswith(DATA + b" "), head
         _, key, n = head.split()
         return key, agent.stdout.read(int(n))
 
     with open(tmp_path / "launcher.log", "ab") as f:
         f.write(b"rendezvous\n")
-    assert frame() == (b"L", b"rendezvous\n")
+    assert frame() == (LAUNCHER_KEY.encode(), b"rendezvous\n")
     rank_dir = tmp_path / "torchrun" / "run1_ab12cd" / "attempt_0" / "1"
     rank_dir.mkdir(parents=True)
     (rank_dir / "stdout.log").write_bytes(b"hello from local rank 1\n")
     assert frame() == (b"1", b"hello from local rank 1\n")
     nodeagent.write_atomic(str(tmp_path / "exit.json"), '{"code": 0, "failures": []}')
     head = agent.stdout.readline()
-    assert json.loads(head[2:]) == {"event": "exit", "code": 0, "failures": []}
-    agent.stdin.write(b"rm\n")
+    assert json.loads(head[2:]) == {"event": Event.EXIT, "code": 0, "failures": []}
+    agent.stdin.write(Command.RM + b"\n")
     agent.stdin.close()
     assert agent.wait(10) == 0
 

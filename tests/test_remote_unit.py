@@ -24,13 +24,15 @@ from clusterrun.hostsfile import parse_hosts
 from clusterrun.model import NodeState, RankFailure
 from clusterrun.options import LaunchOptions
 from clusterrun.plan import Plan, make_plan
-from clusterrun.nodeagent import Event, Mode
+from clusterrun.nodeagent import LAUNCHER_KEY, Command, Event, Mode, kill_command
 from clusterrun.run.agentspec import attach_spec, probe_check, probe_spec
 from clusterrun.run.remote import RemoteJob, start_agent
 from clusterrun.run.runs import RunDir
 from clusterrun.run.stream import NodeOutput
 from clusterrun.transports.local import LocalTransport
 from fakenode import HEARTBEAT, FakeProcess, FakeTransport, Screen, data_frame, event_frame
+
+KILL_2 = kill_command(2.0).rstrip(b"\n")       # the stop line for a 2 s grace, as the controller sends it
 
 RUN_ID = "20260101-000000-abc123"
 
@@ -73,7 +75,7 @@ class Running:
 
 def finished_job(p: FakeProcess) -> None:
     """An agent whose job already ended cleanly: no output, just its exit."""
-    p.preamble().event("exit", code=0, failures=[])
+    p.preamble().event(Event.EXIT, code=0, failures=[])
 
 
 # --- the fake speaks the agent's protocol ---------------------------------------------------
@@ -91,9 +93,8 @@ def test_fake_frames_are_byte_for_byte_the_agents_own(tmp_path, monkeypatch):
 
     written: list[bytes] = []
     monkeypatch.setattr(nodeagent, "write_out", written.append)
-    nodeagent.event("exit", code=1, failures=[{"rank": 4, "local_rank": 1, "exitcode": 1}])
-    assert written == [event_frame("exit", code=1, failures=[{"rank": 4, "local_rank": 1, "exitcode": 1}])]
-    assert HEARTBEAT == b"H\n"
+    nodeagent.event(Event.EXIT, code=1, failures=[{"rank": 4, "local_rank": 1, "exitcode": 1}])
+    assert written == [event_frame(Event.EXIT, code=1, failures=[{"rank": 4, "local_rank": 1, "exitcode": 1}])]
 
 
 def test_fake_agent_output_is_byte_for_byte_a_real_agents(tmp_path):
@@ -128,12 +129,12 @@ def proc_token(agent_output: bytes) -> str:
 def test_worker_and_launcher_lines_reach_the_terminal_tagged_and_the_logs_raw(plan, run, screen):
     def agent(p: FakeProcess) -> None:
         p.preamble()
-        p.event("started", pgid=4242, ifname="eth0", hostname="gpu-x")
-        p.data("L", b"W1126 torchrun warning\n")
+        p.event(Event.STARTED, pgid=4242, ifname="eth0", hostname="gpu-x")
+        p.data(LAUNCHER_KEY, b"W1126 torchrun warning\n")
         p.data("0", b"loss 0.5\nloss 0.4\n")
         p.heartbeat()
         p.data("1", b"rank 4 here\n")
-        p.event("exit", code=0, failures=[])
+        p.event(Event.EXIT, code=0, failures=[])
 
     t = FakeTransport("gpu-x", agent=agent)
     started: list[dict] = []
@@ -150,33 +151,30 @@ def test_worker_and_launcher_lines_reach_the_terminal_tagged_and_the_logs_raw(pl
     assert started == [{"pgid": 4242, "ifname": "eth0", "hostname": "gpu-x"}]
     (p,) = t.processes
     assert zlib.decompress(base64.b64decode(p.shipped or b"")) == Path(nodeagent.__file__).read_bytes()
-    assert p.spec is not None and p.spec["mode"] == "start"
+    assert p.spec is not None and p.spec["mode"] == Mode.START
     assert p.spec["argv"] == list(plan.nodes[1].argv) and p.spec["job_dir"] == plan.nodes[1].job_dir
-    assert p.commands == [b"rm"], "once every byte is in the logs, the node may clean up"
+    assert p.commands == [Command.RM], "once every byte is in the logs, the node may clean up"
     assert p.closed
 
 
 def test_exit_with_failures_is_the_nodes_result(plan, run, screen):
     failures = [{"rank": 4, "local_rank": 1, "exitcode": 7}, {"rank": 3, "local_rank": 0, "exitcode": -15}]
-    t = FakeTransport("gpu-x", agent=lambda p: p.preamble().event("exit", code=1, failures=failures))
+    t = FakeTransport("gpu-x", agent=lambda p: p.preamble().event(Event.EXIT, code=1, failures=failures))
     result = node_job(plan, run, screen, t).run()
     assert (result.state, result.code) == (NodeState.EXITED, 1)
     assert result.failures == [RankFailure(4, 1, 7), RankFailure(3, 0, -15)]
 
 
 def test_login_output_that_looks_like_frames_is_login_output_not_parsed(plan, run, screen):
-    login = (b"D 0 4\n"                                   # a frame header, from .bashrc
-             b'S {"code": 9, "event": "exit"}\n'          # an event
-             b"H\n"
-             b"conda: env activated")                     # an open line: the agent's newline ends it
+    # A frame header, an event and a heartbeat, from .bashrc; then an open line (the agent's newline ends it)
+    lookalikes = [nodeagent.data_header("0", 4), event_frame(Event.EXIT, code=9), HEARTBEAT]
+    login = b"".join(lookalikes) + b"conda: env activated"
     t = FakeTransport("gpu-x", agent=lambda p: p.preamble(login).data("0", b"real\n")
-                      .event("exit", code=0, failures=[]))
+                      .event(Event.EXIT, code=0, failures=[]))
     result = node_job(plan, run, screen, t).run()
 
-    assert screen.text == (b"[nodeX] D 0 4\n"
-                           b'[nodeX] S {"code": 9, "event": "exit"}\n'
-                           b"[nodeX] H\n"
-                           b"[nodeX] conda: env activated\n"
+    assert screen.text == (b"".join(b"[nodeX] " + line for line in lookalikes)
+                           + b"[nodeX] conda: env activated\n"
                            b"[nodeX g3 l0] real\n")
     assert (result.state, result.code) == (NodeState.EXITED, 0), "the login's fake exit is not the job's"
     assert run.login_log(1).read_bytes() == login + b"\n"
@@ -186,7 +184,7 @@ def test_login_output_that_looks_like_frames_is_login_output_not_parsed(plan, ru
 
 def test_a_line_between_frames_that_is_no_frame_is_shown_apart_and_counts_in_no_offset(plan, run, screen):
     t = FakeTransport("gpu-x", agent=lambda p: p.preamble().data("0", b"a\n").write(b"stray words\n")
-                      .data("0", b"b\n").event("exit", code=0, failures=[]))
+                      .data("0", b"b\n").event(Event.EXIT, code=0, failures=[]))
     j = node_job(plan, run, screen, t)
     j.run()
     assert screen.text == b"[nodeX g3 l0] a\n[nodeX] stray words\n[nodeX g3 l0] b\n"
@@ -211,22 +209,22 @@ def test_an_agent_that_cannot_start_fails_to_start_with_its_error(plan, run, scr
 def test_after_a_broken_stream_the_reattach_sends_each_files_offset_without_login_bytes(plan, run, screen):
     def first(p: FakeProcess) -> None:
         p.preamble(b"Welcome to gpu-x\n")
-        p.data("L", b"launcher up\n")                      # 12 bytes
+        p.data(LAUNCHER_KEY, b"launcher up\n")                      # 12 bytes
         p.data("0", b"a\nb\n")                             # 4
         p.data("1", b"x\n")                                # 2
-        p.write(b"D 0 6\nc\n")                             # the link drops mid-frame: 2 of 6 bytes
+        p.write(nodeagent.data_header("0", 6) + b"c\n")    # the link drops mid-frame: 2 of 6 bytes
         p.hang_up()
 
     def second(p: FakeProcess) -> None:                    # rank 0's file from byte 4 on
-        p.preamble(b"Welcome to gpu-x\n").data("0", b"c\nd\ne\n").event("exit", code=0, failures=[])
+        p.preamble(b"Welcome to gpu-x\n").data("0", b"c\nd\ne\n").event(Event.EXIT, code=0, failures=[])
 
     t1, t2 = FakeTransport("gpu-x", agent=first), FakeTransport("gpu-x", agent=second)
     j = node_job(plan, run, screen, t1, reconnect=lambda: t2)
     result = j.run()
 
     (p2,) = t2.processes
-    assert p2.spec == {"job_dir": plan.nodes[1].job_dir, "mode": "attach",
-                       "offsets": {"L": 12, "0": 4, "1": 2}, "follow": True,
+    assert p2.spec == {"job_dir": plan.nodes[1].job_dir, "mode": Mode.ATTACH,
+                       "offsets": {LAUNCHER_KEY: 12, "0": 4, "1": 2}, "follow": True,
                        "marker": plan.nodes[1].marker}
     assert (result.state, result.code, j.reconnects) == (NodeState.EXITED, 0, 1)
     assert t1.closes == [False] and t1.processes[0].closed
@@ -237,18 +235,18 @@ def test_after_a_broken_stream_the_reattach_sends_each_files_offset_without_logi
     assert run.rank_log(3).read_bytes() == b"a\nb\nc\nd\ne\n", "no line lost, none twice, none cut"
     assert run.node_log(1).read_bytes() == b"launcher up\n"
     assert run.login_log(1).read_bytes() == b"Welcome to gpu-x\n" * 2
-    assert t1.processes[0].commands == [] and p2.commands == [b"rm"]
+    assert t1.processes[0].commands == [] and p2.commands == [Command.RM]
 
 
 def test_an_attach_starts_each_file_at_the_size_of_its_local_log(plan, run, screen):
     run.node_log(1).write_bytes(b"launcher\n")
     run.rank_log(4).write_bytes(b"old line\n")
-    t = FakeTransport("gpu-x", agent=lambda p: p.preamble().data("1", b"new line\n").event("running"))
+    t = FakeTransport("gpu-x", agent=lambda p: p.preamble().data("1", b"new line\n").event(Event.RUNNING))
     j = node_job(plan, run, screen, t)
     result = j.run(start=False, follow=False)
     (p,) = t.processes
     assert p.spec is not None
-    assert (p.spec["mode"], p.spec["offsets"], p.spec["follow"]) == ("attach", {"L": 9, "1": 9}, False)
+    assert (p.spec["mode"], p.spec["offsets"], p.spec["follow"]) == (Mode.ATTACH, {LAUNCHER_KEY: 9, "1": 9}, False)
     assert result.state == NodeState.RUNNING and p.commands == [], "caught up: the job runs on, no rm"
     assert run.rank_log(4).read_bytes() == b"old line\nnew line\n"
     assert screen.text == b"[nodeX g4 l1] new line\n"
@@ -306,33 +304,33 @@ def test_stop_sends_one_kill_a_concurrent_stop_shares_its_answer_and_the_stream_
     job_run = Running(j)
     p = t.next_process()
     p.wait_for_spec()
-    p.preamble().event("started", pgid=4242, ifname="eth0", hostname="gpu-x").data("0", b"step 1\n")
+    p.preamble().event(Event.STARTED, pgid=4242, ifname="eth0", hostname="gpu-x").data("0", b"step 1\n")
     assert started.wait(5)
 
     j._stop_lock = lock = EnteringLock()     # type: ignore[assignment]
     reports: list[dict] = []
     first = threading.Thread(target=lambda: reports.append(j.stop(grace=2)), daemon=True)
     first.start()
-    assert p.wait_for_command(b"kill ") == b"kill 2.0"
+    assert p.wait_for_command(Command.KILL) == KILL_2
     assert lock.entered.acquire(timeout=5)
     second = threading.Thread(target=lambda: reports.append(j.stop(grace=2)), daemon=True)
     second.start()
     assert lock.entered.acquire(timeout=5), "the second stop is waiting for the first"
-    p.event("killed", forced=False, left=0)
+    p.event(Event.KILLED, forced=False, left=0)
     first.join(5)
     second.join(5)
 
-    assert reports == [{"forced": False, "left": 0, "event": "killed"}] * 2
-    assert [c for c in p.commands if c.startswith(b"kill")] == [b"kill 2.0"], "one kill, not two"
+    assert reports == [{"forced": False, "left": 0, "event": Event.KILLED}] * 2
+    assert [c for c in p.commands if c.startswith(Command.KILL)] == [KILL_2], "one kill, not two"
     assert len(t.execs) == 1, "no kill-mode session: the streaming agent did it"
     assert job_run.thread.is_alive(), "the killed report is an answer, not the end of the stream"
 
-    p.data("0", b"terminated\n").event("exit", code=1, failures=[{"rank": 3, "local_rank": 0, "exitcode": -15}],
+    p.data("0", b"terminated\n").event(Event.EXIT, code=1, failures=[{"rank": 3, "local_rank": 0, "exitcode": -15}],
                                        stop_time=1767225600.5)    # when the kill reached the node
     result = job_run.result()
     assert (result.state, result.stopped) == (NodeState.EXITED, True)
     assert screen.text == b"[nodeX g3 l0] step 1\n[nodeX g3 l0] terminated\n"
-    assert p.commands == [b"kill 2.0", b"rm"]
+    assert p.commands == [KILL_2, Command.RM]
     left = []
     while not j._kill_reports.empty():
         left.append(j._kill_reports.get())
@@ -343,8 +341,8 @@ def streaming_job_with_a_kill_mode(plan, run, screen, forced: bool):
     """nodeX's job, its streaming agent's session open; a later kill-mode session answers `killed`."""
     def kill_mode(p: FakeProcess) -> None:
         assert p.spec is not None
-        if p.spec["mode"] == "kill":
-            p.preamble().event("killed", forced=forced, left=0)
+        if p.spec["mode"] == Mode.KILL:
+            p.preamble().event(Event.KILLED, forced=forced, left=0)
             p.exit(0)
 
     t = FakeTransport("gpu-x", agent=kill_mode)
@@ -358,29 +356,29 @@ def streaming_job_with_a_kill_mode(plan, run, screen, forced: bool):
 
 def test_a_stop_whose_agent_dies_before_answering_falls_back_to_the_kill_mode(plan, run, screen):
     t, j, job_run, p, started = streaming_job_with_a_kill_mode(plan, run, screen, forced=True)
-    p.on_command = lambda p, line: p.hang_up() if line.startswith(b"kill ") else None
-    p.preamble().event("started", pgid=4242, ifname="eth0", hostname="gpu-x")
+    p.on_command = lambda p, line: p.hang_up() if line.startswith(Command.KILL) else None
+    p.preamble().event(Event.STARTED, pgid=4242, ifname="eth0", hostname="gpu-x")
     assert started.wait(5)
 
     report = j.stop(grace=2)
-    assert report == {"forced": True, "left": 0, "event": "killed"}
+    assert report == {"forced": True, "left": 0, "event": Event.KILLED}
     assert len(t.processes) == 2
-    assert t.processes[1].spec == {"job_dir": plan.nodes[1].job_dir, "mode": "kill",
+    assert t.processes[1].spec == {"job_dir": plan.nodes[1].job_dir, "mode": Mode.KILL,
                                    "marker": plan.nodes[1].marker, "grace": 2}
     assert job_run.result().state == NodeState.LOST
 
 
 def test_a_kill_that_cannot_be_written_falls_back_at_once(plan, run, screen):
     t, j, job_run, p, started = streaming_job_with_a_kill_mode(plan, run, screen, forced=False)
-    p.preamble().event("started", pgid=4242, ifname="eth0", hostname="gpu-x")
+    p.preamble().event(Event.STARTED, pgid=4242, ifname="eth0", hostname="gpu-x")
     assert started.wait(5)
     p.accepts_stdin = False                     # the channel will not take the kill
     waited: list[dict] = []
     j._kill_reports.get = lambda **kw: waited.append(kw)    # type: ignore[method-assign]
 
-    assert j.stop(grace=5) == {"forced": False, "left": 0, "event": "killed"}
+    assert j.stop(grace=5) == {"forced": False, "left": 0, "event": Event.KILLED}
     assert waited == [], "no wait for an answer that cannot come"
-    assert [q.spec["mode"] for q in t.processes] == ["start", "kill"]     # type: ignore[index]
+    assert [q.spec["mode"] for q in t.processes] == [Mode.START, Mode.KILL]     # type: ignore[index]
     p.hang_up()
     assert job_run.result().state == NodeState.LOST
 

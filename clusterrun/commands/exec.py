@@ -3,15 +3,14 @@
 from __future__ import annotations
 
 import shlex
-from collections import deque
 from dataclasses import dataclass
 from typing import Sequence
 
 from ..errors import EXIT_JOB_FAILED, UnreachableError, UsageError
 from ..hostsfile import Host, load_hosts, with_transport
-from ..parallel import each
 from ..login import Login
 from ..nodeagent import FAILED_MARK
+from ..parallel import each
 from ..run.stream import Terminal, shown_lines, tag_for, tag_lines
 from ..transports.connect import connect_node
 from ..transports.base import Transport
@@ -27,6 +26,7 @@ def exec_command(host: Host, argv: Sequence[str]) -> str:
 
 
 def login_of(host: Host) -> Login:
+    """The node's login steps, as `up` runs them before its agent."""
     return Login(host.workdir, host.setup)
 
 

@@ -468,8 +468,8 @@ def test_a_node_whose_end_is_recorded_is_not_connected_and_keeps_its_recorded_en
         run.set_node_state(k, NodeRecord(name, NodeState.RUNNING, time=1.0, pgid=4242))
 
     def ends(p: FakeProcess) -> None:
-        assert p.spec is not None and p.spec["mode"] == "attach"
-        p.preamble().data("0", b"last line\n").event("exit", code=0, failures=[])
+        assert p.spec is not None and p.spec["mode"] == Mode.ATTACH
+        p.preamble().data("0", b"last line\n").event(Event.EXIT, code=0, failures=[])
 
     screen = Screen()
     live = [FakeTransport("gpu-x", agent=ends), FakeTransport("gpu-y", agent=ends)]

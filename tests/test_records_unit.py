@@ -19,6 +19,7 @@ from click.testing import CliRunner
 from clusterrun.cli import main
 from clusterrun.hostsfile import parse_hosts
 from clusterrun.model import NodeState, RankFailure
+from clusterrun.nodeagent import Event
 from clusterrun.options import LaunchOptions
 from clusterrun.plan import make_plan
 from clusterrun.run.records import AttemptRecord, HangRecord, NodeRecord
@@ -303,7 +304,7 @@ def test_kill_records_a_lost_node_it_cleaned_through_the_registry(monkeypatch):
                 for h in hosts]
 
     monkeypatch.setattr("clusterrun.transports.connect.connect_each", connect_each)
-    monkeypatch.setattr("clusterrun.run.remote.kill_job", lambda n, t, grace: {"event": "killed", "left": 0})
+    monkeypatch.setattr("clusterrun.run.remote.kill_job", lambda n, t, grace: {"event": Event.KILLED, "left": 0})
     r = CliRunner().invoke(main, ["kill", run.run_id])
     assert r.exit_code != 0 and "no route to host (its job may still run there)" in r.output
     states = run.node_states()

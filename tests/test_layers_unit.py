@@ -2,7 +2,8 @@
 
 The layers, lowest first; a module may import from its own layer and those below it:
 
-    plan        the top-level modules: hosts file, plan, options, model, errors, the node agent
+    plan        the top-level modules: hosts file, plan, options, model, errors, the node agent;
+                and scriptlint/, the checks of `lint`
     transports  clusterrun/transports/: how a command reaches a node
     stream      run/stream.py, run/launcherlog.py, run/runs.py, run/records.py: lines, logs and run records
     run         the rest of clusterrun/run/: controller, remote job, results, restarts, preflight
@@ -32,10 +33,10 @@ def layer(module: str) -> str:
         return "cli"
     if module in STREAM:
         return "stream"
-    head, _, rest = module.partition(".")
-    if rest or head in ("transports", "run", "commands"):
-        return head if head != "run" else "run"
-    return "plan"
+    head = module.partition(".")[0]
+    if head in ("transports", "run", "commands"):
+        return head
+    return "plan"       # the top-level modules and the plan layer's packages (scriptlint/)
 
 
 def imports() -> dict[str, set[str]]:
@@ -102,3 +103,10 @@ def test_the_plan_and_the_agent_stay_pure():
     assert not {m for m in reaches(graph, "plan") if layer(m) != "plan"}
     assert graph["nodeagent"] == set()          # shipped to the nodes alone: stdlib only
     assert not {"run.controller", "commands.up", "cli"} & reaches(graph, "options")
+
+
+def test_the_script_checks_stand_alone():
+    # `up` warns with them and `lint` prints them: neither command's modules come along.
+    graph = imports()
+    assert "scriptlint" in graph["commands.lint"] and "scriptlint" in reaches(graph, "commands.up")
+    assert {m for m in reaches(graph, "scriptlint") if not m.startswith("scriptlint")} == set()

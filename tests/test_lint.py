@@ -14,7 +14,8 @@ from pathlib import Path
 import pytest
 
 from clusterrun.errors import EXIT_USAGE, UsageError
-from clusterrun.commands.lint import Finding, format_finding, lint_command, lint_paths, lint_source
+from clusterrun.commands.lint import lint_command
+from clusterrun.scriptlint import Finding, format_finding, lint_paths, lint_source
 
 REPO = Path(__file__).resolve().parent.parent
 

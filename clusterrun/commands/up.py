@@ -122,7 +122,7 @@ def lint_warnings(opts: LaunchOptions, term: Terminal) -> None:
     """`clusterrun lint` on the script, if it is a file here: findings are warnings."""
     if opts.module or not os.path.isfile(opts.script):
         return
-    from .lint import format_finding, lint_paths  # only here: a large module, not needed otherwise
+    from ..scriptlint import format_finding, lint_paths  # only here: a large package, not needed otherwise
 
     for f in lint_paths([opts.script]):
         if f.code != "CR000":       # a file Python cannot parse here is the node's to report

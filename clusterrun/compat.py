@@ -15,7 +15,11 @@ import functools
 import gc
 import socket
 import sys
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:           # (at run time paramiko is imported only by import_paramiko)
+    import paramiko
+    from paramiko.agent import AgentSSH
 
 PARAMIKO_CHECKED = ("3.2.0", "5.1.0")
 
@@ -64,10 +68,11 @@ IDLE_WAKEUP_S = 1.0
 
 
 @functools.lru_cache(maxsize=None)
-def quiet_transport() -> type:
-    paramiko = import_paramiko()
+def quiet_transport() -> type[paramiko.Transport]:
+    import_paramiko()
+    from paramiko import Transport
 
-    class QuietTransport(paramiko.Transport):
+    class QuietTransport(Transport):
         _active_check_timeout = IDLE_WAKEUP_S     # __init__: its socket's timeout
 
     return QuietTransport
@@ -79,9 +84,9 @@ def quiet_transport() -> type:
 # (Setting SSH_AUTH_SOCK instead would race between the nodes' threads.)
 
 
-def agent_on(sock: socket.socket) -> Any:
+def agent_on(sock: socket.socket) -> AgentSSH:
     from paramiko.agent import AgentSSH
 
     agent = AgentSSH()
-    agent._connect(sock)
+    agent._connect(sock)  # type: ignore[attr-defined]  # private: types-paramiko leaves it out
     return agent

@@ -17,7 +17,7 @@ import re
 import sys
 import threading
 from time import monotonic
-from typing import BinaryIO, Callable
+from typing import IO, Any, BinaryIO, Callable
 
 from .launcherlog import LauncherFilter
 from ..plan import NodePlan
@@ -26,13 +26,14 @@ from .runs import RunDir
 _COLORS = (36, 33, 35, 32, 34, 31, 96, 93, 95, 92, 94, 91)
 
 
-def use_color(stream: BinaryIO | None = None, no_color: bool = False) -> bool:
-    """Colour only on a terminal, and never with --no-color or NO_COLOR set."""
+def use_color(stream: IO[Any] | None = None, no_color: bool = False) -> bool:
+    """Colour only on a terminal (stdout unless `stream` is given), and never with
+    --no-color or NO_COLOR set."""
     if no_color or os.environ.get("NO_COLOR"):
         return False
-    stream = stream or sys.stdout
+    out: IO[Any] = stream or sys.stdout
     try:
-        return stream.isatty()
+        return out.isatty()
     except (AttributeError, ValueError):
         return False
 
@@ -152,7 +153,8 @@ class NodeOutput:
         self.received[key] = self.received.get(key, 0) + len(chunk)
         if key != "L":
             self.last_line = monotonic()
-        if tag is None:
+        term = self.term
+        if tag is None or term is None:     # (a tag means a terminal: see _route)
             return
         redraw = None
         if b"\r" in chunk or key in self._open or chunk[-1:] != b"\n":
@@ -160,9 +162,9 @@ class NodeOutput:
         if key == "L":
             chunk = self._launcher.feed(chunk)
         if chunk:
-            self.term.write(tag_lines(tag, chunk))
+            term.write(tag_lines(tag, chunk))
         if redraw is not None:              # after the lines that came before it
-            self.term.bar(tag, redraw)
+            term.bar(tag, redraw)
 
     def _redrawn(self, key: str, chunk: bytes) -> tuple[bytes, bytes | None]:
         """The whole lines of a chunk with carriage returns as a terminal shows them
@@ -190,7 +192,7 @@ class NodeOutput:
             route = self._routes["login"] = self._route("login")
         tag, log = route
         log.write(chunk)
-        if tag is not None:
+        if tag is not None and self.term is not None:
             self.term.write(tag_lines(tag, chunk))
 
     def _route(self, key: str) -> tuple[bytes | None, BinaryIO]:
@@ -212,7 +214,7 @@ class NodeOutput:
     def close(self) -> None:
         route = self._routes.get("L")
         rest = self._launcher.flush()
-        if route is not None and route[0] is not None and rest:
+        if route is not None and route[0] is not None and rest and self.term is not None:
             self.term.write(tag_lines(route[0], rest))
         for _, log in self._routes.values():
             log.close()

@@ -11,16 +11,27 @@ import os
 import subprocess
 import sys
 import tempfile
-from typing import IO, Protocol
+from typing import Protocol
 
 from ..errors import UnreachableError
 
 
 
+class Output(Protocol):
+    """A command's stdout as its readers use it: a file object of bytes (a pipe's, or
+    paramiko's ChannelFile, which is no io class)."""
+
+    def readline(self, size: int = -1, /) -> bytes: ...
+    def read(self, size: int = -1, /) -> bytes: ...
+
+
 class Process(Protocol):
     """A command running on a node."""
 
-    stdout: IO[bytes]
+    @property
+    def stdout(self) -> Output:
+        """Its output (a plain attribute in each transport: read-only here, so that each
+        may keep its own file type)."""
 
     def send(self, data: bytes) -> bool:
         """Write to the command's stdin; False if it could not (the command or link ended)."""
@@ -34,7 +45,10 @@ class Process(Protocol):
 
 class Transport(Protocol):
     name: str
-    peer_addr: str          # the address we actually reached the node at
+
+    @property
+    def peer_addr(self) -> str:
+        """The address we actually reached the node at (openssh learns it on first use)."""
 
     def exec(self, command: str, merge_stderr: bool = False) -> Process: ...
     def alive(self) -> bool: ...

@@ -186,8 +186,8 @@ class KnownHosts:
                         parsed = _file_cache[(path, stamp)] = _parse_file(path)
                     entries.extend(parsed)
                 # forget what these paths held before they changed
-                for stale in [k for k in _cache if [p for p, _ in k] == list(paths)]:
-                    del _cache[stale]
+                for old in [k for k in _cache if [p for p, _ in k] == list(paths)]:
+                    del _cache[old]
                 known = _cache[stamps] = cls(entries)
             return known
 
@@ -220,9 +220,9 @@ class KnownHosts:
                 changed = changed or e
         # A plain line decides; only then do CA lines speak. Other key types
         # alone leave the key UNKNOWN (see known_types).
-        for verdict, e in ((Verdict.KNOWN, known), (Verdict.CHANGED, changed), (Verdict.CA_ONLY, ca)):
-            if e is not None:
-                return HostKeyCheck(verdict, e.path, e.line)
+        for verdict, found in ((Verdict.KNOWN, known), (Verdict.CHANGED, changed), (Verdict.CA_ONLY, ca)):
+            if found is not None:
+                return HostKeyCheck(verdict, found.path, found.line)
         return HostKeyCheck(Verdict.UNKNOWN)
 
     def known_types(self, names: Sequence[str]) -> list[str]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import os
 import subprocess
 import tempfile
@@ -20,12 +21,13 @@ class LocalProcess:
             [shell, "-c", command], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT if merge_stderr else self._err, start_new_session=True,
         )
-        assert self._p.stdout is not None
-        self.stdout = self._p.stdout
+        out = self._p.stdout
+        assert isinstance(out, io.BufferedReader)       # a pipe, buffered (Popen's default)
+        self.stdout = out
 
     def read_some(self, n: int) -> bytes:
         """Whatever output is there (at least one byte), or b"" at the end."""
-        return self.stdout.read1(n)  # type: ignore[attr-defined]
+        return self.stdout.read1(n)
 
     def send(self, data: bytes) -> bool:
         try:

@@ -38,10 +38,13 @@ import tempfile
 import threading
 import time
 import weakref
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 from ..errors import UnreachableError
 from .local import LocalProcess
+
+if TYPE_CHECKING:
+    from _typeshed import WriteableBuffer
 
 # Control sockets live here; OpenSSH appends ~17 characters while creating one,
 # and a Unix socket path is limited to ~104 bytes, so the path stays short.
@@ -127,7 +130,7 @@ class _Pipe(io.RawIOBase):
     def fileno(self) -> int:
         return self._fd
 
-    def readinto(self, b) -> int:  # type: ignore[override]
+    def readinto(self, b: WriteableBuffer) -> int:
         if self.timeout is not None and not self._poll.poll(self.timeout * 1000):
             self._on_timeout()
             raise socket.timeout(f"no output for {self.timeout:g}s")

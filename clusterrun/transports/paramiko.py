@@ -29,6 +29,7 @@ from .. import compat
 compat.import_paramiko()        # first: paramiko without invoke (compat.py)
 import paramiko  # noqa: E402
 from paramiko.agent import AgentSSH  # noqa: E402
+from paramiko.pkey import PublicBlob  # noqa: E402
 
 from . import knownhosts  # noqa: E402
 from ..errors import UnreachableError  # noqa: E402
@@ -151,7 +152,7 @@ class SSHProcess:
         if self._stderr is None:
             return ""
         c = self._chan
-        return self._stderr.text(ended=c.eof_received or c.closed or c.exit_status_ready())
+        return self._stderr.text(ended=bool(c.eof_received or c.closed or c.exit_status_ready()))
 
     def close(self) -> None:
         self._chan.close()
@@ -195,7 +196,7 @@ class _Conn:
 
     def release(self) -> None:
         if self.key is not None:
-            _bastions.release(self)
+            _bastions.release(self, self.key)
         else:
             self.close()
 
@@ -240,12 +241,13 @@ class _Bastions:
                 self._conns[key] = conn
             return conn, True
 
-    def release(self, conn: _Conn) -> None:
+    def release(self, conn: _Conn, key: tuple) -> None:
+        """One user of `conn`, the connection for `key`, lets go."""
         with self._lock:
             conn.users -= 1
             last = conn.users <= 0
-            if last and self._conns.get(conn.key) is conn:
-                del self._conns[conn.key]
+            if last and self._conns.get(key) is conn:
+                del self._conns[key]
         if last:
             conn.close()
 
@@ -270,8 +272,12 @@ def _open(target: SSHTarget, via: _Conn | None, timeout: float | None, accept_ne
     limit = timeout or target.connect_timeout or 10.0
     label = f"{target.user}@{target.hostname}:{target.port}"
     cleanup: list[Callable[[], None]] = []
-    on_close = lambda: [f() for f in reversed(cleanup)]  # noqa: E731
-    sock = None
+
+    def on_close() -> None:
+        for f in reversed(cleanup):
+            f()
+
+    sock: socket.socket | paramiko.Channel | None = None
     try:
         if via is None and target.proxy_jump:
             via = _jump(target.proxy_jump, timeout, accept_new, node)
@@ -396,8 +402,8 @@ def _proxy_command(command: str) -> tuple[socket.socket, Callable[[], None], Cal
     err = tempfile.TemporaryFile()
     shell = os.environ.get("SHELL") or "/bin/sh"
     try:
-        proc = subprocess.Popen([shell, "-c", "exec " + command], stdin=theirs, stdout=theirs,
-                                stderr=err, start_new_session=True)
+        proc = subprocess.Popen([shell, "-c", "exec " + command], stdin=theirs.fileno(),
+                                stdout=theirs.fileno(), stderr=err, start_new_session=True)
     except OSError as e:
         ours.close()
         raise Failed(f"ProxyCommand {command!r} could not start: {e.strerror or e}") from None
@@ -428,7 +434,8 @@ def _proxy_command(command: str) -> tuple[socket.socket, Callable[[], None], Cal
 
 # --- handshake and host key ----------------------------------------------------------
 
-def _handshake(sock, target: SSHTarget, timeout: float, accept_new: bool, label: str) -> paramiko.Transport:
+def _handshake(sock: socket.socket | paramiko.Channel, target: SSHTarget, timeout: float, accept_new: bool,
+               label: str) -> paramiko.Transport:
     names = knownhosts.host_names(target.hostname, target.port, target.host_key_alias)
     try:
         known = knownhosts.KnownHosts.load(target.user_known_hosts + target.global_known_hosts)
@@ -436,7 +443,7 @@ def _handshake(sock, target: SSHTarget, timeout: float, accept_new: bool, label:
         raise Failed(f"cannot read known_hosts: {e}") from None
     t = _Transport(sock)
     t.banner_timeout = t.handshake_timeout = t.auth_timeout = timeout
-    t.channel_timeout = timeout  # type: ignore[attr-defined]
+    t.channel_timeout = timeout
     # Offer the host key types known_hosts has for this host first, as OpenSSH does,
     # so that a host with several keys shows the one on record.
     types = known.known_types(names)
@@ -547,10 +554,10 @@ def identities(target: SSHTarget) -> tuple[list[paramiko.PKey], list[str]]:
     by_blob = {k.asbytes(): k for k in agent_keys}
     # Certificates first: each needs its private half, from the agent or a file.
     for cert in certs:
-        key = by_blob.get(cert.key_blob_plain) if cert.key_blob_plain else None
+        key: paramiko.PKey | None = by_blob.get(cert.key_blob_plain) if cert.key_blob_plain else None
         if key is None:
-            path = next((p for p, b in files if b == cert.key_blob_plain), None)
-            key = _load_private(path, notes) if path else None
+            private = next((p for p, b in files if b == cert.key_blob_plain), None)
+            key = _load_private(private, notes) if private else None
         if key is None:
             notes.append(f"certificate {cert.path}: no private key for it in the agent or the identity files")
             continue
@@ -576,13 +583,13 @@ def identities(target: SSHTarget) -> tuple[list[paramiko.PKey], list[str]]:
 @dataclass
 class _Cert:
     path: str
-    blob: paramiko.PublicBlob
+    blob: PublicBlob
     key_blob_plain: bytes | None                   # the certified public key, plain form
 
 
 def _load_cert(path: str, notes: list[str] | None) -> _Cert | None:
     try:
-        blob = paramiko.PublicBlob.from_file(path)
+        blob = PublicBlob.from_file(path)
     except FileNotFoundError:
         if notes is not None:
             notes.append(f"certificate {path}: no such file")
@@ -594,7 +601,7 @@ def _load_cert(path: str, notes: list[str] | None) -> _Cert | None:
     return _Cert(path, blob, _plain_from_cert(blob))
 
 
-def _plain_from_cert(blob: paramiko.PublicBlob) -> bytes | None:
+def _plain_from_cert(blob: PublicBlob) -> bytes | None:
     """The plain public key inside an OpenSSH certificate (ed25519, ecdsa, rsa)."""
     m = paramiko.Message(blob.key_blob)
     kind = m.get_text()

@@ -266,6 +266,12 @@ def _target(target: str, o: dict[str, list[str]], source: str, identity_file: st
 
 # --- tokens ---------------------------------------------------------------------
 
+def _first(o: dict[str, list[str]], key: str) -> str | None:
+    """An option's first value, or None when it is not set."""
+    values = o.get(key)
+    return values[0] if values else None
+
+
 def _local_user() -> str:
     # what ssh uses (the passwd entry), not $USER
     return pwd.getpwuid(os.getuid()).pw_name
@@ -378,12 +384,12 @@ def _parse_config(target: str, user: str | None, port: int | None,
     o.setdefault("port", ["22"])
     o.setdefault("identityfile", list(DEFAULT_IDENTITY_FILES))
     port_n = int(o["port"][0]) if o["port"][0].isdigit() else 22
-    tokens = _tokens(host, o["hostname"][0], port_n, o["user"][0], (o.get("hostkeyalias") or [None])[0])
+    tokens = _tokens(host, o["hostname"][0], port_n, o["user"][0], _first(o, "hostkeyalias"))
     known = (o.get("userknownhostsfile") or [DEFAULT_USER_KNOWN_HOSTS])[0]
     o["userknownhostsfile"] = [" ".join(_expand_path(p, tokens, "UserKnownHostsFile")
                                         for p in known.split())]
     o.setdefault("globalknownhostsfile", [DEFAULT_GLOBAL_KNOWN_HOSTS])
-    agent = (o.get("identityagent") or [None])[0]
+    agent = _first(o, "identityagent")
     if agent and agent not in ("none", "SSH_AUTH_SOCK") and not re.match(r"\$[^{]", agent):
         o["identityagent"] = [_expand_path(agent, tokens, "IdentityAgent")]
     return o
@@ -496,7 +502,7 @@ def _match_exec(command: str, state: _Pass, where: str) -> bool:
     o = state.options
     port = (o.get("port") or ["22"])[0]
     tokens = _tokens(state.original, _hostname(o, state.original), int(port) if port.isdigit() else 22,
-                     (o.get("user") or [_local_user()])[0], (o.get("hostkeyalias") or [None])[0])
+                     (o.get("user") or [_local_user()])[0], _first(o, "hostkeyalias"))
     shell = os.environ.get("SHELL") or "/bin/sh"
     try:
         done = subprocess.run([shell, "-c", _expand(command, tokens, "Match exec")],

@@ -101,6 +101,7 @@ def test_stacks_as_a_user_who_may_not_ptrace_and_without_py_spy(cluster, tmp_pat
     assert_nothing_left(cluster)
 
 
+@pytest.mark.transports("paramiko")      # the hang watch; stacks over openssh: test_stacks_group_...
 def test_a_hang_timeout_with_on_hang_kill_ends_the_run_saying_who_was_stuck(cluster, tmp_path):
     script = write(tmp_path / "hang.py", HANG)
     hosts = hosts_file(tmp_path, cluster.names[:2], nproc_per_node=2)

@@ -44,6 +44,7 @@ def test_megabytes_of_setup_stderr_do_not_hold_up_the_start(cluster, tmp_path):
     check_tags(r.stdout, cluster.names[:2], [1, 1])
 
 
+@pytest.mark.transports("paramiko")      # the plan's ranks, not the transport
 def test_uneven_nodes_three_plus_one(cluster, tmp_path):
     script = write(tmp_path / "report.py", REPORT)
     a, b = cluster.names[2], cluster.names[0]
@@ -68,6 +69,7 @@ def test_arguments_arrive_literally_and_nothing_runs_in_a_shell(cluster, tmp_pat
     assert not marker.exists()
 
 
+@pytest.mark.transports("paramiko")      # the interface the node picks, not the transport
 def test_an_rpc_job_across_two_nodes_runs_with_no_extra_env(cluster, tmp_path):
     """torch.distributed.rpc (TensorPipe) binds where the node's hostname resolves unless told
     an interface; here, as on many clusters, the hostname does not resolve to the node."""
@@ -96,6 +98,7 @@ def test_an_rpc_job_across_two_nodes_runs_with_no_extra_env(cluster, tmp_path):
     assert_nothing_left(cluster)
 
 
+@pytest.mark.transports("paramiko")      # what the node records, not the transport
 def test_ranks_that_all_fail_on_their_own_are_all_named_and_none_is_called_stopped(cluster, tmp_path):
     """Every rank exits with its own code at about the same moment: the summary names each
     one as failed, first failure first, and agrees with `status --json`. (The ranks ignore
@@ -284,6 +287,7 @@ def test_a_rank_the_oom_killer_ends_is_named_as_out_of_memory(cluster, tmp_path,
     assert_nothing_left(cluster)
 
 
+@pytest.mark.transports("paramiko")      # what the node records, not the transport
 def test_a_rank_killed_while_python_shuts_down_is_told_its_work_was_done(cluster, tmp_path):
     """As gloo's teardown can do: a rank aborts after its script returned. The summary says
     the work was done; a rank aborting mid-script is not said to have finished."""

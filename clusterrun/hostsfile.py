@@ -26,7 +26,10 @@ _SHARED_KEYS = (
     "gpus",
 )
 TOP_KEYS = frozenset(_SHARED_KEYS + ("master_port", "master_addr", "connect_timeout", "hang_timeout",
-                                     "on_hang", "max_restarts", "restart_delay", "spares", "hosts"))
+                                     "on_hang", "max_restarts", "restart_delay", "spares", "hosts",
+                                     "slurm"))
+SLURM_KEYS = frozenset(("nodes", "partition", "time", "gpus_per_node", "sbatch_args"))
+SLURM = "slurm"     # HOSTS `slurm` (no file of that name): the allocation the command runs in
 ON_HANG = ("report", "kill")
 HOST_KEYS = frozenset(_SHARED_KEYS + ("host", "name", "addr"))
 
@@ -63,6 +66,7 @@ class Host:
     env: Mapping[str, str] = field(default_factory=dict)
     transport: str = "paramiko"     # paramiko | openssh (every session through the system ssh)
     gpus: tuple[int, ...] | None = None     # CUDA_VISIBLE_DEVICES on the node (`gpus:`)
+    slurm_job: str | None = None    # transport srun: the Slurm job whose steps run this node's sessions
 
     @property
     def is_local(self) -> bool:
@@ -84,11 +88,29 @@ class HostsFile:
     max_restarts: int = 0                  # whole-job restarts after a failure
     restart_delay: float = 5.0             # seconds between a failed attempt and the next
     spares: tuple[Host, ...] = ()          # take the place of a node that is lost or unreachable
+    slurm: "SlurmSpec | None" = None       # `slurm:` instead of `hosts:`: the nodes come from Slurm
+
+
+@dataclass(frozen=True)
+class SlurmSpec:
+    """A hosts file's `slurm:` section. Inside an allocation the nodes are the
+    allocation's (clusterrun/slurm.py); nodes, partition, time, gpus_per_node and
+    sbatch_args say what to submit (submitting is not built yet)."""
+
+    template: Host                      # the file's defaults, applied to every node
+    nodes: int | None = None            # nodes of the run; the allocation's others are spares
+    partition: str | None = None
+    time: str | None = None
+    gpus_per_node: int | None = None
+    sbatch_args: tuple[str, ...] = ()
 
 
 def load_hosts(path: str | Path) -> HostsFile:
-    """Read and validate a hosts file."""
+    """Read and validate a hosts file; `slurm` (no such file) or a file's `slurm:`
+    section: the nodes of the Slurm allocation the command runs in."""
     p = str(path)
+    if p == SLURM and not os.path.exists(p):
+        return allocation_hosts(parse_hosts({"slurm": {}}, "HOSTS slurm"))
     try:
         raw = Path(p).read_bytes()
     except FileNotFoundError:
@@ -115,7 +137,10 @@ def load_hosts(path: str | Path) -> HostsFile:
         where = f"line {mark.line + 1}" if mark is not None else ""
         problem = getattr(e, "problem", None) or str(e).splitlines()[0]
         raise HostsFileError(p, where, f"not valid YAML: {problem}") from None
-    return parse_hosts(data, p)
+    hosts = parse_hosts(data, p)
+    if hosts.slurm is not None:
+        return allocation_hosts(hosts)
+    return hosts
 
 
 @functools.cache
@@ -146,6 +171,8 @@ def parse_hosts(data: Any, path: str = "<hosts>") -> HostsFile:
     if not isinstance(data, dict):
         raise HostsFileError(path, "", f"must be a mapping with a `hosts:` list, got {_kind(data)}")
     _check_keys(data, TOP_KEYS, path, "")
+    if "slurm" in data:
+        return _parse_slurm(data, path)
     if "hosts" not in data:
         raise HostsFileError(path, "hosts", "missing: list the machines under `hosts:`")
     entries = data["hosts"]
@@ -197,6 +224,61 @@ def parse_hosts(data: Any, path: str = "<hosts>") -> HostsFile:
                      tuple(spares))
 
 
+def allocation_hosts(hosts: HostsFile) -> HostsFile:
+    """A `slurm:` file (no hosts yet) with the nodes of the allocation the command
+    runs in: the first `slurm.nodes` are the run's, in scontrol's order, the rest spares."""
+    from .slurm import current_allocation     # here: it runs scontrol
+    spec = hosts.slurm
+    assert spec is not None
+    alloc = current_allocation(hosts.path)
+    # As srun and sbatch do, a node works in the directory the command was started
+    # in (a cluster's nodes share it), unless the file says `workdir:`.
+    template = spec.template if spec.template.workdir else replace(spec.template, workdir=os.getcwd())
+    nodes = [replace(template, host=n, name=n, addr=addr, slurm_job=alloc.job) for n, addr in alloc.nodes]
+    wanted = spec.nodes or len(nodes)
+    if wanted > len(nodes):
+        raise HostsFileError(hosts.path, "slurm.nodes",
+                             f"asks for {wanted} nodes, and the allocation (job {alloc.job}) has "
+                             f"{len(nodes)}: {' '.join(n for n, _ in alloc.nodes)}")
+    return replace(hosts, hosts=tuple(nodes[:wanted]), spares=tuple(nodes[wanted:]))
+
+
+def _parse_slurm(data: dict[str, Any], path: str) -> HostsFile:
+    """A file with `slurm:`: no hosts yet (load_hosts takes them from the allocation)."""
+    for key in ("hosts", "spares", "transport", "master_addr"):
+        if key in data:
+            raise HostsFileError(path, key, "cannot be used with `slurm:` (the nodes, their transport "
+                                 "and addresses come from the Slurm allocation)")
+    section = data["slurm"]
+    if section is None:
+        section = {}
+    if not isinstance(section, dict):
+        raise HostsFileError(path, "slurm", f"must be a mapping (nodes, partition, ...), got {_kind(section)}")
+    _check_keys(section, SLURM_KEYS, path, "slurm")
+    fields = _shared_fields(data, path, "")
+    fields.setdefault("env", {})
+    _settle_nproc(fields, {}, fields, path, "")
+    fields["transport"] = "srun"
+    template = Host(host=SLURM, name=SLURM, **fields)
+    nodes = None if section.get("nodes") is None else _positive_int(section["nodes"], path, "slurm.nodes")
+    gpus = section.get("gpus_per_node")
+    gpus = None if gpus is None else _positive_int(gpus, path, "slurm.gpus_per_node")
+    partition = None if section.get("partition") is None else _str(section["partition"], path, "slurm.partition")
+    limit = section.get("time")
+    if limit is not None:
+        limit = _str(limit, path, "slurm.time")
+        if not re.fullmatch(r"(\d+-)?\d+(:\d\d){0,2}", limit):
+            raise HostsFileError(path, "slurm.time", f"must be a Slurm time such as 30, 02:00:00 or "
+                                 f"1-12:00:00, got {limit!r}")
+    args = section.get("sbatch_args", [])
+    if not isinstance(args, list) or not all(isinstance(a, str) and a for a in args):
+        raise HostsFileError(path, "slurm.sbatch_args", "must be a list of sbatch options, "
+                             "like [\"--account=proj\", \"--exclusive\"]")
+    spec = SlurmSpec(template, nodes, partition, limit, gpus, tuple(args))
+    hosts = parse_hosts({k: v for k, v in data.items() if k != "slurm"} | {"hosts": ["slurm"]}, path)
+    return replace(hosts, hosts=(), slurm=spec)
+
+
 _DURATION_RE = re.compile(r"(\d+(?:\.\d+)?)\s*([smh]?)")
 _UNIT = {"": 1, "s": 1, "m": 60, "h": 3600}
 
@@ -229,7 +311,9 @@ def with_transport(hosts: HostsFile, transport: str | None) -> HostsFile:
     """Every host on `transport` (--transport), or the file as it is."""
     if transport is None:
         return hosts
-    return replace(hosts, hosts=tuple(replace(h, transport=transport) for h in hosts.hosts))
+    # Slurm nodes keep srun: --transport names an SSH stack.
+    return replace(hosts, hosts=tuple(h if h.slurm_job else replace(h, transport=transport)
+                                      for h in hosts.hosts))
 
 
 def _parse_entry(entry: Any, defaults: dict[str, Any], path: str, where: str) -> list[Host]:

@@ -220,6 +220,8 @@ def probe(spec):
     import platform
     info: dict = {"python": platform.python_version(), "executable": sys.executable,
             "hostname": socket.gethostname(), "cwd": os.getcwd()}
+    if hasattr(os, "sched_getaffinity"):    # the CPUs this session may run on (a Slurm step's share)
+        info["cpus"] = len(os.sched_getaffinity(0))
     script = spec.get("script")
     if script:
         if spec.get("module"):

@@ -15,7 +15,8 @@ from pathlib import Path
 
 from ..run.attempts import Restarts, plan_attempt, run_attempts
 from ..run.controller import RunController
-from ..hostsfile import load_hosts, with_transport
+from ..errors import UsageError
+from ..hostsfile import HostsFile, load_hosts, with_transport
 from ..options import LaunchOptions, UpOptions, WatchOptions
 from ..dryrun import PLACEHOLDER_RUN_ID, render_plan
 from ..plan import Facts, asked_master_port, build_plan, needs_probe
@@ -30,6 +31,9 @@ def dry_run(hosts_path: str, opts: LaunchOptions, transport: str | None = None) 
     """The rank table and, per node, a line that runs its part by hand; connects to nothing.
     A dry run has no run id: nothing of it exists afterwards."""
     hosts = with_transport(load_hosts(hosts_path), transport)
+    if on_slurm(hosts):
+        raise UsageError("--dry-run on Slurm is not built yet (it would print ssh lines, and the nodes "
+                         "are reached by srun)")
     first = hosts.hosts[0]
     # Without connecting, "where ssh reaches node 0" is its HostName as OpenSSH resolves it.
     addr = None
@@ -46,6 +50,13 @@ def dry_run(hosts_path: str, opts: LaunchOptions, transport: str | None = None) 
 def up(hosts_path: str, opts: LaunchOptions, up_opts: UpOptions) -> int:
     signal.signal(signal.SIGTERM, _interrupt)
     hosts = with_transport(load_hosts(hosts_path), up_opts.transport)
+    if up_opts.detach and on_slurm(hosts):
+        # Measured: a step dies within 3 s of its srun, and the node's job is the
+        # start session's step: it cannot outlive this command. Detached runs on
+        # Slurm are sbatch runs, which are not built yet.
+        raise UsageError("up --detach on Slurm is not built yet: the run's steps end with this "
+                         "command (a detached run needs an sbatch job). Run it attached, e.g. in "
+                         "an sbatch script: clusterrun up slurm SCRIPT")
     term = Terminal()
     lint_warnings(opts, term)
     term.progress(f"connecting to {len(hosts.hosts)} nodes")
@@ -95,6 +106,11 @@ def up(hosts_path: str, opts: LaunchOptions, up_opts: UpOptions) -> int:
     finally:
         ctl.close()
         lock.release()
+
+
+def on_slurm(hosts: HostsFile) -> bool:
+    """Whether the nodes are a Slurm allocation's (reached by srun)."""
+    return any(h.slurm_job for h in hosts.hosts)
 
 
 def _interrupt(signum: int, frame: object) -> None:

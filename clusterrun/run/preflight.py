@@ -66,6 +66,14 @@ def node_problems(node: NodePlan, r: dict[str, Any] | str, opts: LaunchOptions, 
     if not r.get("torch_found", True):
         problems.append(f"{node.name}: torch is not installed for {r['executable']} "
                         "(set `python:` or `setup:` in the hosts file)")
+    cpus = r.get("cpus")
+    if node.host.slurm_job and isinstance(cpus, int) and not node.gpu_count_pending and cpus < node.nproc:
+        # Measured (Slurm 22.05): a step gets the job's CPUs on its node, and no more
+        # (`-c` beyond them is refused): `salloc -N2` holds 1 CPU per node.
+        problems.append(f"{node.name}: the Slurm step gets {cpus} CPU{'s' if cpus != 1 else ''} "
+                        f"(job {node.host.slurm_job}'s share of the node), fewer than nproc_per_node "
+                        f"{node.nproc}: allocate whole nodes (`salloc --exclusive`) or CPUs per node "
+                        f"(`--ntasks-per-node={node.nproc}` or `-c {node.nproc}`)")
     if r.get("port_free") is False:
         problems.append(f"{node.name}: master port {port} is already in use "
                         "(pick another with --master-port, or `auto`)")

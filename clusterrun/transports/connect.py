@@ -5,7 +5,8 @@ ssh target as OpenSSH understands it, reached on one of two stacks (the host's
 `transport:`): paramiko (`paramiko.py`, the default: one connection per node,
 configured by `ssh -G`), or the system ssh client (`openssh`: one ControlMaster
 per node, for what only OpenSSH can do: 2FA prompts, GSSAPI, FIDO keys, host
-certificates). Unknown host keys are refused unless asked to accept new ones; a
+certificates). A node of a Slurm allocation (HOSTS `slurm`) is reached by
+srun (`srun.py`: each session a step of its job). Unknown host keys are refused unless asked to accept new ones; a
 changed host key is always refused.
 """
 
@@ -31,6 +32,11 @@ def connect_node(host: Host, timeout: float | None, accept_new: bool = False,
     never end the collector's master)."""
     if host.is_local:
         return LocalTransport(host.name)
+    if host.transport == "srun":
+        from .srun import SrunTransport
+        if host.slurm_job is None:
+            raise UnreachableError(f"{host.name}: transport srun needs the node's Slurm job")
+        return SrunTransport(host.host, host.slurm_job)
     if host.transport == "openssh":
         from .openssh import connect_openssh
         return connect_openssh(

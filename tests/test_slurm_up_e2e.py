@@ -187,3 +187,37 @@ def test_detached_is_refused_on_slurm(slurm, two, tmp_path):
                       "up", "-d", "slurm", str(script))
     assert r.returncode == 2
     assert "up --detach on Slurm is not built yet" in r.stderr, r.stderr
+
+
+def test_a_killed_srun_session_is_a_lost_node_and_its_job_ends_with_it(slurm, two, tmp_path):
+    """On Slurm the node's job lives in the step of its start session: SIGKILL to that
+    session's srun ends the job there (proctrack/cgroup), and the node is named lost."""
+    script = write(tmp_path / "sleeper.py", """\
+        import os, time
+        print("up", os.environ["RANK"], flush=True)
+        time.sleep(600)
+    """)
+    job = slurm.allocate("-N2", f"--nodelist={','.join(two)}")
+    try:
+        p = subprocess.Popen([*CLUSTERRUN, "up", "--nproc-per-node=1", "slurm", str(script)],
+                             env=_env(tmp_path, job, ",".join(two)), cwd=tmp_path, stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True, start_new_session=True)
+        assert p.stdout is not None
+        seen = 0
+        while seen < 2:
+            line = p.stdout.readline()
+            assert line, "clusterrun ended before every rank was up"
+            seen += " up " in line
+        sruns = subprocess.run(["pgrep", "-f", f"srun --jobid={job} .*--nodelist={two[1]} "],
+                               capture_output=True, text=True).stdout.split()
+        assert sruns
+        os.kill(int(sruns[0]), signal.SIGKILL)     # the first is the client; its helper child follows
+        _, err = p.communicate(timeout=90)
+        assert p.returncode == 1, err
+        assert f"clusterrun: node {two[1]} (node_rank 1) was lost: its srun step ended" in err, err
+        deadline = time.monotonic() + 20
+        while slurm.steps(job) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert slurm.steps(job) == []
+    finally:
+        slurm.cancel(job)

@@ -100,6 +100,7 @@ class RemoteJob:
         self.stopped = False
         self.detached = False
         self.reconnects = 0
+        self.started = False            # the agent said its job started
         self.gate: Any = None           # preflight.Gate: probe, then start only if all nodes can
         self._agent: Process | None = None      # the streaming agent, while there is one
         self._kill_reports: queue.Queue[dict[str, Any] | None] = queue.Queue()
@@ -201,6 +202,7 @@ class RemoteJob:
                         self._stop_never_started()
                         return NodeResult(self.node, NodeState.NOT_STARTED)
                 elif name == Event.STARTED:
+                    self.started = True
                     self.on_started(self.node, ev)
                     self._pass_stop_on(proc)
                 elif name == Event.KILLED:      # the answer to stop(): the stream goes on to the end
@@ -249,6 +251,11 @@ class RemoteJob:
             why = login_failure(self.node, code, proc.stderr_text(), login)
         else:
             why = proc.stderr_text().strip() or f"the node agent exited with code {code}"
+            if self.started and self.node.host.slurm_job:
+                # On Slurm the node's job lives in the step of this session (proctrack
+                # cgroup): the step ended, so did the job. Nothing to reconnect to.
+                return NodeResult(self.node, NodeState.LOST, code,
+                                  message=f"its srun step ended ({why}), and the node's job with it")
         return NodeResult(self.node, NodeState.FAILED_TO_START, code, message=why)
 
     def _say(self, text: str) -> None:

@@ -807,6 +807,125 @@ def test_cr006_not_reported(lines):
     assert lint_source(source) == []
 
 
+# -- CR007: ranks from Slurm's task variables under torchrun -------------------------------
+
+def test_cr007_slurm_task_variables_used_as_ranks():
+    findings = check("""
+        rank = int(os.environ["SLURM_PROCID"])  # expect: CR007
+        world_size = int(os.environ.get("SLURM_NTASKS", 1))  # expect: CR007
+        dist.init_process_group("nccl", rank=rank, world_size=world_size)
+        torch.cuda.set_device(int(os.getenv("SLURM_LOCALID")))  # expect: CR007
+        node = int(os.environ["SLURM_NODEID"])  # expect: CR007
+        sampler = DistributedSampler(ds, num_replicas=nodes, rank=node, shuffle=False)
+        os.environ["RANK"] = os.environ["SLURM_PROCID"]  # expect: CR007
+        os.environ["WORLD_SIZE"] = str(int(os.environ["SLURM_NNODES"]))  # expect: CR007
+        x = torch.zeros(3, device=f"cuda:{os.environ['SLURM_LOCALID']}")  # expect: CR007
+        self.local_rank = int(os.environ["SLURM_LOCALID"])  # expect: CR007
+        cfg.node_rank = int(os.environ["SLURM_NODEID"])  # expect: CR007
+        setup(world_size=int(os.environ["SLURM_NTASKS"]))  # expect: CR007
+    """)
+    assert {f.severity for f in findings} == {"warning"}
+    f = findings[0]
+    assert (f.line, f.col) == (7, 12)
+    assert f.message == (
+        "os.environ['SLURM_PROCID'] takes Slurm's SLURM_PROCID as the global rank in "
+        "rank = int(os.environ['SLURM_PROCID']); under torchrun SLURM_PROCID numbers srun's "
+        "tasks, not torchrun's processes: every process torchrun starts on a node reads the "
+        "same value (0 on every node when clusterrun runs on Slurm, unset over SSH)")
+    assert f.fix == ("use the global rank torchrun sets: int(os.environ['RANK']), or "
+                     "dist.get_rank() once the process group is up")
+    assert "as a CUDA device index in torch.cuda.set_device(" in findings[2].message
+    assert findings[2].fix == "use the local rank torchrun sets: int(os.environ['LOCAL_RANK'])"
+    # One finding per read, naming its first use as a rank, on another line here.
+    assert "as the global rank in DistributedSampler(ds, num_replicas=nodes, rank=node, " \
+        "shuffle=False) (line 12)" in findings[3].message
+    assert "SLURM_NODEID is the node's index in its srun step" in findings[3].message
+    assert findings[5].message.startswith(
+        "os.environ['SLURM_NNODES'] takes Slurm's SLURM_NNODES as the world size in "
+        "os.environ['WORLD_SIZE'] = str(int(os.environ['SLURM_NNODES']))")
+    assert findings[8].fix.startswith("use the node rank torchrun sets: int(os.environ['GROUP_RANK'])")
+
+
+def test_cr007_through_variables_and_functions_of_the_file():
+    findings = check("""
+        def setup(r, n):
+            dist.init_process_group("nccl", rank=r, world_size=n)
+
+
+        def main():
+            proc = int(os.environ["SLURM_PROCID"])  # expect: CR007
+            ntasks = int(os.environ["SLURM_NTASKS"])  # expect: CR007
+            lid = int(os.environ["SLURM_LOCALID"])  # expect: CR007
+            model = DDP(build().to(lid), device_ids=[lid])
+            setup(proc, ntasks)
+    """)
+    assert "in dist.init_process_group('nccl', rank=r, world_size=n) (line 8)" in findings[0].message
+    assert "as a CUDA device index in DDP(build().to(lid), device_ids=[lid]) (line 15)" \
+        in findings[2].message
+
+
+def test_cr007_not_reported_for_a_fallback_logging_or_a_chosen_slurm_launcher():
+    # RANK first, Slurm's only when torchrun's is absent: harmless under torchrun.
+    check("""
+        import logging
+        rank = int(os.environ.get("RANK", os.environ.get("SLURM_PROCID", 0)))
+        local_rank = int(os.getenv("LOCAL_RANK", os.getenv("SLURM_LOCALID", "0")))
+        if "RANK" in os.environ:
+            world_size = int(os.environ["WORLD_SIZE"])
+        else:
+            world_size = int(os.environ["SLURM_NTASKS"])
+        if not dist.is_torchelastic_launched():
+            dist.init_process_group("nccl", rank=int(os.environ["SLURM_PROCID"]))
+        try:
+            node_rank = int(os.environ["GROUP_RANK"])
+        except KeyError:
+            node_rank = int(os.environ["SLURM_NODEID"])
+        os.environ.setdefault("RANK", os.environ["SLURM_PROCID"])
+        job = os.environ["SLURM_JOB_ID"]
+        task = int(os.environ["SLURM_PROCID"])
+        print(f"rank {os.environ['SLURM_PROCID']} of job {job}")
+        logging.info("slurm task %s", os.environ.get("SLURM_PROCID"))
+        logging.info("on", rank=os.environ.get("SLURM_PROCID"))
+        torch.cuda.set_device(local_rank)
+
+
+        def get_rank():
+            if "RANK" in os.environ:
+                return int(os.environ["RANK"])
+            rank = int(os.environ["SLURM_PROCID"])
+            return rank
+
+
+        def init_dist(launcher):
+            if launcher == "slurm":
+                os.environ["RANK"] = os.environ["SLURM_PROCID"]
+            dist.init_process_group("nccl")
+
+
+        def _init_dist_slurm():
+            os.environ["LOCAL_RANK"] = str(int(os.environ["SLURM_LOCALID"]))
+
+
+        class SLURMEnvironment:
+            def global_rank(self):
+                return int(os.environ["SLURM_PROCID"])
+
+            def set_up(self):
+                self.rank = int(os.environ["SLURM_PROCID"])
+    """)
+
+
+def test_cr007_an_if_on_slurms_own_variable_is_no_fallback():
+    # Under `srun torchrun` SLURM_PROCID is set, so this branch is the one taken.
+    check("""
+        if "SLURM_PROCID" in os.environ:
+            rank = int(os.environ["SLURM_PROCID"])  # expect: CR007
+        else:
+            rank = int(os.environ["RANK"])
+        rank = int(os.environ.get("SLURM_PROCID", os.environ.get("RANK", 0)))  # expect: CR007
+    """)
+
+
 # -- CR000, output, the command ---------------------------------------------------------
 
 def test_syntax_error_is_a_finding_not_an_exception(tmp_path):

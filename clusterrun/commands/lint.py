@@ -1,7 +1,7 @@
 """`clusterrun lint SCRIPT...`: print what scriptlint finds in training scripts, a
 summary line, and exit 1 if any finding is an error.
 
-The checks themselves (rank / local-rank mistakes, CR000-CR006) are
+The checks themselves (rank / local-rank mistakes, CR000-CR007) are
 clusterrun/scriptlint/; see docs/lint.md.
 """
 

@@ -4,7 +4,7 @@ never imported). See docs/lint.md for the checks.
 
 - scope.py    what names mean where: imports, aliases, scopes, assignments
 - values.py   what a value is known to hold: the global rank, the local rank, ...
-- rules.py    the CR001-CR006 checks over those
+- rules.py    the CR001-CR007 checks over those
 - findings.py a finding and its text
 
 CR000 is this module's: a file that cannot be read or parsed is one finding, never

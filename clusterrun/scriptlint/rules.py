@@ -12,6 +12,9 @@
                  never called, so every process of a node uses cuda:0
 - CR006 error    torch.distributed.launch's ``--local_rank`` argument used as the
                  device: torchrun does not pass it, so it keeps its default
+- CR007 warning  a rank, size or device taken from Slurm's task variables
+                 (SLURM_PROCID, SLURM_LOCALID, SLURM_NTASKS, ...): under torchrun
+                 they describe the srun task, the same for every process of a node
 
 (CR000, a file that cannot be read or parsed, is the package's: see __init__.)
 """
@@ -101,6 +104,7 @@ def check(tree: ast.Module, path: str) -> list[Finding]:
     check_device_strings(s, reported_strings, argv_devices)
     check_object_collectives(s)
     check_launch_argument(s, argv_devices)
+    check_slurm_ranks(s)
     return sorted(set(s.findings), key=lambda f: (f.line, f.col, f.code, f.message))
 
 
@@ -604,3 +608,190 @@ def _env_default(a: ast.Call) -> str:
         return show(new)
     flags = ", ".join(show(x) for x in a.args)
     return f"{show(a.func)}({flags}, ..., default={_LOCAL_RANK_DEFAULT})"
+
+
+# CR007 ----------------------------------------------------------------------------------
+
+# What each Slurm variable is in a process that torchrun started (clusterrun starts
+# every node's torchrun as a one-task srun step of its own: transports/srun.py).
+_SLURM_IS = {
+    "SLURM_PROCID": "numbers srun's tasks, not torchrun's processes: every process "
+                    "torchrun starts on a node reads the same value (0 on every node when "
+                    "clusterrun runs on Slurm, unset over SSH)",
+    "SLURM_NODEID": "is the node's index in its srun step, the same in every process of a "
+                    "node (0 on every node when clusterrun runs on Slurm: each node is a "
+                    "step of its own)",
+    "SLURM_LOCALID": "numbers srun's tasks on a node, not torchrun's processes: every "
+                     "process torchrun starts on a node reads the same value (0)",
+    "SLURM_NTASKS": "counts srun's tasks, not torchrun's processes (1 when clusterrun "
+                    "runs on Slurm)",
+    "SLURM_NNODES": "counts the nodes of the srun step, not torchrun's processes (1 when "
+                    "clusterrun runs on Slurm)",
+    "SLURM_JOB_NUM_NODES": "counts the allocation's nodes, not torchrun's processes",
+    "SLURM_NTASKS_PER_NODE": "counts srun's tasks per node, not torchrun's processes",
+}
+_SLURM_IS["SLURM_NPROCS"] = _SLURM_IS["SLURM_STEP_NUM_TASKS"] = _SLURM_IS["SLURM_NTASKS"]
+_SLURM_IS["SLURM_STEP_NUM_NODES"] = _SLURM_IS["SLURM_NNODES"]
+
+# The roles a value can be used in, and what torchrun sets for each.
+_GLOBAL_RANK, _WORLD_SIZE, _LOCAL_RANK = "global rank", "world size", "local rank"
+_NODE_RANK, _LOCAL_WS, _DEVICE = "node rank", "local world size", "CUDA device index"
+_ROLE_FIX = {
+    _GLOBAL_RANK: "use the global rank torchrun sets: int(os.environ['RANK']), or "
+                  "dist.get_rank() once the process group is up",
+    _WORLD_SIZE: "use the world size torchrun sets: int(os.environ['WORLD_SIZE']), or "
+                 "dist.get_world_size() once the process group is up",
+    _LOCAL_RANK: "use the local rank torchrun sets: int(os.environ['LOCAL_RANK'])",
+    _DEVICE: "use the local rank torchrun sets: int(os.environ['LOCAL_RANK'])",
+    _NODE_RANK: "use the node rank torchrun sets: int(os.environ['GROUP_RANK']) (or the "
+                "global rank itself: int(os.environ['RANK']))",
+    _LOCAL_WS: "use the number of processes torchrun starts per node: "
+               "int(os.environ['LOCAL_WORLD_SIZE'])",
+}
+# A variable, attribute or keyword with one of these names holds that role.
+_NAME_ROLES = {
+    "rank": _GLOBAL_RANK, "global_rank": _GLOBAL_RANK, "world_rank": _GLOBAL_RANK,
+    "world_size": _WORLD_SIZE, "local_rank": _LOCAL_RANK, "node_rank": _NODE_RANK,
+    "group_rank": _NODE_RANK, "machine_rank": _NODE_RANK, "local_world_size": _LOCAL_WS,
+}
+# An environment variable a script sets for torch.distributed to read.
+_ENV_ROLES = {"RANK": _GLOBAL_RANK, "WORLD_SIZE": _WORLD_SIZE, "LOCAL_RANK": _LOCAL_RANK,
+              "GROUP_RANK": _NODE_RANK, "NODE_RANK": _NODE_RANK, "LOCAL_WORLD_SIZE": _LOCAL_WS}
+
+
+class RankUse(NamedTuple):
+    """A value a script uses as a rank or a size: where, and as what."""
+
+    value: ast.expr
+    role: str
+    where: ast.stmt | ast.expr      # the call or assignment the message names
+
+
+def _role_of_name(name: str | None) -> str | None:
+    return _NAME_ROLES.get(name.rsplit(".", 1)[-1].lstrip("_").lower()) if name else None
+
+
+def _unstr(node: ast.expr, s: Script) -> ast.expr:
+    """``str(X)`` -> X: what a script writes into os.environ."""
+    if isinstance(node, ast.Call) and s.names.call_qual(node) == "str" \
+            and len(node.args) == 1 and not node.keywords:
+        return node.args[0]
+    return node
+
+
+def rank_uses(s: Script) -> list[RankUse]:
+    """Every place the script uses a value as a rank, a size or a device index."""
+    uses: list[RankUse] = []
+    for node in s.names.nodes:
+        if isinstance(node, ast.Call):
+            uses += _call_rank_uses(s, node)
+        elif isinstance(node, (ast.Assign, ast.AnnAssign)) and node.value is not None:
+            targets = node.targets if isinstance(node, ast.Assign) else [node.target]
+            for t in targets:
+                role = _role_of_name(key(t))
+                if role is None and isinstance(t, ast.Subscript) and s.values.is_environ(t.value) \
+                        and isinstance(t.slice, ast.Constant):
+                    role = _ENV_ROLES.get(str(t.slice.value))
+                if role is not None:
+                    uses.append(RankUse(_unstr(node.value, s), role, node))
+        elif isinstance(node, (ast.JoinedStr, ast.BinOp)) and not _is_printed(s, node):
+            index = device_index(s, node)           # device = f"cuda:{X}"
+            if index is not None:
+                uses.append(RankUse(index, _DEVICE, node))
+    return uses
+
+
+def _call_rank_uses(s: Script, call: ast.Call) -> list[RankUse]:
+    uses: list[RankUse] = []
+    q = s.names.call_qual(call)
+    if q == _INIT_PG or _sampler_qual(s, call):
+        params = _INIT_PG_PARAMS if q == _INIT_PG else _SAMPLER_PARAMS
+        for name, role in (("rank", _GLOBAL_RANK), ("world_size", _WORLD_SIZE),
+                           ("num_replicas", _WORLD_SIZE)):
+            value = _sampler_arg(call, params.index(name), name) if name in params else None
+            if value is not None:
+                uses.append(RankUse(value, role, call))
+    elif not _is_printed_call(call):
+        uses += [RankUse(k.value, named, call) for k in call.keywords
+                 if (named := _role_of_name(k.arg)) is not None]
+    for expr, _ in _device_arguments(s, call):
+        uses.append(RankUse(device_index(s, expr) or expr, _DEVICE, call))
+    return uses
+
+
+def _is_printed_call(call: ast.Call) -> bool:
+    name = call.func.attr if isinstance(call.func, ast.Attribute) else key(call.func)
+    return name in ("print", "debug", "info", "warning", "warn", "error", "critical",
+                    "exception", "log", "write", "format")
+
+
+def check_slurm_ranks(s: Script) -> None:
+    """CR007: a rank, size or device taken from Slurm's task variables, which under
+    torchrun describe the srun task, not the process. One finding per read."""
+    first: dict[int, tuple[RankUse, Origin]] = {}
+    for use in sorted(rank_uses(s), key=lambda u: (u.where.lineno, u.where.col_offset)):
+        o = s.origin(use.value, s.names.scope_at(use.where))
+        if o is None or o.read is None or id(o.read) in first:
+            continue
+        if _slurm_fallback(s, o.read) or _slurm_fallback(s, use.where):
+            continue
+        first[id(o.read)] = (use, o)
+    for use, o in first.values():
+        read, var = o.read, o.kind
+        assert read is not None
+        where = use.where
+        shown = f"{show(where.targets[0])} = {show(where.value)}" \
+            if isinstance(where, ast.Assign) and len(where.targets) == 1 else \
+            f"{show(where.target)} = {show(where.value)}" \
+            if isinstance(where, ast.AnnAssign) and where.value is not None else short(where)
+        if len(shown) > SHOW_LIMIT and isinstance(where, (ast.Assign, ast.AnnAssign)):
+            shown = f"{shown[:SHOW_LIMIT]}..."
+        as_what = "a CUDA device index" if use.role == _DEVICE else f"the {use.role}"
+        line = f" (line {where.lineno})" if where.lineno != getattr(read, "lineno", 0) else ""
+        s.add(read, "CR007", WARNING,
+              f"{show(read)} takes Slurm's {var} as {as_what} in {shown}{line}; under "
+              f"torchrun {var} {_SLURM_IS[var]}",
+              _ROLE_FIX[use.role])
+
+
+def _mentions_torchrun(s: Script, test: ast.AST) -> bool:
+    for n in ast.walk(test):
+        if (isinstance(n, ast.Constant) and n.value in _TORCHRUN_ENV) \
+                or (isinstance(n, (ast.Attribute, ast.Name))
+                    and s.names.qual(n) == DIST + "is_torchelastic_launched"):
+            return True
+    return False
+
+
+def _chooses_slurm(test: ast.AST) -> bool:
+    """``launcher == "slurm"``: a branch the user picks for a Slurm launcher."""
+    return any(isinstance(n, ast.Constant) and isinstance(n.value, str)
+               and n.value.lower() == "slurm" for n in ast.walk(test))
+
+
+def _slurm_fallback(s: Script, node: ast.AST) -> bool:
+    """Code that runs only without torchrun, or that is written for a Slurm launcher
+    on purpose: inside an `if` on torchrun's environment (or on "slurm"), after an
+    `if` on torchrun's environment that returns, in the `except` of a `try` reading
+    it, or in a function or class whose name says slurm."""
+    child, p = node, s.names.parent.get(id(node))
+    while p is not None:
+        if isinstance(p, (ast.If, ast.IfExp)) and child is not p.test \
+                and (_mentions_torchrun(s, p.test) or _chooses_slurm(p.test)):
+            return True
+        if isinstance(p, ast.ExceptHandler):
+            t = s.names.parent.get(id(p))
+            if isinstance(t, ast.Try) and any(_mentions_torchrun(s, b) for b in t.body):
+                return True
+        if isinstance(p, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)) \
+                and "slurm" in p.name.lower():
+            return True
+        for field in ("body", "orelse", "finalbody"):
+            block = getattr(p, field, None)
+            if isinstance(block, list) and child in block:
+                for before in block[:block.index(child)]:
+                    if isinstance(before, ast.If) and _mentions_torchrun(s, before.test) \
+                            and before.body and isinstance(before.body[-1], (ast.Return, ast.Raise)):
+                        return True
+        child, p = p, s.names.parent.get(id(p))
+    return False

@@ -1,5 +1,6 @@
 """What a value in a script is known to hold: the global rank, the local rank, the
-local world size, or an int literal, and where that was seen (for the message).
+local world size, an int literal, or one of Slurm's task variables (SLURM_PROCID, ...),
+and where that was seen (for the message).
 
 Precision comes first: a value counts only when its origin is visible in the file
 (``dist.get_rank()``, ``os.environ["RANK"]``, a variable assigned only from those in
@@ -21,6 +22,13 @@ LOCAL_WS = "local world size"
 INT = "int literal"
 
 _ENV_KINDS = {"RANK": GLOBAL, "LOCAL_RANK": LOCAL, "LOCAL_WORLD_SIZE": LOCAL_WS}
+# Slurm's numbers of an srun task (CR007): each read is a kind of its own, the
+# variable's name, and remembers where it was read (CR007 reports it there).
+SLURM_TASK_VARS = frozenset({
+    "SLURM_PROCID", "SLURM_NODEID", "SLURM_LOCALID", "SLURM_NTASKS", "SLURM_NPROCS",
+    "SLURM_STEP_NUM_TASKS", "SLURM_NNODES", "SLURM_STEP_NUM_NODES", "SLURM_JOB_NUM_NODES",
+    "SLURM_NTASKS_PER_NODE",
+})
 DIST = "torch.distributed."
 LOCAL_RANK_EXPR = "int(os.environ['LOCAL_RANK'])"
 
@@ -35,6 +43,7 @@ class Origin:
     via_variable: bool   # True: reached through a variable (name the assignment)
     value: int | None = None   # for INT
     argv: str | None = None    # read from a --local_rank argument: "args.local_rank"
+    read: ast.AST | None = None    # a Slurm variable's read (SLURM_TASK_VARS kinds)
 
 
 def launch_local_rank(names: Names) -> ast.Call | None:
@@ -123,6 +132,8 @@ class Values:
         env = self.env_name(node)
         if env in _ENV_KINDS:
             return Origin(_ENV_KINDS[env], show(node), line, False)
+        if env in SLURM_TASK_VARS:
+            return Origin(env, show(node), line, False, read=node)
         if isinstance(node, ast.Call):
             return self._call_origin(node, scope, line)
         name = key(node)
@@ -153,7 +164,8 @@ class Values:
                 and not self.names.lookup("int", self.names.scope_of.get(id(node), scope)):
             inner = self.origin(node.args[0], scope)
             if inner is not None and inner.kind != INT:
-                return inner if inner.via_variable else Origin(inner.kind, show(node), line, False)
+                return inner if inner.via_variable \
+                    else Origin(inner.kind, show(node), line, False, read=inner.read)
         return None
 
     def variable_origin(self, name: str, node: ast.AST | None, scope: Scope) -> Origin | None:
@@ -184,7 +196,7 @@ class Values:
         source = kinds[0].source if first.value is None else \
             f"{name} = {show(first.value)}, line {first.line}"
         argv = kinds[0].argv if all(o.argv for o in kinds) else None
-        return Origin(kinds[0].kind, source, first.line, True, kinds[0].value, argv)
+        return Origin(kinds[0].kind, source, first.line, True, kinds[0].value, argv, kinds[0].read)
 
     def _param_origin(self, b: Binding, name: str) -> Origin | None:
         """A parameter's value, when every call of its function is in this file and
@@ -214,7 +226,7 @@ class Values:
         source = f"{name} from {short(call)}, line {call.lineno}" \
             + (f"; {o.source}" if o.via_variable else "")
         argv = o.argv if all(x.argv for x in origins) else None
-        return Origin(o.kind, source, call.lineno, True, o.value, argv)
+        return Origin(o.kind, source, call.lineno, True, o.value, argv, o.read)
 
     def _calls_of(self, func: ast.FunctionDef | ast.AsyncFunctionDef) -> list[ast.Call]:
         """Every call of `func` in this file; none when its name is used any other

@@ -105,7 +105,7 @@ def test_stacks_as_a_user_who_may_not_ptrace_and_without_py_spy(cluster, tmp_pat
 def test_a_hang_timeout_with_on_hang_kill_ends_the_run_saying_who_was_stuck(cluster, tmp_path):
     script = write(tmp_path / "hang.py", HANG)
     hosts = hosts_file(tmp_path, cluster.names[:2], nproc_per_node=2)
-    r = up(cluster, tmp_path, "--hang-timeout", "20s", "--on-hang", "kill", str(hosts), str(script),
+    r = up(cluster, tmp_path, "--hang-timeout", "15s", "--on-hang", "kill", str(hosts), str(script),
            str(tmp_path / "never"))
     assert r.returncode == 1, r.stdout + r.stderr
     n2 = cluster.names[1]

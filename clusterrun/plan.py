@@ -75,6 +75,11 @@ class Plan:
         """Every node's process count is known (a dry run's plan may lack GPU counts)."""
         return not any(n.gpu_count_pending for n in self.nodes)
 
+    @property
+    def slurm_job(self) -> str | None:
+        """The Slurm job whose steps run the nodes' parts (None: not a run on Slurm)."""
+        return next((n.host.slurm_job for n in self.nodes if n.host.slurm_job), None)
+
 
 def plan_from_dict(d: dict) -> Plan:
     """Rebuild a Plan from its JSON form (plan.json in the run's directory)."""

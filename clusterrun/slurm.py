@@ -5,7 +5,8 @@ the nodes are `scontrol show hostnames $SLURM_JOB_NODELIST`, in that order, and 
 node's node_rank is its position there. Each node's address (MASTER_ADDR for node 0)
 is its NodeAddr from `scontrol show node`: the controller may not resolve node names.
 hostsfile.allocation_hosts makes them Hosts on the srun transport (their sessions are
-steps of that job). Submitting an allocation (sbatch) is not built yet.
+steps of that job). job_states tells `status` and `ps` the state of a run's job. Submitting
+an allocation (sbatch) is not built yet.
 """
 
 from __future__ import annotations
@@ -76,4 +77,99 @@ def _scontrol(*args: str) -> str:
     if out.returncode != 0:
         why = (out.stderr.strip().splitlines() or [f"exit code {out.returncode}"])[-1]
         raise UsageError(f"`{shlex.join(argv)}` failed: {why}")
+    return out.stdout
+
+
+# --- the state of a run's Slurm job, for `status` and `ps` ---
+
+_QUERY_TIMEOUT = 10.0       # status must answer even when slurmctld is slow
+
+
+@dataclass(frozen=True)
+class JobState:
+    """A Slurm job's state as Slurm tells it now, next to the run's own state.
+
+    `state` is Slurm's word (PENDING, RUNNING, COMPLETED, CANCELLED, ...), from
+    `squeue`, else from `scontrol show job` (which keeps an ended job MinJobAge,
+    300 s by default); None when neither knows it, `why` then says so. `reason`
+    is Slurm's reason for a job not running (Resources, Priority, ...), if any.
+    """
+
+    job: str
+    state: str | None
+    reason: str = ""
+    why: str = ""
+
+    def text(self) -> str:
+        if self.state is None:
+            return f"slurm job {self.job}: {self.why}"
+        return f"slurm job {self.job}: {self.state}" + (f" ({self.reason})" if self.reason else "")
+
+    def to_json(self) -> dict[str, str | None]:
+        return {"job": self.job, "state": self.state, "reason": self.reason, "why": self.why}
+
+
+def job_states(jobs: list[str]) -> dict[str, JobState]:
+    """The state of each job: one `squeue` for all, `scontrol show job` for those it no
+    longer lists. Never raises: what cannot be learnt is said in `why`."""
+    wanted = list(dict.fromkeys(jobs))
+    if not wanted:
+        return {}
+    found: dict[str, JobState] = {}
+    squeue = shutil.which("squeue")
+    if squeue is None:
+        return {j: JobState(j, None, why="state not known here: no squeue on PATH") for j in wanted}
+    # %i|%T|%r: id, state, reason. A single unknown id makes squeue fail ("Invalid job
+    # id specified"); then each job is asked of scontrol.
+    out = _query([squeue, "--noheader", f"--jobs={','.join(wanted)}", "--format=%i|%T|%r"])
+    if isinstance(out, str):
+        for line in out.splitlines():
+            parts = line.strip().split("|")
+            if len(parts) == 3 and parts[0] in wanted:
+                found[parts[0]] = JobState(parts[0], parts[1], _reason(parts[2]))
+    for j in wanted:
+        if j not in found:
+            found[j] = _scontrol_state(j)
+    return found
+
+
+def _scontrol_state(job: str) -> JobState:
+    tool = shutil.which("scontrol")
+    if tool is None:
+        return JobState(job, None, why="state not known here: no scontrol on PATH")
+    out = _query([tool, "show", "job", "--oneliner", job])
+    if isinstance(out, str):
+        state = re.search(r"(?:^|\s)JobState=(\S+)", out)
+        reason = re.search(r"(?:^|\s)Reason=(\S+)", out)
+        if state:
+            return JobState(job, state.group(1), _reason(reason.group(1) if reason else ""))
+        return JobState(job, None, why="state not known: `scontrol show job` gave no JobState")
+    if "invalid job id" in out.message.lower():
+        # Purged from slurmctld's memory (MinJobAge after its end); without accounting
+        # (sacct) nothing more can be learnt.
+        return JobState(job, None, why="no longer known to Slurm (it ended)")
+    return JobState(job, None, why=f"state not known: {out.message}")
+
+
+def _reason(reason: str) -> str:
+    return "" if reason in ("None", "(null)", "") else reason
+
+
+@dataclass(frozen=True)
+class _Failed:
+    message: str
+
+
+def _query(argv: list[str]) -> "str | _Failed":
+    """A Slurm client's stdout, or what went wrong, in one line."""
+    try:
+        out = subprocess.run(argv, stdin=subprocess.DEVNULL, capture_output=True, text=True,
+                             timeout=_QUERY_TIMEOUT)
+    except subprocess.TimeoutExpired:
+        return _Failed(f"`{shlex.join(argv)}` did not answer within {_QUERY_TIMEOUT:.0f}s")
+    except OSError as e:
+        return _Failed(f"`{shlex.join(argv)}`: {e}")
+    if out.returncode != 0:
+        why = (out.stderr.strip().splitlines() or [f"exit code {out.returncode}"])[-1]
+        return _Failed(f"`{os.path.basename(argv[0])}` failed: {why}")
     return out.stdout

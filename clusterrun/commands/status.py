@@ -11,11 +11,12 @@ from typing import Any, Mapping
 from ..run.controller import collect
 from ..options import WatchOptions
 from ..model import FINAL_STATES, NodeState, RankFailure, RunState
-from ..plan import NodePlan
+from ..plan import NodePlan, Plan
 from ..run.records import HangRecord, NodeRecord
 from ..run.runs import RunDir, list_run_ids, runs_root
 from ..run.results import describe_code, describe_ranks, plural
 from ..run.stream import Terminal
+from ..slurm import JobState, job_states
 
 
 def run_state(plan_nodes: int, states: Mapping[int, NodeRecord]) -> RunState:
@@ -76,12 +77,17 @@ class RunStatus:
     attempt: int
     max_restarts: int
     replaced: dict[str, str]
+    slurm: JobState | None = None       # a run on Slurm: its job, as Slurm tells it now
 
     def to_json(self) -> dict[str, Any]:
-        return {"run": self.run, "state": self.state.value, "hosts": self.hosts, "world_size": self.world_size,
-                "nodes": [n.to_json() for n in self.nodes],
-                "hang": self.hang.to_json() if self.hang else None, "attempt": self.attempt,
-                "max_restarts": self.max_restarts, "replaced": dict(self.replaced)}
+        data: dict[str, Any] = {
+            "run": self.run, "state": self.state.value, "hosts": self.hosts, "world_size": self.world_size,
+            "nodes": [n.to_json() for n in self.nodes],
+            "hang": self.hang.to_json() if self.hang else None, "attempt": self.attempt,
+            "max_restarts": self.max_restarts, "replaced": dict(self.replaced)}
+        if self.slurm is not None:      # only then: other runs' JSON stays as it was
+            data["slurm"] = self.slurm.to_json()
+        return data
 
 
 def status_of(run: RunDir, opts: WatchOptions) -> RunStatus:
@@ -94,9 +100,10 @@ def status_of(run: RunDir, opts: WatchOptions) -> RunStatus:
              for n in plan.nodes]
     records = run.attempts()
     last = records[-1] if records else None
+    job = plan.slurm_job
     return RunStatus(plan.run_id, run_state(len(plan.nodes), states), plan.hosts_path, plan.world_size,
                      nodes, run.hang(), plan.attempt, last.max_restarts if last else 0,
-                     last.replaced if last else {})
+                     last.replaced if last else {}, job_states([job])[job] if job else None)
 
 
 def attempt_text(attempt: int, max_restarts: int) -> str:
@@ -146,6 +153,8 @@ def status_lines(st: RunStatus) -> list[str]:
     replaced = "".join(f", {spare} in place of {lost}" for spare, lost in st.replaced.items())
     lines = [f"run {st.run}: {st.state} ({plural(len(st.nodes), 'node')}, {plural(st.world_size, 'rank')}, "
              f"{st.hosts}{', ' + attempt if attempt else ''}{replaced})"]
+    if st.slurm is not None:
+        lines.append(st.slurm.text())
     w = max(4, *(len(n.node) for n in st.nodes))
     lines.append(f"{'node':<{w}}  node_rank  ranks      state")
     for n in st.nodes:
@@ -164,11 +173,23 @@ def ps() -> int:
     if not ids:
         print(f"no runs yet under {runs_root()}")
         return 0
-    print(f"{'run':<22}  {'state':<14}  nodes  ranks  script")
+    rows: list[tuple[str, RunDir, Plan | None]] = []
     for run_id in ids:
         run = RunDir(runs_root() / run_id)
         try:
-            plan, states, records = run.plan(), run.node_states(), run.attempts()
+            rows.append((run_id, run, run.plan()))
+        except Exception:  # noqa: BLE001 - a damaged run must not hide the others
+            rows.append((run_id, run, None))
+    # A column for the Slurm job only where a run is on Slurm: other listings stay as they were.
+    jobs = job_states([j for _, _, p in rows if p is not None and (j := p.slurm_job)])
+    slurm_w = max([len("slurm job")] + [len(_slurm_cell(s)) for s in jobs.values()])
+    slurm_head = f"{'slurm job':<{slurm_w}}  " if jobs else ""
+    print(f"{'run':<22}  {'state':<14}  nodes  ranks  {slurm_head}script")
+    for run_id, run, plan in rows:
+        try:
+            if plan is None:
+                raise ValueError(f"run {run_id}: no readable plan")
+            states, records = run.node_states(), run.attempts()
         except Exception:  # noqa: BLE001 - a damaged run must not hide the others
             print(f"{run_id:<22}  {'unreadable':<14}")
             continue
@@ -183,5 +204,14 @@ def ps() -> int:
             label += " " + attempt_text(plan.attempt, records[-1].max_restarts).split()[1]
         argv = plan.nodes[0].argv
         script = argv[argv.index("-u") + 1:]      # the entry: python -u SCRIPT ARGS
-        print(f"{run_id:<22}  {label:<14}  {len(plan.nodes):>5}  {plan.world_size:>5}  {' '.join(script)}")
+        job = plan.slurm_job
+        cell = f"{_slurm_cell(jobs[job]) if job else '':<{slurm_w}}  " if jobs else ""
+        print(f"{run_id:<22}  {label:<14}  {len(plan.nodes):>5}  {plan.world_size:>5}  {cell}{' '.join(script)}")
     return 0
+
+
+def _slurm_cell(st: JobState) -> str:
+    """ps's `slurm job` column: `14 RUNNING`, `14 PENDING (Resources)`, or `14 ?` when Slurm cannot tell."""
+    if st.state is None:
+        return f"{st.job} ?"
+    return f"{st.job} {st.state}" + (f" ({st.reason})" if st.reason else "")

@@ -85,6 +85,12 @@ def _scontrol(*args: str) -> str:
 _QUERY_TIMEOUT = 10.0       # status must answer even when slurmctld is slow
 
 
+# Slurm's words for a job that has ended (squeue's %T, scontrol's JobState).
+ENDED = frozenset(("COMPLETED", "CANCELLED", "FAILED", "TIMEOUT", "NODE_FAIL", "PREEMPTED", "BOOT_FAIL",
+                   "DEADLINE", "OUT_OF_MEMORY"))
+FORGOTTEN = "no longer known to Slurm (it ended)"
+
+
 @dataclass(frozen=True)
 class JobState:
     """A Slurm job's state as Slurm tells it now, next to the run's own state.
@@ -99,6 +105,11 @@ class JobState:
     state: str | None
     reason: str = ""
     why: str = ""
+
+    @property
+    def ended(self) -> bool:
+        """Slurm says the job has ended (and every step of it, with every process in them)."""
+        return self.state in ENDED or (self.state is None and self.why == FORGOTTEN)
 
     def text(self) -> str:
         if self.state is None:
@@ -147,7 +158,7 @@ def _scontrol_state(job: str) -> JobState:
     if "invalid job id" in out.message.lower():
         # Purged from slurmctld's memory (MinJobAge after its end); without accounting
         # (sacct) nothing more can be learnt.
-        return JobState(job, None, why="no longer known to Slurm (it ended)")
+        return JobState(job, None, why=FORGOTTEN)
     return JobState(job, None, why=f"state not known: {out.message}")
 
 

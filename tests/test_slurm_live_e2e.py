@@ -196,3 +196,53 @@ def test_kill_of_a_live_slurm_run_stops_every_rank_and_leaves_the_allocation(slu
             up.stop()
         if job is not None:
             slurm.cancel(job)
+
+
+def test_with_its_up_gone_kill_uses_steps_of_its_own_and_a_cancelled_job_is_said(slurm, two, tmp_path):
+    """`up` SIGKILLed: its srun clients live on (a session of their own), and so do the
+    steps and the ranks. kill then starts --overlap steps of its own: TERM, grace, KILL.
+    A second run whose allocation is then cancelled: status names the nodes lost and the
+    job CANCELLED; kill says the job has ended, so nothing can be left."""
+    script = write(tmp_path / "sleeper.py", SLEEPER)
+    job, up = None, None
+    outside = _env(tmp_path)
+    try:
+        job, up, inside, run_id = start(slurm, two, tmp_path, script, salloc=(), nproc=1)
+        os.kill(up.p.pid, signal.SIGKILL)
+        up.end()
+        assert len(slurm.steps(job)) == 2       # the run's steps outlive its up
+        ps = cr(outside, "ps").stdout
+        assert re.search(rf"^{run_id}\s+running\?\s+2\s+2\s+{job} RUNNING ", ps, re.M), ps
+        k = cr(outside, "kill", "--grace", "5", run_id)
+        assert k.returncode == 0, k.stderr
+        assert f"clusterrun: killed run {run_id}: nothing of it is left on its nodes" in k.stderr, k.stderr
+        logs = cr(outside, "logs", run_id).stdout.splitlines()
+        assert all(f"[{n} g{g} l0] rank {g} got SIGTERM" in logs for n, g in zip(two, (0, 1))), logs
+        deadline = time.monotonic() + 20
+        while slurm.steps(job) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert slurm.steps(job) == []
+        assert [slurm.node_pids(n, "python3") + slurm.node_pids(n, "python") for n in two] == [[], []]
+        st = json.loads(cr(outside, "status", "--json", run_id).stdout)
+        assert st["state"] == "killed" and st["slurm"]["state"] == "RUNNING", st
+
+        up = Attached([*CLUSTERRUN, "up", "--nproc-per-node=1", "slurm", str(script)], inside, tmp_path)
+        up.wait_for(lambda: sum(l.split()[-2:-1] == ["up"] for l in up.out) == 2, "every rank up")
+        second = run_id_of("\n".join(up.err))
+        os.kill(up.p.pid, signal.SIGKILL)
+        up.end()
+        slurm.cancel(job)
+        st = json.loads(cr(outside, "status", "--json", second).stdout)
+        assert st["slurm"]["state"] == "CANCELLED", st
+        assert [n["state"] for n in st["nodes"]] == ["lost", "lost"], st
+        assert all(n["message"].startswith(f"no step of its Slurm job {job} could be started to reach it")
+                   for n in st["nodes"]), st
+        k = cr(outside, "kill", second)
+        assert k.returncode == 0, k.stderr
+        assert (f"clusterrun: run {second} has already ended, and its Slurm job {job} has ended (CANCELLED): "
+                "nothing of it can be left on its nodes") in k.stderr, k.stderr
+    finally:
+        if up is not None:
+            up.stop()
+        if job is not None:
+            slurm.cancel(job)

@@ -11,6 +11,7 @@ from ..model import NodeState
 from ..options import WatchOptions
 from ..run.runs import RunDir, list_run_ids, runs_root
 from ..run.stream import Terminal
+from ..slurm import job_states
 
 
 def kill(run_id: str | None, all_runs: bool, grace: float) -> int:
@@ -25,6 +26,11 @@ def kill(run_id: str | None, all_runs: bool, grace: float) -> int:
             lost = lost_nodes(run)
             if not lost:
                 term.message(f"clusterrun: run {run.run_id} has already ended")
+                continue
+            gone = slurm_job_ended(run)
+            if gone:
+                term.message(f"clusterrun: run {run.run_id} has already ended, and {gone}: nothing of it "
+                             "can be left on its nodes")
                 continue
             found = kill_leftovers(run, lost, grace)
             problems += found
@@ -75,6 +81,19 @@ def kill_run(run: RunDir, grace: float) -> list[str]:
     with lock:
         collect_with(run, plan, conns, Terminal(), opts.quiet())   # closes the connections
     return problems
+
+
+def slurm_job_ended(run: RunDir) -> str:
+    """On Slurm, a lost node's job lived in a step of the run's Slurm job (proctrack
+    cgroup): once Slurm says that job ended, nothing of the run is left anywhere.
+    Says so (`its Slurm job 14 has ended (CANCELLED)`), else ''."""
+    job = run.plan().slurm_job
+    if job is None:
+        return ""
+    st = job_states([job])[job]
+    if not st.ended:
+        return ""
+    return f"its Slurm job {job} has ended ({st.state or 'Slurm no longer knows it'})"
 
 
 def lost_nodes(run: RunDir) -> list[str]:

@@ -101,6 +101,7 @@ class RemoteJob:
         self.detached = False
         self.reconnects = 0
         self.started = False            # the agent said its job started
+        self.attaching = False          # this run() follows a job started earlier (a collector's)
         self.gate: Any = None           # preflight.Gate: probe, then start only if all nodes can
         self._agent: Process | None = None      # the streaming agent, while there is one
         self._kill_reports: queue.Queue[dict[str, Any] | None] = queue.Queue()
@@ -116,6 +117,7 @@ class RemoteJob:
         """Stream until the job ends (or, follow=False, until caught up: state running)."""
         spec: Spec = (start_spec(self.node, self.master_addr, None if self.gate is None else self.gate.spec(self.node))
                       if start else self._attach_spec(follow))
+        self.attaching = not start
         lost_since: float | None = None
         delay = 0.25
         while True:
@@ -249,9 +251,15 @@ class RemoteJob:
             if login:
                 self.output.login(login if login.endswith(b"\n") else login + b"\n")
             why = login_failure(self.node, code, proc.stderr_text(), login)
+            if self.attaching and self.node.host.slurm_job:
+                # The node's job was started earlier, in a step of this Slurm job; no new
+                # step starts (the job ended: "has expired", or slurmctld does not answer).
+                return NodeResult(self.node, NodeState.LOST, code,
+                                  message=f"no step of its Slurm job {self.node.host.slurm_job} could "
+                                          f"be started to reach it ({why})")
         else:
             why = proc.stderr_text().strip() or f"the node agent exited with code {code}"
-            if self.started and self.node.host.slurm_job:
+            if (self.started or self.attaching) and self.node.host.slurm_job:
                 # On Slurm the node's job lives in the step of this session (proctrack
                 # cgroup): the step ended, so did the job. Nothing to reconnect to.
                 return NodeResult(self.node, NodeState.LOST, code,

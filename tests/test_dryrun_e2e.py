@@ -7,6 +7,7 @@ transport, so each test runs once (pinned to one transport value, which they do 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -126,6 +127,18 @@ def test_pasted_dry_run_lines_run_the_job_by_hand(cluster, tmp_path):
             out, err = sh.communicate(timeout=180)
             assert sh.returncode == 0, out + err
             outputs.append(out)
+    except subprocess.TimeoutExpired:
+        # Say what every shell printed, and end what the hand-started torchruns left on the
+        # nodes: left running, it would fail every later test's "nothing left".
+        for sh in shells:
+            if sh.poll() is None:
+                os.killpg(sh.pid, signal.SIGKILL)
+        said = [sh.communicate() for sh in shells]
+        for name in cluster.names:
+            for pid in cluster.leftover_pids(name):
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+        raise AssertionError(f"a pasted line did not end within 180 s: {said}") from None
     finally:
         for sh in shells:
             if sh.poll() is None:

@@ -1,7 +1,9 @@
 """`up --dry-run`: the plan as text, with one line per node that a user can paste.
 
 Each node's line starts that node's share of the job by hand, in the terminal it is
-pasted into: `ssh -t TARGET 'CMD'` for a remote node, `( CMD )` for a localhost one.
+pasted into: `ssh -t TARGET 'CMD'` for a remote node, `( CMD )` for a localhost one,
+and on Slurm `srun --jobid=J ... --nodelist=NODE --overlap --pty ... sh CMD`, the step
+that `clusterrun up` starts there (slurm.py's srun_argv), with a terminal.
 CMD is what `clusterrun up` runs on the node, with the same ranks, environment,
 python and script, less clusterrun's own machinery (the node agent, the per-rank
 output files it streams from, the job directory and marker, the run id): torchrun
@@ -21,6 +23,7 @@ from .gpus import ORDER_VAR, VISIBLE_VAR, describe
 from .hostsfile import Host
 from .login import Login
 from .plan import MERGE_STDERR, JOB_MARKER_VAR, NodePlan, Plan, masked, quote_path
+from .slurm import srun_argv
 
 # make_plan needs a run id for the parts of a node's plan that only clusterrun's own
 # machinery uses (job directory, marker, --rdzv-id): none of them is printed.
@@ -36,30 +39,61 @@ PORT_PLACEHOLDER = "PORT"
 _CLUSTERRUN_ONLY = ("--rdzv-id=", "--log-dir=", "--redirects=")
 
 
-def render_plan(plan: Plan, *, port_auto: bool = False, start_dir: str | None = None) -> str:
+def render_plan(plan: Plan, *, port_auto: bool = False, start_dir: str | None = None,
+                spares: tuple[Host, ...] = ()) -> str:
     """The rank table, then every node's line to run it by hand.
 
-    port_auto: the plan's master port stands for `auto`; PORT is shown in its place."""
+    port_auto: the plan's master port stands for `auto`; PORT is shown in its place.
+    spares: the hosts that take a lost node's place; shown as spares, with no line."""
+    job = plan.slurm_job
     n_nodes = len(plan.nodes)
     port = "auto (a free port on node 0, picked at start)" if port_auto else str(plan.master_port)
-    w = max(4, *(len(n.name) for n in plan.nodes))
+    w = max(4, *(len(n.name) for n in plan.nodes), *(len(h.name) for h in spares))
     world = plan.world_size if plan.complete else "?"
+    where = f" of Slurm job {job}" if job else ""
+    spared = f" (and {len(spares)} spare{'s' if len(spares) != 1 else ''})" if spares else ""
     lines = [
-        f"{n_nodes} node{'s' if n_nodes != 1 else ''}, world size {world}, "
+        f"{n_nodes} node{'s' if n_nodes != 1 else ''}{where}{spared}, world size {world}, "
         f"MASTER_ADDR={plan.master_addr} MASTER_PORT={port}",
         "",
-        f"{'node':<{w}}  node_rank  nproc  global ranks  ssh target",
+        f"{'node':<{w}}  node_rank  nproc  global ranks  {'NodeAddr' if job else 'ssh target'}",
     ]
     for n in plan.nodes:
-        target = "(local, no ssh)" if n.host.is_local else n.host.host
+        target = n.host.addr if job else "(local, no ssh)" if n.host.is_local else n.host.host
         nproc = "?" if n.gpu_count_pending else n.nproc
         lines.append(f"{n.name:<{w}}  {n.node_rank:>9}  {nproc:>5}  {rank_text(plan, n):>12}  {target}")
+    for h in spares:
+        target = h.addr if job else "(local, no ssh)" if h.is_local else h.host
+        lines.append(f"{h.name:<{w}}  {'spare':>9}  {'':>5}  {'':>12}  {target}")
     lines += ["", *explanation(plan, port_auto)]
+    if job:
+        return "\n".join(lines + slurm_lines(plan, port_auto=port_auto, spares=spares))
     for n in plan.nodes:
-        ranks = f"global rank{'s' if n.nproc != 1 else ''} {rank_text(plan, n)}"
-        lines += ["", f"# node {n.node_rank} ({n.name}): {ranks}",
-                  node_line(plan, n, port_auto=port_auto, start_dir=start_dir)]
-    return "\n".join(lines)
+        lines += ["", node_heading(plan, n), node_line(plan, n, port_auto=port_auto, start_dir=start_dir)]
+    return "\n".join(lines + spare_lines(spares))
+
+
+def node_heading(plan: Plan, node: NodePlan) -> str:
+    """`# node 1 (gpu-b): global ranks 3-4`, the comment above a node's line."""
+    ranks = f"global rank{'s' if node.nproc != 1 else ''} {rank_text(plan, node)}"
+    return f"# node {node.node_rank} ({node.name}): {ranks}"
+
+
+def slurm_lines(plan: Plan, *, port_auto: bool = False, spares: tuple[Host, ...] = (),
+                job: str | None = None) -> list[str]:
+    """Per node of a plan on Slurm, a blank line, its heading and its srun line to run
+    its part by hand from a shell of the job (slurm_node_line); then one comment per
+    spare. job: the Slurm job the lines name, else the plan's."""
+    lines: list[str] = []
+    for n in plan.nodes:
+        lines += ["", node_heading(plan, n), slurm_node_line(plan, n, port_auto=port_auto, job=job)]
+    return lines + spare_lines(spares)
+
+
+def spare_lines(spares: tuple[Host, ...]) -> list[str]:
+    """A blank line, then a comment per spare: it has no line of its own."""
+    return ["", *(f"# spare {h.name}: no line: it runs nothing until it takes a lost node's place "
+                  "(clusterrun up, at a restart)" for h in spares)] if spares else []
 
 
 def rank_text(plan: Plan, node: NodePlan) -> str:
@@ -72,10 +106,27 @@ def rank_text(plan: Plan, node: NodePlan) -> str:
 def explanation(plan: Plan, port_auto: bool) -> list[str]:
     """The comment block between the table and the lines: how to use them, and what
     they leave out."""
-    text = [
-        "To run this job by hand, paste each line below into a terminal of its own on this",
-        "machine, all at about the same time: each starts one node's ranks with the same",
-        "environment and script as `clusterrun up`, and their output appears in that terminal.",
+    job = plan.slurm_job
+    if job:
+        text = [
+            f"To run this job by hand, paste each line below into a shell of Slurm job {job} (the",
+            "salloc or sbatch shell, or any shell whose srun reaches the job), each in a terminal of",
+            "its own, all at about the same time: each starts one node's ranks in a step of the job",
+            "on that node (--overlap: beside the steps already there; --pty: Ctrl-C typed in its",
+            "terminal reaches torchrun), with the same environment, workdir and script as",
+            "`clusterrun up`, and their output appears in that terminal. The step gets none of this",
+            "shell's environment but Slurm's SLURM_* variables (--export=NONE); its shell makes a",
+            "login's environment on the node (USER, HOME, PATH, your profile), as `clusterrun up` does.",
+            "`clusterrun up` first checks that each step gets at least nproc_per_node CPUs; by hand,",
+            "the ranks share the CPUs the step gets (see docs/slurm.md: --exclusive or -c).",
+        ]
+    else:
+        text = [
+            "To run this job by hand, paste each line below into a terminal of its own on this",
+            "machine, all at about the same time: each starts one node's ranks with the same",
+            "environment and script as `clusterrun up`, and their output appears in that terminal.",
+        ]
+    text += [
         "On the node, a line picks the interface that reaches MASTER_ADDR with `ip` (iproute2)",
         "for GLOO_SOCKET_IFNAME, NCCL_SOCKET_IFNAME and TP_SOCKET_IFNAME, unless already set.",
         "What `clusterrun up` adds to this: every line whole (here, ranks that share a terminal",
@@ -141,7 +192,8 @@ def _nodes_text(plan: Plan, nodes: list[NodePlan]) -> str:
 def node_line(plan: Plan, node: NodePlan, *, port_auto: bool = False, mask: bool = True,
               start_dir: str | None = None) -> str:
     """One line to paste into a terminal on the controller: `ssh -t TARGET 'CMD'`, or
-    `( CMD )` for a localhost node (a subshell: its `cd` and variables stay in it).
+    `( CMD )` for a localhost node (a subshell: its `cd` and variables stay in it), or
+    on Slurm the srun line of slurm_node_line.
 
     `-t`: the remote command gets a terminal, so Ctrl-C in this one reaches torchrun,
     and a closed terminal hangs it up. (Without a local terminal ssh warns and goes on.)
@@ -149,10 +201,27 @@ def node_line(plan: Plan, node: NodePlan, *, port_auto: bool = False, mask: bool
     start_dir: the directory `up` was started in, where a localhost node runs (or
     where its relative workdir is); its line cds there first, so that it runs the
     same in any terminal it is pasted into."""
+    if node.host.slurm_job:
+        return slurm_node_line(plan, node, port_auto=port_auto, mask=mask)
     cmd = node_command(plan, node, port_auto=port_auto, mask=mask)
     if node.host.is_local:
         return f"( {_start_dir_step(node, start_dir)}{cmd} )"
     return f"{ssh_argv_text(node.host, tty=True)} {shlex.quote(cmd)}"
+
+
+def slurm_node_line(plan: Plan, node: NodePlan, *, port_auto: bool = False, mask: bool = True,
+                    job: str | None = None) -> str:
+    """The srun line that runs a node of a plan on Slurm by hand, from a shell of its job
+    (`job`, else the node's): the step `clusterrun up` starts there (srun_argv: --overlap,
+    --export=NONE, a login's environment), running node_command, every word quoted once.
+
+    `--pty` for `--input=all`: the task gets a terminal, so Ctrl-C in this one reaches
+    torchrun (measured, Slurm 22.05: without it one Ctrl-C only makes srun print the
+    step's state). Without a local terminal srun says it disregards --pty, and goes on."""
+    job = job or node.host.slurm_job
+    assert job, f"{node.name} is not a node of a Slurm job"
+    cmd = node_command(plan, node, port_auto=port_auto, mask=mask)
+    return shlex.join(srun_argv(node.name, job, cmd, pty=True))
 
 
 def _start_dir_step(node: NodePlan, start_dir: str | None) -> str:

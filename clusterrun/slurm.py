@@ -5,8 +5,9 @@ the nodes are `scontrol show hostnames $SLURM_JOB_NODELIST`, in that order, and 
 node's node_rank is its position there. Each node's address (MASTER_ADDR for node 0)
 is its NodeAddr from `scontrol show node`: the controller may not resolve node names.
 hostsfile.allocation_hosts makes them Hosts on the srun transport (their sessions are
-steps of that job). job_states tells `status` and `ps` the state of a run's job. Submitting
-an allocation (sbatch) is not built yet.
+steps of that job). srun_argv is the line of such a step (transports/srun.py says why each
+option), which the transport runs and `up --dry-run` prints. job_states tells `status` and `ps`
+the state of a run's job. Submitting an allocation (sbatch) is not built yet.
 """
 
 from __future__ import annotations
@@ -78,6 +79,33 @@ def _scontrol(*args: str) -> str:
         why = (out.stderr.strip().splitlines() or [f"exit code {out.returncode}"])[-1]
         raise UsageError(f"`{shlex.join(argv)}` failed: {why}")
     return out.stdout
+
+
+# --- a step: one node's session (transports/srun.py), or a dry run's line by hand ---
+
+# The environment sshd would give a session (its compiled-in default PATH), made
+# on the node from the passwd entry, then the user's shell as a login shell.
+# `sh -c LOGIN sh COMMAND`: COMMAND is $1, one argv word, never re-quoted.
+LOGIN = ('p=$(getent passwd "$(id -u)") || { echo "no passwd entry for uid $(id -u)" >&2; exit 126; }; '
+         'USER=${p%%:*}; LOGNAME=$USER; h=${p%:*}; HOME=${h##*:}; SHELL=${p##*:}; '
+         'SHELL=${SHELL:-/bin/sh}; PATH=/usr/local/bin:/usr/bin:/bin; '
+         'export USER LOGNAME HOME SHELL PATH; cd 2>/dev/null || cd /; '
+         'exec "$SHELL" -l -c "$1"')
+MERGE = "exec 2>&1; "
+
+
+def srun_argv(node: str, jobid: str, command: str, *, merge_stderr: bool = False,
+              srun: str = "srun", pty: bool = False) -> list[str]:
+    """The srun line that runs one shell command line on `node`, in job `jobid`, as a
+    login there would (why each option: transports/srun.py).
+
+    pty: the task gets a terminal (`--pty`, for a line a person runs: Ctrl-C typed
+    there reaches the task, as with `ssh -t`) instead of this process's stdin
+    (`--input=all`, the transport's: srun refuses both at once)."""
+    return [srun, f"--jobid={jobid}", "-N1", "-n1", f"--nodelist={node}", "--overlap",
+            "--pty" if pty else "--input=all", "--export=NONE", "--chdir=/", "--mpi=none", "--quiet",
+            "--job-name=clusterrun",
+            "/bin/sh", "-c", (MERGE if merge_stderr else "") + LOGIN, "sh", command]
 
 
 # --- the state of a run's Slurm job, for `status` and `ps` ---

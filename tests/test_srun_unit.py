@@ -11,7 +11,8 @@ import os
 import shlex
 import subprocess
 
-from clusterrun.transports.srun import SrunProcess, SrunTransport, render, srun_argv
+from clusterrun.slurm import srun_argv
+from clusterrun.transports.srun import SrunProcess, SrunTransport, render
 
 ODD = """printf '[%s]\\n' "a b" 'it'"'"'s' '$HOME' "\\`x\\`" '*' "$(printf 'tab\\there')" 'ü'"""
 

@@ -28,23 +28,23 @@ from ..transports.connect import connect_all
 
 
 def dry_run(hosts_path: str, opts: LaunchOptions, transport: str | None = None) -> str:
-    """The rank table and, per node, a line that runs its part by hand; connects to nothing.
+    """The rank table and, per node, a line that runs its part by hand; connects to nothing
+    (on Slurm it asks scontrol for the allocation's nodes and their addresses, as `up` does).
     A dry run has no run id: nothing of it exists afterwards."""
     hosts = with_transport(load_hosts(hosts_path), transport)
-    if on_slurm(hosts):
-        raise UsageError("--dry-run on Slurm is not built yet (it would print ssh lines, and the nodes "
-                         "are reached by srun)")
     first = hosts.hosts[0]
     # Without connecting, "where ssh reaches node 0" is its HostName as OpenSSH resolves it.
+    # (A Slurm node has its NodeAddr.)
     addr = None
-    if not first.is_local:
+    if not first.is_local and not on_slurm(hosts):
         from ..transports.sshconfig import resolve
         addr = resolve(first.host, user=first.user, port=first.port, identity_file=first.identity_file,
                        node=first.name).hostname
     plan = build_plan(hosts, opts, Facts(node0_addr=addr), run_id=PLACEHOLDER_RUN_ID,
                       local_home=str(clusterrun_home()), provisional=True)
     # A localhost node runs where `up` is started: its pasted line goes there first.
-    return render_plan(plan, port_auto=asked_master_port(hosts, opts) == "auto", start_dir=os.getcwd())
+    return render_plan(plan, port_auto=asked_master_port(hosts, opts) == "auto", start_dir=os.getcwd(),
+                       spares=hosts.spares)
 
 
 def up(hosts_path: str, opts: LaunchOptions, up_opts: UpOptions) -> int:

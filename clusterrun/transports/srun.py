@@ -1,9 +1,10 @@
 """srun transport: every session one Slurm job step on one node of an allocation.
 
 A session is `srun --jobid=J -N1 -n1 -w NODE --overlap ... /bin/sh -c LOGIN sh COMMAND`,
-run by the srun client on this machine (the controller); the step's stdin and
-stdout are the session's, as an ssh session's are. No connection is held between
-sessions: each is a new step of the same job.
+run by the srun client on this machine (the controller; the line is
+clusterrun/slurm.py's srun_argv, which `up --dry-run` prints too); the step's
+stdin and stdout are the session's, as an ssh session's are. No connection is
+held between sessions: each is a new step of the same job.
 
 The shape, and why (measured on Debian's Slurm 22.05, scripts/slurmcluster, a
 machine of 2 cores shared with other work; see FACTS below for the numbers):
@@ -79,30 +80,12 @@ import threading
 import weakref
 
 from ..errors import UnreachableError
+from ..slurm import srun_argv
 from .openssh import OpenSSHProcess
-
-# The environment sshd would give a session (its compiled-in default PATH), made
-# on the node from the passwd entry, then the user's shell as a login shell.
-# `sh -c LOGIN sh COMMAND`: COMMAND is $1, one argv word, never re-quoted.
-LOGIN = ('p=$(getent passwd "$(id -u)") || { echo "no passwd entry for uid $(id -u)" >&2; exit 126; }; '
-         'USER=${p%%:*}; LOGNAME=$USER; h=${p%:*}; HOME=${h##*:}; SHELL=${p##*:}; '
-         'SHELL=${SHELL:-/bin/sh}; PATH=/usr/local/bin:/usr/bin:/bin; '
-         'export USER LOGNAME HOME SHELL PATH; cd 2>/dev/null || cd /; '
-         'exec "$SHELL" -l -c "$1"')
-MERGE = "exec 2>&1; "
 
 # What srun itself says about a task that failed; the exit status says it too.
 _TASK_END = re.compile(r"^srun: error: \S+: tasks? [0-9,-]+: (Exited with exit code \d+|Killed|Terminated"
                        r"|Aborted|Segmentation fault|Hangup|Interrupt)$")
-
-
-def srun_argv(node: str, jobid: str, command: str, *, merge_stderr: bool = False,
-              srun: str = "srun") -> list[str]:
-    """The srun line that runs one shell command line on `node`, in job `jobid`."""
-    return [srun, f"--jobid={jobid}", "-N1", "-n1", f"--nodelist={node}", "--overlap",
-            "--input=all", "--export=NONE", "--chdir=/", "--mpi=none", "--quiet",
-            "--job-name=clusterrun",
-            "/bin/sh", "-c", (MERGE if merge_stderr else "") + LOGIN, "sh", command]
 
 
 def render(argv: list[str]) -> str:

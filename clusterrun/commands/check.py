@@ -18,7 +18,7 @@ from ..hostsfile import load_hosts, with_transport
 from ..run.inventory import Inventory, driver_differences, gpu_count, held, held_text, mismatches, node_problems
 from ..options import LaunchOptions
 from ..plan import Facts, NodePlan, build_plan
-from ..run.preflight import probe_all, probe_spec
+from ..run.preflight import probe_all, probe_spec, step_cpus_problem
 from ..run.runs import clusterrun_home
 
 
@@ -96,6 +96,9 @@ def _evaluate(node: NodePlan, conn: tuple, r: dict[str, Any] | str, port: int | 
     elif not r.get("torchrun"):
         c.problems.append(f"torch.distributed.run does not import: {r.get('torch_error')}")
     c.problems += node_problems(node, c.inv)
+    cpus = step_cpus_problem(node, r)       # on Slurm, as `up` would refuse it
+    if cpus:
+        c.problems.append(cpus)
     if c.inv.smi_error and not c.problems:
         c.warnings.append(c.inv.smi_error)
     c.warnings += [held_text(p) for p in held(node, c.inv)]
@@ -190,7 +193,7 @@ def _as_json(master_addr: str, port: int | str, world: int | None, checks: list[
                 "gpu_processes": None if inv.processes is None else [vars(p) for p in inv.processes],
                 "nproc": c.nproc, "nproc_per_node": c.node.host.nproc_per_node,
                 "cuda_visible_devices": c.node.env.get("CUDA_VISIBLE_DEVICES"),
-                "interface": i.get("ifname"),
+                "interface": i.get("ifname"), "cpus": i.get("cpus"),
             })
             if "port_free" in i:
                 d["master_port_free"] = i["port_free"]

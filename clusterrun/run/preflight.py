@@ -66,18 +66,27 @@ def node_problems(node: NodePlan, r: dict[str, Any] | str, opts: LaunchOptions, 
     if not r.get("torch_found", True):
         problems.append(f"{node.name}: torch is not installed for {r['executable']} "
                         "(set `python:` or `setup:` in the hosts file)")
-    cpus = r.get("cpus")
-    if node.host.slurm_job and isinstance(cpus, int) and not node.gpu_count_pending and cpus < node.nproc:
-        # Measured (Slurm 22.05): a step gets the job's CPUs on its node, and no more
-        # (`-c` beyond them is refused): `salloc -N2` holds 1 CPU per node.
-        problems.append(f"{node.name}: the Slurm step gets {cpus} CPU{'s' if cpus != 1 else ''} "
-                        f"(job {node.host.slurm_job}'s share of the node), fewer than nproc_per_node "
-                        f"{node.nproc}: allocate whole nodes (`salloc --exclusive`) or CPUs per node "
-                        f"(`--ntasks-per-node={node.nproc}` or `-c {node.nproc}`)")
+    cpus = step_cpus_problem(node, r)
+    if cpus:
+        problems.append(f"{node.name}: {cpus}")
     if r.get("port_free") is False:
         problems.append(f"{node.name}: master port {port} is already in use "
                         "(pick another with --master-port, or `auto`)")
     return problems
+
+
+def step_cpus_problem(node: NodePlan, r: dict[str, Any]) -> str | None:
+    """On Slurm: the node's step has fewer CPUs than the node's processes, in words with
+    the fix (None: enough, or not on Slurm). `up` refuses such a node; `check` shows it."""
+    cpus = r.get("cpus")
+    if node.host.slurm_job and isinstance(cpus, int) and not node.gpu_count_pending and cpus < node.nproc:
+        # Measured (Slurm 22.05): a step gets the job's CPUs on its node, and no more
+        # (`-c` beyond them is refused): `salloc -N2` holds 1 CPU per node.
+        return (f"the Slurm step gets {cpus} CPU{'s' if cpus != 1 else ''} "
+                f"(job {node.host.slurm_job}'s share of the node), fewer than nproc_per_node "
+                f"{node.nproc}: allocate whole nodes (`salloc --exclusive`) or CPUs per node "
+                f"(`--ntasks-per-node={node.nproc}` or `-c {node.nproc}`)")
+    return None
 
 
 def preflight_error(problems: list[str], skippable: bool = True) -> PreflightError:

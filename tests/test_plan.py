@@ -506,6 +506,20 @@ def test_render_plan_golden():
     assert render_plan(plan) == GOLDEN
 
 
+def test_spares_are_marked_in_the_table_and_get_no_line():
+    hosts = parse_hosts({"hosts": ["gpu-a", "gpu-b"], "spares": ["gpu-z"]}, "hosts.yaml")
+    plan = plan_for({"hosts": ["gpu-a", "gpu-b"]})
+    text = render_plan(plan, spares=hosts.spares)
+    lines = text.splitlines()
+    assert lines[0].startswith("2 nodes (and 1 spare), world size 2, ")
+    assert lines[3:6] == ["gpu-a          0      1             0  gpu-a",
+                          "gpu-b          1      1             1  gpu-b",
+                          "gpu-z      spare                       gpu-z"]
+    assert lines[-1] == ("# spare gpu-z: no line: it runs nothing until it takes a lost node's place "
+                         "(clusterrun up, at a restart)")
+    assert [l.split()[2] for l in lines if l.startswith("ssh ")] == ["gpu-a", "gpu-b"]
+
+
 def test_secret_looking_env_values_are_masked_in_the_dry_run_only():
     data = {"env": {"WANDB_API_KEY": "s3cr3tvalue", "HF_TOKEN": "hf_x", "DB_PASSWORD": "pw", "LR": "0.1"},
             "hosts": ["gpu-a", "localhost"]}

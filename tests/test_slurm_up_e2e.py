@@ -97,16 +97,31 @@ def test_a_failing_rank_is_named_with_its_code(slurm, two, tmp_path):
         import torch.distributed as dist
         dist.init_process_group("gloo")
         if dist.get_rank() == 3:
+            print("rank 3 gives up", flush=True)
             sys.exit(7)
         dist.barrier()      # the others wait for rank 3, and are stopped (fail fast)
         time.sleep(600)
     """)
-    t0 = time.monotonic()
     r = in_allocation(slurm, tmp_path, ["-N2", "--exclusive", f"--nodelist={','.join(two)}"],
                       "up", "--nproc-per-node=2", "slurm", str(script))
     assert r.returncode == 1, r.stdout + r.stderr
-    assert f"clusterrun: rank 3 ({two[1]}, local rank 1) exited with code 7" in r.stderr.splitlines(), r.stderr
-    assert time.monotonic() - t0 < 200
+    err = r.stderr.splitlines()
+    assert f"clusterrun: node {two[1]} failed: stopping the other nodes" in err, r.stderr
+    # The summary: the first failure first, with its last lines; then every other rank, each
+    # either stopped by clusterrun or failed by itself when rank 3's connections closed (gloo).
+    summary = [l for l in err if l.startswith("clusterrun: rank ")]
+    assert summary[0] == f"clusterrun: rank 3 ({two[1]}, local rank 1) exited with code 7", r.stderr
+    assert "  | rank 3 gives up" in err[err.index(summary[0]) + 1:err.index(summary[1])], r.stderr
+    others = {int(l.split()[2]): l for l in summary[1:]}
+    assert sorted(others) == [0, 1, 2], r.stderr
+    for rank, line in others.items():
+        node, local = two[rank // 2], rank % 2
+        assert line.startswith(f"clusterrun: rank {rank} ({node}, local rank {local}) "), line
+        assert line.endswith("was stopped (SIGTERM) after rank 3 failed") or " exited with code " in line, line
+    assert "[" + two[1] + " g3 l1] rank 3 gives up" in r.stdout.splitlines()
+    st = subprocess.run([*CLUSTERRUN, "status", "--json", run_id_of(r.stderr)], env=_env(tmp_path),
+                        capture_output=True, text=True, timeout=60)
+    assert st.returncode == 0 and json.loads(st.stdout)["state"] == "failed", st.stdout + st.stderr
 
 
 def test_exec_and_check_slurm(slurm, two, tmp_path):

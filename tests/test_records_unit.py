@@ -136,7 +136,7 @@ hang: no output for 5m: every rank in allreduce (stacks: /x/stacks/1.txt)
 """
 
 STATUS_RESTARTED = """\
-run 20260101-000001-bbbbbb: killed (3 nodes, 6 ranks, /etc/hosts.yaml, attempt 2/3, spare1 in place of nodeB)
+run 20260101-000001-bbbbbb: killed (3 nodes, 6 ranks, /etc/hosts.yaml, attempt 1 of 0-2, spare1 in place of nodeB)
 node    node_rank  ranks      state
 nodeA           0  0-1        killed: clusterrun kill
 spare1          1  2-3        lost: unreachable for 60s
@@ -144,7 +144,7 @@ nodeC           2  4-5        failed-to-start: python3: not found
 """
 
 STATUS_RUNNING = """\
-run 20260101-000002-cccccc: starting (2 nodes, 4 ranks, /etc/hosts.yaml, attempt 1/2)
+run 20260101-000002-cccccc: starting (2 nodes, 4 ranks, /etc/hosts.yaml, attempt 0 of 0-1)
 node   node_rank  ranks      state
 nodeA          0  0-1        running
 nodeB          1  2-3        starting
@@ -207,17 +207,25 @@ def test_ps_shows_every_run_as_it_always_did(home):
     failed_run(), restarted_run(), old_run()
     running = running_run()
     (RunDir.create("20260101-000003-eeeeee").path / "plan.json").write_text("{")
-    header = "run                     state           nodes  ranks  script\n"
-    ended = ("20260101-000001-bbbbbb  killed 2/3          3      6  train.py --lr 0.1\n"
-             "20260101-000000-aaaaaa  failed              4      8  train.py --lr 0.1\n"
-             "20251101-000000-dddddd  failed              2      4  train.py --lr 0.1\n")
-    damaged = "20260101-000003-eeeeee  unreadable    \n"
+    # A run that may restart says which attempt it is at, numbered from 0 as everywhere;
+    # the state column widens to hold it.
+
+    def listing(running_state: str) -> str:
+        w = len(running_state)      # the widest state: the column widens to hold it
+
+        def row(run_id: str, state: str, nodes: int, ranks: int) -> str:
+            return f"{run_id}  {state:<{w}}  {nodes:>5}  {ranks:>5}  train.py --lr 0.1\n"
+
+        return (f"run                     {'state':<{w}}  nodes  ranks  script\n"
+                f"20260101-000003-eeeeee  {'unreadable':<{w}}\n"
+                + row("20260101-000002-cccccc", running_state, 2, 4)
+                + row("20260101-000001-bbbbbb", "killed, attempt 1 of 0-2", 3, 6)
+                + row("20260101-000000-aaaaaa", "failed", 4, 8) + row("20251101-000000-dddddd", "failed", 2, 4))
+
     # Nobody collects the running one: ps marks it (status would look at its nodes).
-    assert cli("ps") == (header + damaged + "20260101-000002-cccccc  starting? 1/2       2      4  "
-                         "train.py --lr 0.1\n" + ended)
+    assert cli("ps") == listing("starting?, attempt 0 of 0-1")
     with running.lock():
-        assert cli("ps") == (header + damaged + "20260101-000002-cccccc  starting 1/2        2      4  "
-                             "train.py --lr 0.1\n" + ended)
+        assert cli("ps") == listing("starting, attempt 0 of 0-1")
 
 
 # --- the records themselves -------------------------------------------------------

@@ -14,6 +14,7 @@ from ..model import FINAL_STATES, NodeState, RankFailure, RunState
 from ..plan import NodePlan, Plan
 from ..run.records import HangRecord, NodeRecord
 from ..run.runs import RunDir, list_run_ids, runs_root
+from ..run.restart import attempt_of
 from ..run.results import describe_code, describe_ranks, plural
 from ..run.stream import Terminal
 from ..slurm import JobState, job_states
@@ -107,8 +108,8 @@ def status_of(run: RunDir, opts: WatchOptions) -> RunStatus:
 
 
 def attempt_text(attempt: int, max_restarts: int) -> str:
-    """`attempt 2/3` for a run with restarts, else nothing."""
-    return f"attempt {attempt + 1}/{max_restarts + 1}" if max_restarts else ""
+    """`attempt 1 of 0-2` for a run with restarts (numbered from 0, as everywhere), else nothing."""
+    return attempt_of(attempt, max_restarts) if max_restarts else ""
 
 
 def _quiet(run: RunDir, rank: int, now: float) -> float | None:
@@ -184,14 +185,14 @@ def ps() -> int:
     jobs = job_states([j for _, _, p in rows if p is not None and (j := p.slurm_job)])
     slurm_w = max([len("slurm job")] + [len(_slurm_cell(s)) for s in jobs.values()])
     slurm_head = f"{'slurm job':<{slurm_w}}  " if jobs else ""
-    print(f"{'run':<22}  {'state':<14}  nodes  ranks  {slurm_head}script")
+    lines: list[tuple[str, str, str | None]] = []   # run id, state, the rest of the row (None: unreadable)
     for run_id, run, plan in rows:
         try:
             if plan is None:
                 raise ValueError(f"run {run_id}: no readable plan")
             states, records = run.node_states(), run.attempts()
         except Exception:  # noqa: BLE001 - a damaged run must not hide the others
-            print(f"{run_id:<22}  {'unreadable':<14}")
+            lines.append((run_id, "unreadable", None))
             continue
         state = run_state(len(plan.nodes), states)
         label = str(state)
@@ -201,12 +202,16 @@ def ps() -> int:
                 lock.release()
                 label += "?"
         if records and records[-1].max_restarts:
-            label += " " + attempt_text(plan.attempt, records[-1].max_restarts).split()[1]
+            label += ", " + attempt_text(plan.attempt, records[-1].max_restarts)
         argv = plan.nodes[0].argv
         script = argv[argv.index("-u") + 1:]      # the entry: python -u SCRIPT ARGS
         job = plan.slurm_job
         cell = f"{_slurm_cell(jobs[job]) if job else '':<{slurm_w}}  " if jobs else ""
-        print(f"{run_id:<22}  {label:<14}  {len(plan.nodes):>5}  {plan.world_size:>5}  {cell}{' '.join(script)}")
+        lines.append((run_id, label, f"{len(plan.nodes):>5}  {plan.world_size:>5}  {cell}{' '.join(script)}"))
+    state_w = max([14] + [len(label) for _, label, _ in lines])
+    print(f"{'run':<22}  {'state':<{state_w}}  nodes  ranks  {slurm_head}script")
+    for run_id, label, rest in lines:
+        print(f"{run_id:<22}  {label:<{state_w}}" + (f"  {rest}" if rest is not None else ""))
     return 0
 
 

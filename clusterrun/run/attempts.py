@@ -24,7 +24,7 @@ from ..plan import Facts, Plan, asked_master_port, build_plan, needs_probe
 from ..transports.base import Transport
 from .controller import Continue, RunController
 from .preflight import PreflightError, find_facts, judge, probe_all, probe_spec
-from .restart import Roster, Vet, first_failure, next_roster, should_restart, wait_delay
+from .restart import Roster, Vet, attempt_of, first_failure, next_roster, should_restart, wait_delay
 from .runs import clusterrun_home
 from .stream import Terminal
 from .sync import sync_all
@@ -116,7 +116,7 @@ def run_attempts(ctl: RunController, results: list[NodeResult], restarts: Restar
         ctl, plan, roster = nxt
         results = ctl.wait()
     if most and not all(r.ok for r in results) and plan.attempt == most:
-        term.message(f"clusterrun: attempt {plan.attempt + 1} of {most + 1} failed too: no restart left")
+        term.message(f"clusterrun: {attempt_of(plan.attempt, most)} failed too: no restart left")
     return ctl, results
 
 
@@ -130,7 +130,7 @@ def _next_attempt(ctl: RunController, results: list[NodeResult], roster: Roster,
     """After a failed attempt: wait the delay, bring every node back (or a spare in its
     place), and start the next attempt. None: the run ends here (killed, or a node missing)."""
     run, opts, delay, attempt = ctl.run, restarts.launch, restarts.delay, plan.attempt + 1
-    term.message(f"clusterrun: attempt {plan.attempt + 1} of {restarts.max_restarts + 1} failed: "
+    term.message(f"clusterrun: {attempt_of(plan.attempt, restarts.max_restarts)} failed: "
                  f"{first_failure(results, run)}; restarting in {delay:g}s")
     roster.transports = list(ctl.end_attempt())
     try:

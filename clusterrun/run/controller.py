@@ -258,7 +258,9 @@ class RunController:
     def finish(self, results: list[NodeResult]) -> int:
         """Record the outcome, print the summary, and return the exit code."""
         if all(r.state != NodeState.RUNNING for r in results) and len(results) == len(self.plan.nodes):
-            self.run.write_json("result.json", [dataclasses.asdict(r) | {"node": r.node.name}
+            # Each node's end in the run's last attempt (numbered from 0, as CLUSTERRUN_ATTEMPT).
+            self.run.write_json("result.json", [dataclasses.asdict(r) | {"node": r.node.name,
+                                                                        "attempt": self.plan.attempt}
                                                 for r in results])
         self.finished.set()
         if self.opts.report:

@@ -42,6 +42,12 @@ class Roster:
 Vet = Callable[[HostsFile, Sequence["Transport | None"], int], list[str]]
 
 
+def attempt_of(attempt: int, max_restarts: int) -> str:
+    """`attempt 1 of 0-2`: attempts are numbered from 0, as CLUSTERRUN_ATTEMPT, `logs
+    --attempt` and `status --json` number them, and the range says how many there may be."""
+    return f"attempt {attempt} of 0-{max_restarts}"
+
+
 def first_failure(results: list[NodeResult], run: RunDir) -> str:
     """What ended an attempt, as the summary's first line says it."""
     for line in summary(results, run, tail=1):

@@ -82,7 +82,7 @@ def summary(results: Sequence[NodeResult], run: RunDir, tail: int = TAIL) -> lis
         elif f.finished and f.exitcode is not None and f.exitcode < 0:
             what += " after its script had finished, while Python shut down: its work was done"
         lines.append(f"clusterrun: rank {f.rank} ({node.name}, local rank {f.local_rank}) {what}")
-        lines += [f"  | {t}" for t in tail_lines(run.rank_log(f.rank), tail)]
+        lines += [f"  | {t}" for t in _attempt_tail(run, run.rank_log(f.rank), tail)]
     for r in whole:
         node = r.node
         if r.state == NodeState.EXITED:
@@ -94,7 +94,7 @@ def summary(results: Sequence[NodeResult], run: RunDir, tail: int = TAIL) -> lis
             if r.message.startswith(("unreachable", "the connection")):     # not "the job's processes are gone"
                 what += f" (its job may still run there: `clusterrun kill {run.run_id}` ends it once the node answers)"
         lines.append(f"clusterrun: node {node.name} (node_rank {node.node_rank}) {what}")
-        lines += [f"  | {t}" for t in tail_lines(run.node_log(node.node_rank), tail)]
+        lines += [f"  | {t}" for t in _attempt_tail(run, run.node_log(node.node_rank), tail)]
     after = f" after {first} failed" if first else ""
     for f, node in collateral:
         assert f.exitcode is not None       # _by_torchrun: it ended by one of the stop signals
@@ -122,14 +122,20 @@ def exit_code(results: Sequence[NodeResult], interrupted: bool) -> int:
     return EXIT_OK if all(r.ok for r in results) else EXIT_JOB_FAILED
 
 
-def tail_lines(path: Path, n: int) -> list[str]:
-    """The last n lines of a log, read from its end, as a terminal leaves them (a
-    progress bar's line is its last redraw, so its redraws are not n lines)."""
+def _attempt_tail(run: RunDir, path: Path, n: int) -> list[str]:
+    """The last n lines of a log that the run's last attempt wrote (after a restart, a log
+    holds every attempt's lines: an earlier attempt's are not this failure's)."""
+    return tail_lines(path, n, run.attempt_starts().get(path.name, 0))
+
+
+def tail_lines(path: Path, n: int, start: int = 0) -> list[str]:
+    """The last n lines of a log after byte `start`, read from its end, as a terminal leaves
+    them (a progress bar's line is its last redraw, so its redraws are not n lines)."""
     try:
         with open(path, "rb") as f:
             f.seek(0, os.SEEK_END)
             size = f.tell()
-            f.seek(max(0, size - 64 * 1024))
+            f.seek(max(start, size - 64 * 1024))
             data = f.read()
     except OSError:
         return []

@@ -523,8 +523,18 @@ def supervise(job_dir, argv, env):
 # the signal handler (C code: also while Python is blocked in a collective); a
 # system call it interrupts is restarted (SA_RESTART). The .ready file says the
 # handler is there, so a process without it is never sent the signal, whose
-# default action would end it. A forked child (a DataLoader worker) arms its own.
+# default action would end it; it holds the main thread's id, as faulthandler names
+# threads. A forked child (a DataLoader worker) arms its own.
+#
+# faulthandler writes at most 100 frames a thread, the innermost ones: a rank deep in
+# an import chain loses the script's own frames. For such a dump, FULL_SIGNAL asks a
+# Python-level handler for every frame of every thread: Python runs it in the main
+# thread once that thread runs Python code again (at once from a sleep or a wait in
+# Python, which the signal interrupts; not while it blocks in C, in a collective say).
+# It writes <pid>.full.txt (renamed into place when whole) in faulthandler's format.
+# It is sent only after a cut dump, to a process whose handler is in place.
 STACK_SIGNAL_OFFSET = 6         # SIGRTMIN + 6: a real-time signal no library uses
+FULL_SIGNAL_OFFSET = 7          # SIGRTMIN + 7: the same, for the Python-level handler
 STACKS_SITE = r"""# clusterrun: lets `clusterrun stacks` ask this worker for its Python stacks.
 import os
 import sys
@@ -534,6 +544,7 @@ def _clusterrun_arm():
     where = os.environ.get("CLUSTERRUN_STACKS")
     if not where or "RANK" not in os.environ:
         return
+    import _thread
     import faulthandler
     import signal
 
@@ -541,13 +552,43 @@ def _clusterrun_arm():
         try:
             out = open(os.path.join(where, "%d.txt" % os.getpid()), "a")
             faulthandler.register(signal.SIGRTMIN + OFFSET, file=out, all_threads=True)
-            open(os.path.join(where, "%d.ready" % os.getpid()), "w").close()
+            with open(os.path.join(where, "%d.ready" % os.getpid()), "w") as ready:
+                ready.write("%d\n" % _thread.get_ident())
         except (OSError, ValueError, RuntimeError, AttributeError):
             pass
 
     arm()
     if hasattr(os, "register_at_fork"):
         os.register_at_fork(after_in_child=arm)
+
+    def dump_in_full(signum, frame):
+        # Every frame of every thread; `frame` is where the main thread was (this
+        # handler's own frame is not the script's). Never raises into the script.
+        try:
+            me = _thread.get_ident()
+            frames = sys._current_frames()
+            frames[me] = frame
+            lines = []
+            for ident in sorted(frames, key=lambda i: i != me):
+                lines.append("%s 0x%016x (most recent call first):"
+                             % ("Current thread" if ident == me else "Thread", ident))
+                f = frames[ident]
+                while f is not None:
+                    code = f.f_code
+                    lines.append('  File "%s", line %d in %s' % (code.co_filename, f.f_lineno or 0, code.co_name))
+                    f = f.f_back
+                lines.append("")
+            path = os.path.join(where, "%d.full" % os.getpid())
+            with open(path + ".tmp", "w") as out:
+                out.write("\n".join(lines))
+            os.rename(path + ".tmp", path + ".txt")
+        except Exception:
+            pass
+
+    try:
+        signal.signal(signal.SIGRTMIN + FULL_OFFSET, dump_in_full)
+    except (OSError, ValueError, RuntimeError, AttributeError):
+        pass
 
     # When the script is over (it returned or called sys.exit, with no uncaught
     # exception), say so before Python shuts down: a rank that a signal ends after this
@@ -585,7 +626,7 @@ def _clusterrun_chain():
 
 _clusterrun_arm()
 _clusterrun_chain()
-""".replace("OFFSET", str(STACK_SIGNAL_OFFSET))
+""".replace("FULL_OFFSET", str(FULL_SIGNAL_OFFSET)).replace("OFFSET", str(STACK_SIGNAL_OFFSET))
 
 
 def arm_stacks(job_dir, env):
@@ -635,9 +676,21 @@ def stacks(job_dir, spec):
     out = []
     for pid, (rank, local, _) in sorted(ranks.items(), key=lambda kv: kv[1][0]):
         how, text = read[pid]
-        children = [dict(pid=k, how=read[k][0], text=read[k][1]) for k in sorted(kids.get(pid, []))]
-        out.append(dict(rank=rank, local_rank=local, pid=pid, how=how, text=text, children=children))
+        children = [dict(pid=k, how=read[k][0], text=read[k][1], main=_main_thread(where, k))
+                    for k in sorted(kids.get(pid, []))]
+        out.append(dict(rank=rank, local_rank=local, pid=pid, how=how, text=text,
+                        main=_main_thread(where, pid), children=children))
     return out
+
+
+def _main_thread(where, pid):
+    """The id of the process's main thread as faulthandler writes it (its .ready file
+    holds it), or None (a site of an older clusterrun wrote none)."""
+    try:
+        with open(os.path.join(where, "%d.ready" % pid)) as f:
+            return int(f.read().strip())
+    except (OSError, ValueError):
+        return None
 
 
 def _py_spy():
@@ -700,7 +753,53 @@ def _dump_all(pids, where, settle=0.05, limit=5.0):
                 out[pid] = ("unavailable", "no answer within %gs (the process may be stopped)\n" % limit)
                 del asked[pid]
             sizes[pid] = size
+    _dump_in_full(out, where)
     return out
+
+
+FAULTHANDLER_CUT = "\n  ...\n"     # faulthandler's line where it stopped at 100 frames
+FULL_HOW = "Python (faulthandler stops at 100 frames)"
+
+
+def _dump_in_full(out, where, limit=2.0):
+    """Replace each dump faulthandler cut at its 100 frames with every frame, from the
+    process's Python-level handler (see STACKS_SITE), where one comes within `limit`
+    seconds; else the cut dump stays (the main thread blocks in C code)."""
+    sig = signal.SIGRTMIN + FULL_SIGNAL_OFFSET
+    asked = {}
+    for pid, (how, text) in out.items():
+        if how == "faulthandler" and FAULTHANDLER_CUT in text and _catches(pid, sig):
+            path = os.path.join(where, "%d.full.txt" % pid)
+            try:
+                if os.path.exists(path):
+                    os.unlink(path)     # a late answer to an earlier request
+                os.kill(pid, sig)
+                asked[pid] = path
+            except OSError:
+                pass
+    deadline = time.monotonic() + limit
+    while asked and time.monotonic() < deadline:
+        time.sleep(0.05)
+        for pid, path in list(asked.items()):
+            try:
+                with open(path) as f:
+                    out[pid] = (FULL_HOW, f.read())
+                del asked[pid]
+            except OSError:
+                pass
+
+
+def _catches(pid, sig):
+    """Whether the process has a handler for sig (SigCgt in /proc): the signal's default
+    action would end it."""
+    try:
+        with open("/proc/%d/status" % pid) as f:
+            for line in f:
+                if line.startswith("SigCgt:"):
+                    return bool(int(line.split()[1], 16) & (1 << (sig - 1)))
+    except (OSError, ValueError, IndexError):
+        pass
+    return False
 
 
 def _signal_state(pid, sig):

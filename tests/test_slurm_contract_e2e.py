@@ -8,7 +8,8 @@
 - the environment of the ranks: the plan's (`env:`, `--env`), SLURM_CONF, and none of the
   controller's own variables (srun --export=NONE); Slurm's task variables describe the
   one-task step (SLURM_PROCID and SLURM_NODEID are 0 everywhere), and `up` warns (lint's
-  CR007) when the script takes its rank from them.
+  CR007) when the script takes its rank from them;
+- a failing `setup:` (exec) or a missing workdir (up) told in words per node, nothing started.
 
 After each test no job is left in squeue and no python on a node.
 """
@@ -116,3 +117,22 @@ def test_the_ranks_get_the_plans_environment_and_none_of_the_controllers(slurm, 
         assert e["SLURM_CONF"] == str(slurm.conf)
         assert (e["FROM_FILE"], e["FROM_OPTION"]) == ("a b", "it's")
         assert e["CONTROLLER_ONLY"] is None and "/tmp/not-on-the-nodes" not in e["PATH"], e
+
+
+def test_a_failing_setup_or_workdir_is_told_in_words_and_nothing_starts(slurm, nodes, tmp_path):
+    a, b = nodes[:2]
+    write(tmp_path / "setup.yaml", "slurm: {}\nsetup: ['echo preparing', 'false']\n")
+    r = in_allocation(tmp_path, ["-N2", f"--nodelist={a},{b}"], "exec", "setup.yaml", "--", "echo", "ran")
+    assert r.returncode == 1, r.stdout + r.stderr
+    assert "ran" not in r.stdout.split() and f"[{a}] preparing" in r.stdout.splitlines(), r.stdout
+    assert "clusterrun: echo ran did not start on 2 of 2 nodes:" in r.stderr.splitlines(), r.stderr
+    for n in (a, b):
+        assert f"  {n}: setup failed with exit code 1: preparing" in r.stderr.splitlines(), r.stderr
+    write(tmp_path / "workdir.yaml", "slurm: {}\nworkdir: /no/such/dir\n")
+    script = write(tmp_path / "never.py", "print('started')\n")
+    r = in_allocation(tmp_path, ["-N2", f"--nodelist={a},{b}"], "up", "workdir.yaml", str(script))
+    assert r.returncode == 2, r.stdout + r.stderr
+    assert "clusterrun: preflight failed, nothing was started:" in r.stderr.splitlines(), r.stderr
+    for n in (a, b):
+        assert f"  {n}: workdir /no/such/dir: No such file or directory" in r.stderr.splitlines(), r.stderr
+    assert "started" not in r.stdout and "Traceback" not in r.stderr

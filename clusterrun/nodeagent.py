@@ -162,6 +162,7 @@ if __name__ != "__main__":
         local_ranks: Optional[List[int]]    # None: every rank
         native: bool
         children: bool
+        full: bool                          # a dump faulthandler cut: ask for every frame
 
     class SyncSpec(_Spec):
         pass
@@ -672,7 +673,9 @@ def stacks(job_dir, spec):
                 kids.setdefault(top, []).append(pid)
     spy = _py_spy() if spec.get("native") else None
     every = list(ranks) + [k for pid in ranks for k in kids.get(pid, [])]
-    read = dict((pid, _dump(pid, where, spy)) for pid in every) if spy else _dump_all(every, where)
+    full = spec.get("full", True)
+    read = (dict((pid, _dump(pid, where, spy, full)) for pid in every) if spy
+            else _dump_all(every, where, full=full))
     out = []
     for pid, (rank, local, _) in sorted(ranks.items(), key=lambda kv: kv[1][0]):
         how, text = read[pid]
@@ -701,7 +704,7 @@ def _py_spy():
     return None
 
 
-def _dump(pid, where, spy):
+def _dump(pid, where, spy, full=True):
     """One process read by py-spy (native frames too); faulthandler if py-spy cannot attach."""
     try:
         r = subprocess.run([spy, "dump", "--native", "--full-filenames", "--pid", str(pid)], stdout=subprocess.PIPE,
@@ -711,11 +714,11 @@ def _dump(pid, where, spy):
         why = r.stderr.decode("utf-8", "replace").strip().splitlines()
     except (OSError, subprocess.SubprocessError) as e:
         why = [str(e)]
-    how, text = _dump_all([pid], where)[pid]
+    how, text = _dump_all([pid], where, full=full)[pid]
     return how + " (py-spy: %s)" % (why[-1] if why else "failed"), text
 
 
-def _dump_all(pids, where, settle=0.05, limit=5.0):
+def _dump_all(pids, where, settle=0.05, limit=5.0, full=True):
     """Ask each armed process for its stacks at once; read each file once the process
     is done writing it: the signal neither pending nor held blocked by the handler
     (faulthandler writes piece by piece, and a busy machine may pause it between
@@ -753,7 +756,8 @@ def _dump_all(pids, where, settle=0.05, limit=5.0):
                 out[pid] = ("unavailable", "no answer within %gs (the process may be stopped)\n" % limit)
                 del asked[pid]
             sizes[pid] = size
-    _dump_in_full(out, where)
+    if full:
+        _dump_in_full(out, where)
     return out
 
 

@@ -407,3 +407,15 @@ def test_a_cut_dump_is_read_in_full_where_the_worker_can_answer(job, tmp_path, i
     finally:
         p.kill()
         p.wait()
+
+
+def test_without_full_a_cut_dump_is_left_as_faulthandler_wrote_it(job, tmp_path):
+    """full=False (for samples taken often): no second signal, no wait."""
+    p = deep_worker(job, tmp_path, "sys.stdin.readline()")
+    try:
+        how, text = nodeagent._dump_all([p.pid], str(job / "stacks"), full=False)[p.pid]
+        assert how == "faulthandler" and parse(how, text)[0][0] == CUT
+        assert not (job / "stacks" / f"{p.pid}.full.txt").exists()
+    finally:
+        p.kill()
+        p.wait()

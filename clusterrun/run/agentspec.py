@@ -34,11 +34,13 @@ def kill_spec(node: NodePlan, grace: float) -> KillSpec:
     return KillSpec(mode=Mode.KILL, job_dir=node.job_dir, marker=node.marker, grace=grace)
 
 
-def stacks_spec(node: NodePlan, local_ranks: Sequence[int] | None, native: bool, children: bool) -> StacksSpec:
-    """The stacks of these local ranks (None: all) of the node's job."""
+def stacks_spec(node: NodePlan, local_ranks: Sequence[int] | None, native: bool, children: bool,
+                full: bool = True) -> StacksSpec:
+    """The stacks of these local ranks (None: all) of the node's job; full: a dump that
+    faulthandler cut at 100 frames is asked again for every frame (up to 2 s more)."""
     return StacksSpec(mode=Mode.STACKS, job_dir=node.job_dir, marker=node.marker,
                       local_ranks=None if local_ranks is None else list(local_ranks),
-                      native=native, children=children)
+                      native=native, children=children, full=full)
 
 
 def probe_check(*, torch: bool, master_addr: str | None = None, inventory: bool = False,

@@ -256,9 +256,11 @@ def diagnosis(groups: Sequence[Group], shown: int = 4) -> str:
 # --- taking them ------------------------------------------------------------------
 
 def take(plan: Plan, transports: Sequence[Transport | None], ranks: Sequence[int] = (),
-         node: str | None = None, native: bool = False, children: bool = False
+         node: str | None = None, native: bool = False, children: bool = False, full: bool = True
          ) -> tuple[list[RankStacks], list[str]]:
-    """Every selected rank's stacks, all nodes in parallel; and the nodes that failed."""
+    """Every selected rank's stacks, all nodes in parallel; and the nodes that failed.
+    full=False leaves a dump faulthandler cut at 100 frames as it is (no second signal,
+    no wait: for taking samples)."""
     chosen = [n for n in plan.nodes if node is None or node in (n.name, n.host.host, str(n.node_rank))]
     if not chosen:
         raise UsageError(f"run {plan.run_id} has no node {node!r} (nodes: "
@@ -267,7 +269,7 @@ def take(plan: Plan, transports: Sequence[Transport | None], ranks: Sequence[int
     asked = [n for n in chosen if wanted[n.node_rank] and transports[n.node_rank] is not None]
 
     def one(n: NodePlan) -> dict:
-        spec = stacks_spec(n, wanted[n.node_rank], native=native, children=children)
+        spec = stacks_spec(n, wanted[n.node_rank], native=native, children=children, full=full)
         return run_agent(n, transports[n.node_rank], spec)   # type: ignore[arg-type]
 
     found: list[RankStacks] = []

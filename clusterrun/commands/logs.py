@@ -9,15 +9,24 @@ from ..errors import EXIT_INTERRUPTED, UsageError
 from ..options import WatchOptions
 from ..run.logfiles import Follower, print_attempt, select, show_so_far
 from ..run.runs import RunDir
+from ..run.submit import unplanned, unplanned_state, wait_planned
 from ..run.stream import Terminal
 
 
 def logs(run_id: str | None, ranks: tuple[int, ...], node: str | None, follow: bool,
          tail: int | None, opts: WatchOptions, attempt: int | None = None) -> int:
     run = RunDir.find(run_id)
+    term = Terminal()
+    sub = unplanned(run)
+    if sub is not None:             # submitted to Slurm, not started yet
+        _, why = unplanned_state(run, sub)
+        if follow:
+            term.message(f"clusterrun: run {run.run_id}: {why}; its lines follow once it starts")
+        if not follow or not wait_planned(run, sub):
+            term.message(f"clusterrun: run {run.run_id} has no lines: {unplanned_state(run, sub)[1]}")
+            return 0
     plan = run.plan()
     files = select(run, plan, ranks, node)
-    term = Terminal()
     records = run.attempts()
     if attempt is not None and not 0 <= attempt < max(1, len(records)):
         raise UsageError(f"run {plan.run_id} has attempts 0-{max(1, len(records)) - 1}, not {attempt}")

@@ -114,8 +114,9 @@ def follow(run: RunDir, jobid: str, term: Terminal) -> int:
                 run.mark_killed("cancelled while pending (Ctrl-C)")
                 term.message(f"clusterrun: interrupted: Slurm job {jobid} was cancelled before it started")
                 return EXIT_INTERRUPTED
-            stopping = True
-            term.message("clusterrun: interrupted: stopping every node (Ctrl-C again to stop waiting)")
+            stopping = waited.interrupted = True
+            term.message(f"clusterrun: interrupted: the run's controller (Slurm job {jobid}) stops every node "
+                         "(Ctrl-C again to stop waiting)")
             signal_controller(jobid)
 
 
@@ -127,6 +128,7 @@ class _Waiter:
         self.since = time.monotonic()
         self.asked = 0.0
         self.state: JobState | None = None
+        self.interrupted = False        # the controller was told to stop the run
 
     def job(self) -> JobState:
         if self.state is None or time.monotonic() - self.asked >= 2.0:
@@ -180,6 +182,8 @@ class _Waiter:
         end = self.run.batch_end()      # it may have been written just before the job ended
         if end is not None:
             return end.code
+        if self.interrupted:            # signalled before its controller had started
+            return EXIT_INTERRUPTED
         self.term.message(f"clusterrun: Slurm job {self.jobid} ended ({st.state or st.why}) before its "
                           f"controller recorded the run's end; see {self.run.batch_log}")
         return EXIT_JOB_FAILED
@@ -281,8 +285,15 @@ def as_batch_step(run_id: str, up: Callable[[RunDir], int]) -> int:
 
 # --- what `status`, `ps`, `logs` and `kill` say of a run that has no plan yet ---------
 
-def unplanned_state(run: RunDir, sub: Submission) -> tuple[RunState, str]:
-    """A submitted run whose controller has not planned it yet: its state and why."""
+def unplanned(run: RunDir) -> Submission | None:
+    """The submission of a run that has no plan yet (its controller has not planned it)."""
+    sub = run.submission()
+    return sub if sub is not None and not run.has_plan() else None
+
+
+def unplanned_state(run: RunDir, sub: Submission, st: JobState | None = None) -> tuple[RunState, str]:
+    """A submitted run whose controller has not planned it yet: its state and why
+    (`st`: its job's state, if already asked)."""
     killed = run.killed_reason()
     end = run.batch_end()
     if end is not None:
@@ -293,10 +304,50 @@ def unplanned_state(run: RunDir, sub: Submission) -> tuple[RunState, str]:
         return RunState.KILLED, f"Slurm job {sub.job} {killed}"
     if not sub.job:
         return RunState.PENDING, "being submitted"
-    st = job_states([sub.job])[sub.job]
+    st = st or job_states([sub.job])[sub.job]
     if st.state == "PENDING":
         return RunState.PENDING, f"Slurm job {sub.job} is pending ({st.reason or 'waiting'}), " \
             f"submitted {_clock(time.time() - sub.time)} ago"
     if st.ended:
         return RunState.FAILED, f"Slurm job {sub.job} ended ({st.state or st.why}) before the run started"
     return RunState.STARTING, f"Slurm job {sub.job} is {st.state or st.why}: the run's controller is starting"
+
+
+def wait_planned(run: RunDir, sub: Submission) -> bool:
+    """Wait until the controller has planned the run (True), or it ended before (False)."""
+    while not run.has_plan():
+        if run.batch_end() is not None or run.killed_reason() is not None:
+            return run.has_plan()
+        if sub.job and job_states([sub.job])[sub.job].ended:
+            return run.has_plan()
+        time.sleep(POLL * 2)
+    return True
+
+
+def stop_submitted(run: RunDir, sub: Submission, why: str) -> str:
+    """`kill` of a submitted run that has no plan yet: cancel its job if it is pending;
+    else (the controller is starting it) have the controller stop, then cancel the job.
+    What was done, in words."""
+    if cancel_pending(sub.job):
+        run.mark_killed(f"cancelled while pending ({why})")
+        return f"its Slurm job {sub.job} was pending, and is cancelled"
+    signal_controller(sub.job)
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and run.batch_end() is None and not job_states([sub.job])[sub.job].ended:
+        time.sleep(POLL)
+    if run.has_plan():
+        return ""           # it had started: the caller kills the run the clusterrun way
+    run.mark_killed(why)
+    end_job(sub.job)
+    return f"its controller was stopped before it started the run, and Slurm job {sub.job} is over"
+
+
+def end_job(jobid: str) -> None:
+    """The run is over: its job ends by itself as its controller exits; what is left of
+    it (only this job, which clusterrun submitted) is cancelled."""
+    deadline = time.monotonic() + 15
+    while time.monotonic() < deadline:
+        if job_states([jobid])[jobid].ended:
+            return
+        time.sleep(POLL)
+    cancel(jobid)

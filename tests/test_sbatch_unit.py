@@ -167,3 +167,40 @@ def test_no_sbatch_on_path_is_exit_2(outside, monkeypatch):
     assert r.exit_code == 2
     assert "the Slurm client `sbatch` is not on PATH" in r.output
     assert not (outside / "home" / "runs").exists() or not any((outside / "home" / "runs").iterdir())
+
+
+def test_while_pending_the_progress_line_says_why_and_how_long_then_the_run_ends(outside, monkeypatch):
+    """follow() before the run starts, with a fake squeue saying PENDING (Resources): the
+    progress line (a terminal's) shows it; the batch step's words are relayed; the
+    controller's exit code is up's."""
+    import io
+    import threading
+    import time
+
+    from clusterrun.run.records import BatchEnd, Submission
+    from clusterrun.run.runs import RunDir
+    from clusterrun.run.stream import Terminal
+    from clusterrun.run.submit import follow
+
+    bin_dir = outside / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "squeue").write_text("#!/bin/sh\necho '41|PENDING|Resources'\n")
+    (bin_dir / "squeue").chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}:/usr/bin:/bin")
+    run = RunDir.create("20261207-000000-abcdef")
+    run.record_submission(Submission("41", time.time(), "job.yaml", ["t.py"]))
+    err = io.StringIO()
+    term = Terminal(out=io.BytesIO(), err=err)
+    term._show_progress = True          # as on a terminal
+    codes: list[int] = []
+    t = threading.Thread(target=lambda: codes.append(follow(run, "41", term)), daemon=True)
+    t.start()
+    deadline = time.monotonic() + 20
+    while "pending (Resources) " not in err.getvalue() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert "pending (Resources) 0s: Slurm job 41" in err.getvalue()
+    run.batch_log.write_text("clusterrun: preflight failed, nothing was started:\n")
+    run.record_batch_end(BatchEnd(2, "preflight failed"))
+    t.join(20)
+    assert codes == [2]
+    assert "clusterrun: preflight failed, nothing was started:\n" in err.getvalue()

@@ -186,6 +186,18 @@ def test_kill_of_a_pending_run_cancels_its_job(lab, tmp_path):
         lab.cancel(hold)
 
 
+def test_too_few_cpus_asked_is_the_preflights_refusal_with_the_fix(lab, tmp_path):
+    """clusterrun asks --cpus-per-task=nproc_per_node; a user's -c1 replaces it, and the
+    controller's preflight in the batch step then refuses (its words, its exit code)."""
+    r = clusterrun(tmp_path, "up", "--sbatch-arg=-c1", job_file(tmp_path).name, "x.py")
+    assert r.returncode == 2, r.stdout + r.stderr
+    assert "clusterrun: preflight failed, nothing was started:" in r.stderr, r.stderr
+    assert "fewer than nproc_per_node 2" in r.stderr and "--exclusive" in r.stderr, r.stderr
+    run_id = next(l.split()[2] for l in r.stderr.splitlines() if " submitted as Slurm job " in l)
+    data = status(tmp_path, run_id)
+    assert data["state"] == "failed" and "preflight failed" in data["message"], data
+
+
 def test_no_node_count_outside_an_allocation_is_exit_2(lab, tmp_path):
     r = clusterrun(tmp_path, "up", "slurm", "x.py", timeout=60)
     assert r.returncode == 2

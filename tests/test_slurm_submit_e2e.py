@@ -140,7 +140,8 @@ def test_ctrl_c_while_pending_cancels_the_job(lab, tmp_path):
             time.sleep(0.2)
         run_id = first.split()[2]
         st = status(tmp_path, run_id)
-        assert st["state"] == "pending" and st["slurm"]["reason"], st
+        # (Slurm gives the reason, e.g. Resources, once its scheduler has looked at the job.)
+        assert st["state"] == "pending" and st["slurm"]["state"] == "PENDING", st
         p.send_signal(signal.SIGINT)
         _, err = p.communicate(timeout=60)
         assert p.returncode == 130, err

@@ -176,13 +176,16 @@ def main() -> None:
 @click.option("--restart-delay", type=DURATION, metavar="SECONDS", help="Wait before a restart (default 5).")
 @click.option("--accept-new-host-keys", is_flag=True, help="Trust hosts not yet in known_hosts.")
 @transport_option
+@click.option("--sbatch-arg", "sbatch_args", multiple=True, metavar="OPTION",
+              help="Outside a Slurm allocation: an sbatch option for the job `up` submits; repeatable.")
+@click.option("--run-id", hidden=True, help="The batch step of this submitted run (run/submit.py).")
 @click.option("--no-color", is_flag=True, help="No colours (also: NO_COLOR=1).")
 @click.argument("hosts", type=click.Path(dir_okay=False))
 @click.argument("script")
 @click.argument("script_args", nargs=-1, type=click.UNPROCESSED)
 def up_cmd(module, nproc_per_node, master_port, env, detach, dry_run, sync, skip_check, no_fail_fast, hang_timeout,
-           on_hang, max_restarts, restart_delay, accept_new_host_keys, transport, no_color, hosts, script,
-           script_args) -> None:
+           on_hang, max_restarts, restart_delay, accept_new_host_keys, transport, sbatch_args, run_id, no_color,
+           hosts, script, script_args) -> None:
     """Start SCRIPT with torchrun on every node of HOSTS and stream every rank's lines.
 
     Options go before HOSTS; everything after SCRIPT is passed to the script.
@@ -194,14 +197,43 @@ def up_cmd(module, nproc_per_node, master_port, env, detach, dry_run, sync, skip
     )
     from .commands import up
 
-    if dry_run:
-        _run(lambda: click.echo(up.dry_run(hosts, opts, transport)))
     up_opts = UpOptions(fail_fast=not no_fail_fast, accept_new_host_keys=accept_new_host_keys,
                         color=use_color(no_color=no_color), detach=detach, skip_check=skip_check,
                         sync=sync, transport=transport, hang_timeout=hang_timeout, on_hang=on_hang,
                         max_restarts=max_restarts, restart_delay=restart_delay,
-                        reconnect_window=_reconnect_window())
+                        reconnect_window=_reconnect_window(), sbatch_args=tuple(sbatch_args),
+                        batch_args=_batch_args(click.get_current_context()), run_id=run_id)
+    if dry_run:
+        _run(lambda: click.echo(up.dry_run(hosts, opts, transport, up_opts)))
     _run(up.up, hosts, opts, up_opts)
+
+
+# Options only the `up` that submits a run to Slurm uses; its batch step gets the others.
+_SUBMITTER_ONLY = frozenset({"detach", "dry_run", "sbatch_args", "run_id", "no_color"})
+
+
+def _batch_args(ctx: click.Context) -> tuple[str, ...]:
+    """`up`'s words as typed (options, HOSTS, SCRIPT, its arguments), less the options only
+    the submitting `up` uses: what the batch step of a submitted run runs again."""
+    words = ctx.meta.get("up_args", [])
+    options = {name: p for p in ctx.command.params if isinstance(p, click.Option)
+               for name in (*p.opts, *p.secondary_opts)}
+    kept: list[str] = []
+    i = 0
+    while i < len(words) and words[i].startswith("-") and words[i] not in ("-", "--"):
+        name, eq, _ = words[i].partition("=")
+        param = options.get(name)
+        if param is None and not name.startswith("--"):      # short flags together: -md
+            flags = "".join(c for c in name[1:] if (p := options.get("-" + c)) is None
+                            or p.name not in _SUBMITTER_ONLY)
+            kept += [f"-{flags}"] if flags else []
+            i += 1
+            continue
+        n = 1 if param is None or param.is_flag or eq else 2
+        if param is None or param.name not in _SUBMITTER_ONLY:
+            kept += words[i:i + n]
+        i += n
+    return tuple(kept + words[i:])
 
 
 def _control(no_color: bool = True):

@@ -28,7 +28,7 @@ _SHARED_KEYS = (
 TOP_KEYS = frozenset(_SHARED_KEYS + ("master_port", "master_addr", "connect_timeout", "hang_timeout",
                                      "on_hang", "max_restarts", "restart_delay", "spares", "hosts",
                                      "slurm"))
-SLURM_KEYS = frozenset(("nodes", "partition", "time", "gpus_per_node", "sbatch_args"))
+SLURM_KEYS = frozenset(("nodes", "partition", "time", "gpus_per_node", "account", "sbatch_args"))
 SLURM = "slurm"     # HOSTS `slurm` (no file of that name): the allocation the command runs in
 ON_HANG = ("report", "kill")
 HOST_KEYS = frozenset(_SHARED_KEYS + ("host", "name", "addr"))
@@ -94,8 +94,8 @@ class HostsFile:
 @dataclass(frozen=True)
 class SlurmSpec:
     """A hosts file's `slurm:` section. Inside an allocation the nodes are the
-    allocation's (clusterrun/slurm.py); nodes, partition, time, gpus_per_node and
-    sbatch_args say what to submit (submitting is not built yet)."""
+    allocation's (clusterrun/slurm.py); outside one, nodes, partition, time,
+    gpus_per_node, account and sbatch_args say what `up` submits (sbatch.py)."""
 
     template: Host                      # the file's defaults, applied to every node
     nodes: int | None = None            # nodes of the run; the allocation's others are spares
@@ -103,14 +103,24 @@ class SlurmSpec:
     time: str | None = None
     gpus_per_node: int | None = None
     sbatch_args: tuple[str, ...] = ()
+    account: str | None = None
 
 
 def load_hosts(path: str | Path) -> HostsFile:
     """Read and validate a hosts file; `slurm` (no such file) or a file's `slurm:`
     section: the nodes of the Slurm allocation the command runs in."""
+    hosts = read_hosts(path)
+    if hosts.slurm is not None:
+        return allocation_hosts(hosts)
+    return hosts
+
+
+def read_hosts(path: str | Path) -> HostsFile:
+    """The hosts file as written: for `slurm` (no such file) or a `slurm:` section, its
+    SlurmSpec and no hosts yet (load_hosts takes them from the allocation)."""
     p = str(path)
     if p == SLURM and not os.path.exists(p):
-        return allocation_hosts(parse_hosts({"slurm": {}}, "HOSTS slurm"))
+        return parse_hosts({"slurm": {}}, "HOSTS slurm")
     try:
         raw = Path(p).read_bytes()
     except FileNotFoundError:
@@ -137,10 +147,7 @@ def load_hosts(path: str | Path) -> HostsFile:
         where = f"line {mark.line + 1}" if mark is not None else ""
         problem = getattr(e, "problem", None) or str(e).splitlines()[0]
         raise HostsFileError(p, where, f"not valid YAML: {problem}") from None
-    hosts = parse_hosts(data, p)
-    if hosts.slurm is not None:
-        return allocation_hosts(hosts)
-    return hosts
+    return parse_hosts(data, p)
 
 
 @functools.cache
@@ -274,7 +281,8 @@ def _parse_slurm(data: dict[str, Any], path: str) -> HostsFile:
     if not isinstance(args, list) or not all(isinstance(a, str) and a for a in args):
         raise HostsFileError(path, "slurm.sbatch_args", "must be a list of sbatch options, "
                              "like [\"--account=proj\", \"--exclusive\"]")
-    spec = SlurmSpec(template, nodes, partition, limit, gpus, tuple(args))
+    account = None if section.get("account") is None else _str(section["account"], path, "slurm.account")
+    spec = SlurmSpec(template, nodes, partition, limit, gpus, tuple(args), account)
     hosts = parse_hosts({k: v for k, v in data.items() if k != "slurm"} | {"hosts": ["slurm"]}, path)
     return replace(hosts, hosts=(), slurm=spec)
 

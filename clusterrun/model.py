@@ -40,6 +40,7 @@ FINAL_STATES = frozenset({NodeState.EXITED, NodeState.KILLED, NodeState.LOST,
 class RunState(_Word):
     """A whole run, as `status` and `ps` show it (from its nodes' states)."""
 
+    PENDING = "pending"                 # submitted: its Slurm job waits for nodes
     STARTING = "starting"
     RUNNING = "running"
     SUCCEEDED = "succeeded"

@@ -53,6 +53,10 @@ class UpOptions:
     max_restarts: int | None = None     # --max-restarts (None: the hosts file's)
     restart_delay: float | None = None  # --restart-delay (None: the hosts file's)
     reconnect_window: float = RECONNECT_WINDOW
+    # Submitting to Slurm (outside an allocation; run/submit.py):
+    sbatch_args: tuple[str, ...] = ()   # --sbatch-arg, after the hosts file's sbatch_args
+    batch_args: tuple[str, ...] = ()    # up's words as typed, less what only the submitting up uses
+    run_id: str | None = None           # hidden --run-id: this up is the batch step of that submitted run
 
 
 @dataclass(frozen=True)

@@ -7,7 +7,7 @@ is its NodeAddr from `scontrol show node`: the controller may not resolve node n
 hostsfile.allocation_hosts makes them Hosts on the srun transport (their sessions are
 steps of that job). srun_argv is the line of such a step (transports/srun.py says why each
 option), which the transport runs and `up --dry-run` prints. job_states tells `status` and `ps`
-the state of a run's job. Submitting an allocation (sbatch) is not built yet.
+the state of a run's job. Outside an allocation `up` submits one (sbatch.py, run/submit.py).
 """
 
 from __future__ import annotations
@@ -33,6 +33,11 @@ class Allocation:
     nodes: tuple[tuple[str, str], ...]
 
 
+def in_allocation() -> bool:
+    """Whether this process runs inside a Slurm allocation (salloc, sbatch, srun)."""
+    return bool(os.environ.get(JOB_VAR, "").strip())
+
+
 def current_allocation(what: str) -> Allocation:
     """The allocation this process runs in (`what` names the HOSTS that asked for it)."""
     job = os.environ.get(JOB_VAR, "").strip()
@@ -41,7 +46,7 @@ def current_allocation(what: str) -> Allocation:
         raise UsageError(
             f"{what}: not inside a Slurm allocation (no ${JOB_VAR} / ${NODELIST_VAR}): run the "
             "command inside one, e.g. `salloc -N 2 --exclusive` then the command, or in an sbatch "
-            "script. Submitting a job from here is not built yet.")
+            "script (outside one, `clusterrun up` submits one with sbatch).")
     if not re.fullmatch(r"[0-9_]+", job):
         raise UsageError(f"${JOB_VAR} is not a Slurm job id: {job!r}")
     names = _scontrol("show", "hostnames", nodelist).split()

@@ -59,7 +59,7 @@ def test_a_file_named_slurm_is_a_hosts_file(allocation: Path) -> None:
 
 def test_outside_an_allocation_slurm_is_a_usage_error(allocation: Path, monkeypatch) -> None:
     monkeypatch.delenv("SLURM_JOB_ID")
-    with pytest.raises(UsageError, match=r"not inside a Slurm allocation.*salloc.*not built yet"):
+    with pytest.raises(UsageError, match=r"not inside a Slurm allocation.*salloc.*outside one, `clusterrun up` submits one"):
         load_hosts("slurm")
 
 

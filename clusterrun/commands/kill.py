@@ -11,6 +11,9 @@ from ..model import NodeState
 from ..options import WatchOptions
 from ..run.runs import RunDir, list_run_ids, runs_root
 from ..run.stream import Terminal
+from ..model import RunState
+from ..run.records import Submission
+from ..run.submit import end_job, stop_submitted, unplanned_state
 from ..slurm import job_states
 
 
@@ -22,6 +25,16 @@ def kill(run_id: str | None, all_runs: bool, grace: float) -> int:
     term = Terminal()
     problems: list[str] = []
     for run in runs:
+        sub = run.submission()
+        if sub is not None and not run.ended():
+            if not run.has_plan():
+                state, why = unplanned_state(run, sub)
+                if state not in (RunState.PENDING, RunState.STARTING):
+                    if not all_runs:
+                        term.message(f"clusterrun: run {run.run_id} has already ended: {why}")
+                    continue
+            term.message(f"clusterrun: killed run {run.run_id}: {_kill_submitted(run, sub, grace, problems)}")
+            continue
         if run.ended():
             lost = lost_nodes(run)
             if not lost:
@@ -45,6 +58,21 @@ def kill(run_id: str | None, all_runs: bool, grace: float) -> int:
     if problems:
         raise UnreachableError("could not verify every node:\n  " + "\n  ".join(problems))
     return 0
+
+
+def _kill_submitted(run: RunDir, sub: Submission, grace: float, problems: list[str]) -> str:
+    """A live run `up` submitted to Slurm: stop its ranks the clusterrun way, then scancel
+    the job clusterrun submitted (and only that); a pending one: cancel it. What was
+    done, in words."""
+    if not run.has_plan():
+        done = stop_submitted(run, sub, "clusterrun kill")
+        if done:
+            return done
+    found = kill_run(run, grace)
+    problems += found
+    end_job(sub.job)
+    return ("nothing of it is left on its nodes" if not found else "not every node is confirmed clean") + \
+        f", and its Slurm job {sub.job} is over"
 
 
 def kill_run(run: RunDir, grace: float) -> list[str]:

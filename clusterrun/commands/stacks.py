@@ -10,6 +10,7 @@ from ..options import WatchOptions
 from ..run.live import connect_live
 from ..run.results import describe_ranks
 from ..run.runs import RunDir
+from ..run.submit import unplanned, unplanned_state
 from ..run.stacks import group, render, save, take
 from ..run.stream import Terminal
 
@@ -18,6 +19,9 @@ def stacks(run_id: str | None, ranks: tuple[int, ...], node: str | None, native:
            children: bool, opts: WatchOptions) -> int:
     """Print and save the stacks of a live run's ranks; exit 1 if a node could not be read."""
     run = RunDir.find(run_id)
+    sub = unplanned(run)
+    if sub is not None:
+        raise UsageError(f"run {run.run_id} has no ranks running: {unplanned_state(run, sub)[1]}")
     plan = run.plan()
     for r in ranks:
         if not 0 <= r < plan.world_size:

@@ -17,6 +17,8 @@ from ..run.runs import RunDir, list_run_ids, runs_root
 from ..run.restart import attempt_of
 from ..run.results import describe_code, describe_ranks, plural
 from ..run.stream import Terminal
+from ..run.records import Submission
+from ..run.submit import unplanned, unplanned_state
 from ..slurm import JobState, job_states
 
 
@@ -140,12 +142,31 @@ def describe_node(n: NodeStatus) -> str:
 
 
 def status(run_id: str | None, as_json: bool, opts: WatchOptions) -> int:
-    st = status_of(RunDir.find(run_id), opts)
+    run = RunDir.find(run_id)
+    sub = unplanned(run)
+    if sub is not None:
+        return _status_unplanned(run, sub, as_json)
+    st = status_of(run, opts)
     if as_json:
         print(json.dumps(st.to_json(), indent=1))
         return 0
     for line in status_lines(st):
         print(line)
+    return 0
+
+
+def _status_unplanned(run: RunDir, sub: Submission, as_json: bool) -> int:
+    """A run submitted to Slurm that its controller has not planned yet (pending, starting,
+    or ended before it started): the run's state and why, and its job's."""
+    job = job_states([sub.job])[sub.job] if sub.job else None
+    state, why = unplanned_state(run, sub, job)
+    if as_json:
+        print(json.dumps({"run": run.run_id, "state": state.value, "hosts": sub.hosts, "world_size": None,
+                          "nodes": [], "message": why, "slurm": job.to_json() if job else None}, indent=1))
+        return 0
+    print(f"run {run.run_id}: {state} ({sub.hosts}): {why}")
+    if job is not None:
+        print(job.text())
     return 0
 
 
@@ -182,11 +203,19 @@ def ps() -> int:
         except Exception:  # noqa: BLE001 - a damaged run must not hide the others
             rows.append((run_id, run, None))
     # A column for the Slurm job only where a run is on Slurm: other listings stay as they were.
-    jobs = job_states([j for _, _, p in rows if p is not None and (j := p.slurm_job)])
+    subs = {run_id: sub for run_id, run, p in rows if p is None and (sub := unplanned(run)) is not None}
+    jobs = job_states([j for _, _, p in rows if p is not None and (j := p.slurm_job)]
+                      + [sub.job for sub in subs.values() if sub.job])
     slurm_w = max([len("slurm job")] + [len(_slurm_cell(s)) for s in jobs.values()])
     slurm_head = f"{'slurm job':<{slurm_w}}  " if jobs else ""
     lines: list[tuple[str, str, str | None]] = []   # run id, state, the rest of the row (None: unreadable)
     for run_id, run, plan in rows:
+        sub = subs.get(run_id)
+        if sub is not None:         # submitted, not planned yet: no nodes or ranks to count
+            state, _ = unplanned_state(run, sub, jobs.get(sub.job))
+            cell = f"{_slurm_cell(jobs[sub.job]) if sub.job in jobs else '':<{slurm_w}}  "
+            print(f"{run_id:<22}  {state:<14}  {'-':>5}  {'-':>5}  {cell}{' '.join(sub.script)}")
+            continue
         try:
             if plan is None:
                 raise ValueError(f"run {run_id}: no readable plan")

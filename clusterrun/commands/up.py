@@ -7,7 +7,6 @@ run/attempts.py plans, starts again after a failure (--max-restarts) and watches
 from __future__ import annotations
 
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -24,13 +23,18 @@ from ..run.preflight import Gate, preflight_error
 from ..run.results import plural
 from ..run.runs import CollectorLock, RunDir, clusterrun_home, new_run_id
 from ..run.stream import Terminal
+from ..run.submit import as_batch_step, batch_for, submit, to_submit
 from ..transports.connect import connect_all
 
 
-def dry_run(hosts_path: str, opts: LaunchOptions, transport: str | None = None) -> str:
+def dry_run(hosts_path: str, opts: LaunchOptions, transport: str | None = None,
+            up_opts: UpOptions | None = None) -> str:
     """The rank table and, per node, a line that runs its part by hand; connects to nothing
-    (on Slurm it asks scontrol for the allocation's nodes and their addresses, as `up` does).
+    (on Slurm it asks scontrol for the allocation's nodes and their addresses, as `up` does;
+    outside an allocation it is the sbatch script `up` would submit).
     A dry run has no run id: nothing of it exists afterwards."""
+    if up_opts is not None and (to_slurm := to_submit(hosts_path)) is not None:
+        return batch_for(to_slurm, opts, up_opts, PLACEHOLDER_RUN_ID).script().rstrip("\n")  # what `up` submits
     hosts = with_transport(load_hosts(hosts_path), transport)
     first = hosts.hosts[0]
     # Without connecting, "where ssh reaches node 0" is its HostName as OpenSSH resolves it.
@@ -49,24 +53,36 @@ def dry_run(hosts_path: str, opts: LaunchOptions, transport: str | None = None) 
 
 def up(hosts_path: str, opts: LaunchOptions, up_opts: UpOptions) -> int:
     signal.signal(signal.SIGTERM, _interrupt)
+    if up_opts.run_id is not None:      # the batch step of a run `up` submitted (run/submit.py)
+        return as_batch_step(up_opts.run_id, lambda run: _up(hosts_path, opts, up_opts, run))
+    to_slurm = to_submit(hosts_path)
+    if to_slurm is not None:            # Slurm nodes, outside an allocation: submit one
+        lint_warnings(opts, Terminal())
+        return submit(to_slurm, opts, up_opts)
+    return _up(hosts_path, opts, up_opts, None)
+
+
+def _up(hosts_path: str, opts: LaunchOptions, up_opts: UpOptions, submitted: RunDir | None) -> int:
+    """Run it here, attached or detached; `submitted`: as the batch step of that run."""
     hosts = with_transport(load_hosts(hosts_path), up_opts.transport)
     if up_opts.detach and on_slurm(hosts):
         # Measured: a step dies within 3 s of its srun, and the node's job is the
         # start session's step: it cannot outlive this command. Detached runs on
-        # Slurm are sbatch runs, which are not built yet.
-        raise UsageError("up --detach on Slurm is not built yet: the run's steps end with this "
-                         "command (a detached run needs an sbatch job). Run it attached, e.g. in "
-                         "an sbatch script: clusterrun up slurm SCRIPT")
+        # Slurm are submitted ones (outside the allocation).
+        raise UsageError("up --detach inside a Slurm allocation: the run's steps end with this command. "
+                         "Run it attached here, or detached from outside the allocation, where "
+                         "`clusterrun up -d slurm ...` submits a job with sbatch")
     term = Terminal()
-    lint_warnings(opts, term)
+    if submitted is None:               # the submitting `up` showed them
+        lint_warnings(opts, term)
     term.progress(f"connecting to {len(hosts.hosts)} nodes")
-    run_id = new_run_id()
+    run_id = new_run_id() if submitted is None else submitted.run_id
     transports = connect_all(hosts.hosts, hosts.connect_timeout, up_opts.accept_new_host_keys,
                              scope=run_id)
     try:
         plan = plan_attempt(hosts, opts, transports, term, run_id=run_id, checks=not up_opts.skip_check,
                             sync=Path.cwd() if up_opts.sync else None)
-        run = RunDir.create(run_id)
+        run = RunDir.create(run_id) if submitted is None else submitted
         lock = run.lock()       # before the plan: commands see the run only once it has a collector
         assert lock is not None, "a new run has no collector yet"
         run.write_plan(plan)
@@ -76,7 +92,7 @@ def up(hosts_path: str, opts: LaunchOptions, up_opts: UpOptions) -> int:
         raise
     ctl_opts = WatchOptions(
         fail_fast=up_opts.fail_fast, kill_grace=up_opts.kill_grace, color=up_opts.color,
-        print_lines=not up_opts.detach, connect_timeout=hosts.connect_timeout,
+        print_lines=not up_opts.detach and submitted is None, connect_timeout=hosts.connect_timeout,
         accept_new_host_keys=up_opts.accept_new_host_keys,
         hang_timeout=up_opts.hang_timeout or hosts.hang_timeout, on_hang=up_opts.on_hang or hosts.on_hang,
         reconnect_window=up_opts.reconnect_window,
@@ -93,7 +109,7 @@ def up(hosts_path: str, opts: LaunchOptions, up_opts: UpOptions) -> int:
         ctl.launch(start=True, gate=gate)
         if gate is not None and not _gate_passed(gate, ctl, run, term):
             ctl.wait()                  # every node has answered "stop" and ended
-            shutil.rmtree(run.path, ignore_errors=True)
+            run.discard()
             raise preflight_error(gate.problems or [])
         for warning in gate.warnings if gate is not None else ():
             term.message(f"clusterrun: warning: {warning}")
@@ -129,7 +145,7 @@ def _gate_passed(gate: Gate, ctl: RunController, run: RunDir, term: Terminal) ->
     except KeyboardInterrupt:
         if gate.abort("interrupted"):
             ctl.abandon()       # every node's thread is done with the run's files
-            shutil.rmtree(run.path, ignore_errors=True)
+            run.discard()
             term.message("clusterrun: interrupted while the nodes were checked: nothing was started")
         raise
 

@@ -3,6 +3,8 @@
     state.json     {node_rank: NodeRecord}   each node's state, kept by the run's collector
     attempts.json  [AttemptRecord]           where each attempt's lines start (up --max-restarts)
     hang.json      HangRecord                the last hang the run's watch diagnosed
+    submission.json  Submission              a run submitted with sbatch: its Slurm job
+    batch.json     BatchEnd                  how that job's batch step (the controller) ended
 
 Each record reads the files every clusterrun version wrote (the same keys; a key
 an older version did not write takes its default), so that old runs still show in
@@ -92,3 +94,38 @@ class HangRecord:
     @classmethod
     def from_json(cls, d: dict[str, Any]) -> "HangRecord":
         return cls(time=d["time"], diagnosis=d["diagnosis"], stacks=d["stacks"])
+
+
+@dataclass(frozen=True)
+class Submission:
+    """A run `up` submitted with sbatch (outside an allocation): its Slurm job, which
+    clusterrun may cancel, and what `ps` shows before the run has a plan."""
+
+    job: str                        # the Slurm job id sbatch gave
+    time: float                     # when it was submitted
+    hosts: str                      # HOSTS as typed
+    script: list[str]               # SCRIPT and its arguments
+
+    def to_json(self) -> dict[str, Any]:
+        return {"job": self.job, "time": self.time, "hosts": self.hosts, "script": list(self.script)}
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> "Submission":
+        return cls(job=str(d["job"]), time=d.get("time", 0.0), hosts=d.get("hosts", ""),
+                   script=list(d.get("script") or []))
+
+
+@dataclass(frozen=True)
+class BatchEnd:
+    """How a submitted run's controller (its job's batch step) ended: its exit code and,
+    when it ended with an error of its own, that error's words."""
+
+    code: int
+    message: str = ""
+
+    def to_json(self) -> dict[str, Any]:
+        return {"code": self.code, "message": self.message}
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> "BatchEnd":
+        return cls(code=int(d["code"]), message=d.get("message") or "")

@@ -9,6 +9,9 @@
     runs/<run id>/result.json      every node's outcome, once the run has ended
     runs/<run id>/collector.lock   held (flock) by the one process streaming the run
     runs/<run id>/control.sock     where that process takes `kill` requests (control.py)
+    runs/<run id>/submission.json  a run submitted with sbatch: its Slurm job (run/submit.py)
+    runs/<run id>/batch.log        that job's batch step's own words (the controller's stderr)
+    runs/<run id>/batch.json       how the batch step ended (its exit code)
 
 Exactly one process at a time, the collector, streams a run from its nodes into
 these files: the attached `up`, the background collector of `up --detach`, or a
@@ -26,6 +29,7 @@ import fcntl
 import json
 import os
 import secrets
+import shutil
 import threading
 import time
 from pathlib import Path
@@ -33,7 +37,7 @@ from typing import Any
 
 from ..errors import UsageError
 from ..plan import Plan, masked, plan_from_dict
-from .records import AttemptRecord, HangRecord, NodeRecord
+from .records import AttemptRecord, BatchEnd, HangRecord, NodeRecord, Submission
 
 # A node's thread records its state while others record theirs: each write reads the
 # file and replaces one entry, so they take turns (one process writes a run's records:
@@ -88,6 +92,15 @@ class RunDir:
             raise UsageError(f"{what} matches {run_id!r} (see `clusterrun ps`)")
         return cls(runs_root() / matches[0])
 
+    @classmethod
+    def submitted(cls, run_id: str) -> "RunDir":
+        """The directory of a run submitted with sbatch, for its batch step to run it in."""
+        run = cls(runs_root() / run_id)
+        if run.submission() is None:
+            raise UsageError(f"run {run_id}: no submitted run of that id under {runs_root()} "
+                             "(is CLUSTERRUN_HOME the submitting shell's?)")
+        return run
+
     @property
     def run_id(self) -> str:
         return self.path.name
@@ -132,6 +145,38 @@ class RunDir:
         if data is None:
             raise UsageError(f"run {self.run_id}: no readable plan.json in {self.path}")
         return plan_from_dict(data)
+
+    def has_plan(self) -> bool:
+        return (self.path / "plan.json").exists()
+
+    def submission(self) -> Submission | None:
+        """The Slurm job of a run submitted with sbatch (None: not submitted)."""
+        data = self.read_json("submission.json")
+        return Submission.from_json(data) if data else None
+
+    def record_submission(self, sub: Submission) -> None:
+        self.write_json("submission.json", sub.to_json())
+
+    def record_batch_end(self, end: BatchEnd) -> None:
+        self.write_json("batch.json", end.to_json())
+
+    def batch_end(self) -> BatchEnd | None:
+        data = self.read_json("batch.json")
+        return BatchEnd.from_json(data) if data else None
+
+    @property
+    def batch_log(self) -> Path:
+        return self.path / "batch.log"
+
+    def discard(self) -> None:
+        """Nothing of the run started: remove it, except a submitted run's record of its
+        job (what the batch step said stays readable: `status`, the submitting `up`)."""
+        if self.submission() is None:
+            shutil.rmtree(self.path, ignore_errors=True)
+            return
+        for p in self.path.iterdir():
+            if p.name not in ("submission.json", "batch.log", "batch.json", "killed"):
+                shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
 
     def node_states(self) -> dict[int, NodeRecord]:
         """Each node's recorded state, by node_rank (a node not yet recorded has none)."""
@@ -220,7 +265,8 @@ def list_run_ids() -> list[str]:
     root = runs_root()
     if not root.is_dir():
         return []
-    return sorted((p.name for p in root.iterdir() if (p / "plan.json").exists()), reverse=True)
+    return sorted((p.name for p in root.iterdir()
+                   if (p / "plan.json").exists() or (p / "submission.json").exists()), reverse=True)
 
 
 def _jsonable(o: Any) -> Any:

@@ -158,6 +158,9 @@ def test_dry_run_outside_an_allocation_prints_the_script_and_submits_nothing(out
     r = CliRunner().invoke(main, ["up", "--dry-run", "--sbatch-arg=--partition=gpu", "job.yaml", "t.py"])
     assert r.exit_code == 0, r.output
     assert r.output.startswith("#!/bin/sh\n") and "#SBATCH --partition=gpu\n" in r.output
+    script, by_hand = r.output.split("# ---- the script ends here.")
+    assert script.rstrip().splitlines()[-1].startswith("exec ")
+    assert "srun --jobid=JOB --overlap --pty bash" in by_hand and "per node" in by_hand
     assert not (outside / "home").exists()
 
 

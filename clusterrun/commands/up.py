@@ -27,6 +27,14 @@ from ..run.submit import as_batch_step, batch_for, submit, to_submit
 from ..transports.connect import connect_all
 
 
+# A submission's nodes are known only once Slurm gives them: the per-node lines come then.
+BY_HAND_ONCE_RUNNING = """\
+# ---- the script ends here. Each node's part by hand: the nodes are known once the job
+# runs. In a shell of the job (`srun --jobid=JOB --overlap --pty bash`), the same
+# `clusterrun up --dry-run` with HOSTS `slurm` (or this hosts file) prints, per node,
+# the srun line that runs its part."""
+
+
 def dry_run(hosts_path: str, opts: LaunchOptions, transport: str | None = None,
             up_opts: UpOptions | None = None) -> str:
     """The rank table and, per node, a line that runs its part by hand; connects to nothing
@@ -34,7 +42,8 @@ def dry_run(hosts_path: str, opts: LaunchOptions, transport: str | None = None,
     outside an allocation it is the sbatch script `up` would submit).
     A dry run has no run id: nothing of it exists afterwards."""
     if up_opts is not None and (to_slurm := to_submit(hosts_path)) is not None:
-        return batch_for(to_slurm, opts, up_opts, PLACEHOLDER_RUN_ID).script().rstrip("\n")  # what `up` submits
+        script = batch_for(to_slurm, opts, up_opts, PLACEHOLDER_RUN_ID).script()  # what `up` submits
+        return script + BY_HAND_ONCE_RUNNING
     hosts = with_transport(load_hosts(hosts_path), transport)
     first = hosts.hosts[0]
     # Without connecting, "where ssh reaches node 0" is its HostName as OpenSSH resolves it.

@@ -36,7 +36,7 @@ def connect_node(host: Host, timeout: float | None, accept_new: bool = False,
         from .srun import SrunTransport
         if host.slurm_job is None:
             raise UnreachableError(f"{host.name}: transport srun needs the node's Slurm job")
-        return SrunTransport(host.host, host.slurm_job)
+        return SrunTransport(host.host, host.slurm_job, addr=host.addr)
     if host.transport == "openssh":
         from .openssh import connect_openssh
         return connect_openssh(

@@ -113,13 +113,14 @@ class SrunTransport:
     """One node of a Slurm job (`jobid`), each session a step run by srun.
 
     peer_addr is the node's NodeAddr from `scontrol show node` (the controller
-    may not resolve node names); looked up once, on first use.
+    may not resolve node names): `addr` where the allocation already gave it, else
+    looked up once, on first use.
     """
 
-    def __init__(self, node: str, jobid: str) -> None:
+    def __init__(self, node: str, jobid: str, addr: str | None = None) -> None:
         self.name = node
         self.jobid = jobid
-        self._peer: str | None = None
+        self._peer: str | None = addr
         self._peer_lock = threading.Lock()
         self._closed = False
         self._sessions: weakref.WeakSet[SrunProcess] = weakref.WeakSet()

@@ -91,6 +91,10 @@ LOGIN = ('p=$(getent passwd "$(id -u)") || { echo "no passwd entry for uid $(id 
          'exec "$SHELL" -l -c "$1"')
 MERGE = "exec 2>&1; "
 
+# How long a step on a node may take to start and run `true` (the user's login shell
+# included) before the node counts as unreachable (SrunTransport.prove).
+STEP_CHECK_TIMEOUT = 30.0
+
 # What srun itself says about a task that failed; the exit status says it too.
 _TASK_END = re.compile(r"^srun: error: \S+: tasks? [0-9,-]+: (Exited with exit code \d+|Killed|Terminated"
                        r"|Aborted|Segmentation fault|Hangup|Interrupt)$")
@@ -178,6 +182,24 @@ class SrunTransport:
             why = (out.stderr.strip().splitlines() or [f"exit code {out.returncode}"])[-1]
             raise UnreachableError(f"{self.name}: no NodeAddr from `{render(argv)}`: {why}")
         return found.group(1)
+
+    def prove(self, timeout: float = STEP_CHECK_TIMEOUT) -> None:
+        """Raise UnreachableError unless a step starts on the node and ends well within
+        `timeout`: a node Slurm holds for DOWN fails at once, one whose slurmd just died
+        makes srun wait (measured: still waiting after 8 s), so the wait is bounded."""
+        proc = self.exec("true")
+        try:
+            code = proc.wait(timeout)
+            if code is None:
+                from ..slurm import node_gone
+                gone = node_gone(self.name)
+                raise UnreachableError(f"{self.name}: no step of Slurm job {self.jobid} started on it within "
+                                       f"{timeout:g}s" + (f" ({gone})" if gone else ""))
+            if code != 0:
+                why = (proc.stderr_text().strip().splitlines() or [f"exit code {code}"])[-1]
+                raise UnreachableError(f"{self.name}: no step of Slurm job {self.jobid} could start on it ({why})")
+        finally:
+            proc.close()
 
     def alive(self) -> bool:
         # No link to lose: each session is a step of its own, and a step whose

@@ -128,7 +128,7 @@ def _slurm_job_ended(hosts: HostsFile) -> str:
         return ""
     from ..slurm import job_states
     state = job_states([job])[job]
-    if not state.ended:
+    if not state.ended and state.state != "COMPLETING":     # ending: its steps are being killed
         return ""
     return (f"\nclusterrun: {state.text()}: Slurm ends an allocation when one of its nodes goes down, "
             "unless it was made with --no-kill (`salloc --no-kill`, `#SBATCH --no-kill`), which keeps "

@@ -206,3 +206,37 @@ def test_with_no_spare_the_lost_node_is_named_and_nothing_is_left(slurm, tmp_pat
     finally:
         slurm.cancel(job)
         slurm.revive(n2)
+
+
+def test_without_no_kill_slurm_ends_the_allocation_and_the_run_says_why(slurm, tmp_path):
+    """Slurm ends a job made without --no-kill when one of its nodes goes DOWN: no spare can
+    stand in, and the run says so. (The restart delay outlasts SlurmdTimeout, so that the
+    next attempt is tried once Slurm has ended the job.)"""
+    n1, n2, n3 = slurm.names[:3]
+    script = write(tmp_path / "crashy.py", CRASHY)
+    hosts = write(tmp_path / "hosts.yaml", """\
+        slurm:
+          nodes: 2
+        nproc_per_node: 1
+        max_restarts: 1
+        restart_delay: 20
+    """)
+    job = slurm.allocate("-N3", "--exclusive", f"--nodelist={n1},{n2},{n3}")
+    try:
+        up = Up(slurm, tmp_path, job, [n1, n2, n3], str(hosts), str(script))
+        up.wait_for(" attempt 0 ", 2)
+        slurm.crash(n2)
+        code = up.finish()
+        err = up.err.splitlines()
+        assert code == 1, "\n".join(up.lines) + up.err
+        assert any(l.startswith(f"clusterrun: attempt 1 of 2 failed: node {n2} (node_rank 1) was lost: its srun "
+                                "step fell silent") for l in err), up.err
+        assert any(l.startswith("clusterrun: no further attempt: ") for l in err), up.err
+        ended = [l for l in err if l.startswith(f"clusterrun: slurm job {job}: ")]
+        assert len(ended) == 1 and "(NodeDown): Slurm ends an allocation when one of its nodes goes down, " \
+            "unless it was made with --no-kill" in ended[0], up.err
+        assert not any(" attempt 1 " in l for l in up.lines)
+        assert _python_on(slurm, [n1, n3]) == {n1: [], n3: []}
+    finally:
+        slurm.cancel(job)
+        slurm.revive(n2)

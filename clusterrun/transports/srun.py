@@ -63,6 +63,15 @@ FACTS (scripts/slurmcluster, 3 nodes, Slurm 22.05; see tests/test_srun_e2e.py):
   0.1-0.5 s, and the step is gone from `squeue --steps` within 2.4-3.4 s. So
   nothing on a node outlives its session: a run that must outlive the
   controller's sessions runs in an sbatch job.
+- A node that crashes (scripts/slurmcluster crash: slurmd, slurmstepd and the
+  task SIGKILLed, its link down) never ends its srun: the step falls silent and
+  stays RUNNING in `squeue --steps` (srun still waiting after 14 min; the step
+  listed until the job ends, even after `scancel J.S`). slurmctld shows the
+  node ALLOCATED+NOT_RESPONDING ~25 s after the crash, DOWN ~40 s after
+  (SlurmdTimeout=30), and then ends the job unless it has --no-kill. A new step
+  there waits while it is not responding, fails at once once it is DOWN:
+  prove() bounds the wait; remote.py names a silent step's node lost once
+  slurmctld says it does not respond.
 - SIGTERM to srun makes Slurm SIGKILL the step at once ("STEP J.S CANCELLED",
   exit 137 after 1.1 s; the task's TERM trap never ran): this module never
   sends it. close() SIGKILLs the srun client; ending the job's processes

@@ -217,3 +217,28 @@ def _query(argv: list[str]) -> "str | _Failed":
         why = (out.stderr.strip().splitlines() or [f"exit code {out.returncode}"])[-1]
         return _Failed(f"`{os.path.basename(argv[0])}` failed: {why}")
     return out.stdout
+
+
+# --- a node that Slurm says is gone ---
+
+# Node states (scontrol's State=BASE+FLAG+...) that mean slurmd there does not answer:
+# slurmctld sets NOT_RESPONDING when a ping fails, DOWN after SlurmdTimeout.
+_GONE = frozenset(("DOWN", "NOT_RESPONDING", "FAIL"))
+
+
+def node_gone(name: str) -> str | None:
+    """Words saying that slurmctld holds this node for gone (not responding, down,
+    failed), with its State and Reason; None when it does not, or cannot be asked
+    (a lost answer is no proof of a lost node)."""
+    tool = shutil.which("scontrol")
+    if tool is None:
+        return None
+    out = _query([tool, "show", "node", "--oneliner", name])
+    if not isinstance(out, str):
+        return None
+    state = re.search(r"(?:^|\s)State=(\S+)", out)
+    if state is None or not _GONE & set(state.group(1).split("+")):
+        return None
+    reason = re.search(r"(?:^|\s)Reason=(.*?)(?=\s+\w+=|$)", out.strip())
+    why = f" ({reason.group(1)})" if reason and _reason(reason.group(1)) else ""
+    return f"Slurm says the node is {state.group(1)}{why}"

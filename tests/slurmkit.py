@@ -80,6 +80,26 @@ class SlurmCluster:
         while jobid in self.jobs() and time.monotonic() < deadline:
             time.sleep(0.1)
 
+    def crash(self, name: str) -> None:
+        """The node dies as a machine that loses power (`scripts/slurmcluster crash`)."""
+        out = _slurmcluster("crash", name, timeout=60)
+        assert out.returncode == 0, out.stdout + out.stderr
+
+    def revive(self, name: str, timeout: float = 60) -> None:
+        """Bring a crashed node back and wait (bounded) until Slurm has it idle again."""
+        out = _slurmcluster("revive", name, timeout=60)
+        assert out.returncode == 0, out.stdout + out.stderr
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.node_state(name) == "idle":
+                return
+            time.sleep(0.5)
+        raise AssertionError(f"{name} is {self.node_state(name)!r}, not idle, {timeout:g}s after its revive")
+
+    def node_state(self, name: str) -> str:
+        """sinfo's state of the node (idle, allocated, down*, ...)."""
+        return self.client("sinfo", "--noheader", "-N", f"--nodes={name}", "--format=%T").stdout.strip()
+
     def node_pids(self, name: str, comm: str) -> list[int]:
         """Processes named `comm` in the node's namespace (its tasks, for instance)."""
         out = subprocess.run(["ip", "netns", "pids", name], capture_output=True, text=True,

@@ -4,6 +4,7 @@ takes its place (the end-to-end test is in test_restart_e2e.py)."""
 
 from __future__ import annotations
 
+import dataclasses
 import io
 
 import pytest
@@ -34,7 +35,7 @@ def setting(plan, monkeypatch):
                          "spares": ["gone", "unfit", "fit"]})
     made: dict[str, Link] = {}
 
-    def connect(host, timeout):
+    def connect(host, timeout, prove=False):
         if host.host in ("gpu-x", "gone"):
             raise UnreachableError(f"{host.host}: connection refused")
         made[host.host] = Link(host.host)
@@ -83,7 +84,7 @@ def test_the_lost_nodes_are_called_back_at_once_not_one_connect_timeout_after_an
     hosts = parse_hosts({"nproc_per_node": 2, "hosts": ["gpu-w", "gpu-x"], "connect_timeout": 5})
     both = threading.Barrier(2, timeout=5)
 
-    def connect(host, timeout):
+    def connect(host, timeout, prove=False):
         both.wait()
         return Link(host.host)
 
@@ -93,3 +94,48 @@ def test_the_lost_nodes_are_called_back_at_once_not_one_connect_timeout_after_an
     nxt = restart.next_roster(roster, results, Terminal(io.BytesIO(), io.StringIO()))
     assert [t.name for t in nxt.transports] == ["gpu-w", "gpu-x"]
     assert all(old.closed for old in roster.transports) and not any(t.closed for t in nxt.transports)
+
+
+def test_a_lost_node_is_called_back_whatever_order_the_nodes_ended_in(plan, monkeypatch):
+    """The results come in the order the nodes ended: node 1 was lost first (its link
+    still looks up), node 0 exited after it. Node 1 is called back, node 0 kept."""
+    hosts = parse_hosts({"nproc_per_node": 2, "hosts": ["gpu-w", "gpu-x"]})
+    called = []
+
+    def connect(host, timeout, prove=False):
+        called.append(host.host)
+        return Link(host.host)
+
+    monkeypatch.setattr(restart, "connect_node", connect)
+    roster = restart.Roster(hosts, [Link("gpu-w"), Link("gpu-x")], [])
+    results = [NodeResult(plan.nodes[1], NodeState.LOST), NodeResult(plan.nodes[0], NodeState.EXITED, 1)]
+    nxt = restart.next_roster(roster, results, Terminal(io.BytesIO(), io.StringIO()))
+    assert called == ["gpu-x"]
+    assert nxt.transports[0] is roster.transports[0] and roster.transports[1].closed
+
+
+def test_on_slurm_every_node_is_proved_by_a_step_before_the_next_attempt(plan, monkeypatch):
+    """No connection is held on Slurm: a node that exited well is proved again (a step
+    starts there), and one whose step cannot start is missing, its spare takes over."""
+    hosts = parse_hosts({"nproc_per_node": 2, "hosts": ["n1", "n2"], "spares": ["n3"]})
+    hosts = dataclasses.replace(hosts, hosts=tuple(dataclasses.replace(h, transport="srun", slurm_job="7")
+                                                   for h in hosts.hosts),
+                                spares=tuple(dataclasses.replace(h, transport="srun", slurm_job="7")
+                                             for h in hosts.spares))
+    proved = []
+
+    def connect(host, timeout, prove=False):
+        proved.append((host.host, prove))
+        if host.host == "n2":
+            raise UnreachableError("n2: no step of Slurm job 7 could start on it (srun: error: Unable to "
+                                   "create step for job 7: Requested node configuration is not available)")
+        return Link(host.host)
+
+    monkeypatch.setattr(restart, "connect_node", connect)
+    roster = restart.Roster(hosts, [Link("n1"), Link("n2")], list(hosts.spares))
+    results = [NodeResult(n, NodeState.EXITED, 1) for n in plan.nodes]
+    err = io.StringIO()
+    nxt = restart.next_roster(roster, results, Terminal(io.BytesIO(), err))
+    assert sorted(proved) == [("n1", True), ("n2", True), ("n3", True)]
+    assert [h.host for h in nxt.hosts.hosts] == ["n1", "n3"] and nxt.replaced == {"n3": "n2"}
+    assert "clusterrun: n2 was lost; n3 takes node_rank 1" in err.getvalue()

@@ -120,6 +120,21 @@ def run_attempts(ctl: RunController, results: list[NodeResult], restarts: Restar
     return ctl, results
 
 
+def _slurm_job_ended(hosts: HostsFile) -> str:
+    """Why no node of a Slurm run can start a step, if its Slurm job has ended: Slurm
+    ends an allocation made without --no-kill when one of its nodes goes down."""
+    job = hosts.hosts[0].slurm_job if hosts.hosts else None
+    if job is None:
+        return ""
+    from ..slurm import job_states
+    state = job_states([job])[job]
+    if not state.ended and state.state != "COMPLETING":     # ending: its steps are being killed
+        return ""
+    return (f"\nclusterrun: {state.text()}: Slurm ends an allocation when one of its nodes goes down, "
+            "unless it was made with --no-kill (`salloc --no-kill`, `#SBATCH --no-kill`), which keeps "
+            "its other nodes for the spares")
+
+
 def restart_loop(restarts: Restarts, term: Terminal) -> Continue:
     """run_attempts as what a collector does once its attempt has ended (`up -d`)."""
     return lambda ctl, results: run_attempts(ctl, results, restarts, term)
@@ -140,7 +155,7 @@ def _next_attempt(ctl: RunController, results: list[NodeResult], roster: Roster,
         vet = spare_vet(opts, run.run_id, attempt) if restarts.check else None
         roster = next_roster(roster, results, term, vet)
     except UnreachableError as e:
-        term.message(f"clusterrun: no further attempt: {e}")
+        term.message(f"clusterrun: no further attempt: {e}{_slurm_job_ended(restarts.hosts)}")
         return None
     except KeyboardInterrupt:
         run.mark_killed("Ctrl-C")

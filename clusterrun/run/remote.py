@@ -12,6 +12,7 @@ import json
 import queue
 import secrets
 import shlex
+import socket
 import threading
 import time
 import zlib
@@ -26,13 +27,26 @@ from ..model import NodeResult, NodeState, RankFailure
 from ..options import RECONNECT_WINDOW
 from ..parallel import each
 from .agentspec import attach_spec, kill_spec, start_spec
-from .frames import Broken, DataFrame, FrameReader, Heartbeat, Stray, agent_mark, read_preamble
+from ..slurm import node_gone
+from .frames import Broken, DataFrame, Frame, FrameReader, Heartbeat, Stray, agent_mark, read_preamble
 from .stream import NodeOutput
 from ..transports.base import Process, Transport, link_errors
 
 # No byte from a streaming node agent for this long (it sends a heartbeat every
 # 5 s) means the link is dead, even if TCP has not noticed yet.
 STALL_TIMEOUT = 30.0
+
+# A Slurm node's step that fell silent for STALL_TIMEOUT: slurmctld is asked whether
+# the node is gone, then every SLURM_RECHECK seconds while the silence lasts.
+SLURM_RECHECK = 5.0
+
+
+class StepSilent:
+    """(Slurm) No byte from the node's step for a read timeout."""
+
+
+STEP_SILENT = StepSilent()
+
 
 _AGENT_LINE = base64.b64encode(zlib.compress((Path(__file__).parent.parent / "nodeagent.py").read_bytes(), 9)) + b"\n"
 # What runs on the node: a short loader; the agent's code and spec follow on stdin.
@@ -180,11 +194,27 @@ class RemoteJob:
             self.output.login(login if login.endswith(b"\n") else login + b"\n")
         data = self.output.data
         frames = FrameReader(proc)
-        frame = frames.next()
+        frame: Frame | StepSilent = frames.next()
         # The agent says something at least every HEARTBEAT_EVERY seconds; silence far
-        # longer than that is a dead link (raises socket.timeout: reconnect).
+        # longer than that is a dead link (raises socket.timeout: reconnect), or on
+        # Slurm a step that fell silent (_next_frame: is the node gone?).
         proc.set_read_timeout(STALL_TIMEOUT)
+        silent = False              # (Slurm) the step fell silent: Slurm is asked every SLURM_RECHECK s
+        quiet = 0.0
         while True:
+            if isinstance(frame, StepSilent):
+                quiet = quiet + SLURM_RECHECK if silent else STALL_TIMEOUT
+                gone = self._silent_step(quiet)
+                if gone is not None:
+                    return gone
+                if not silent:
+                    silent = True
+                    proc.set_read_timeout(SLURM_RECHECK)
+                frame = self._next_frame(frames)
+                continue
+            if silent:
+                silent = False
+                proc.set_read_timeout(STALL_TIMEOUT)
             if isinstance(frame, DataFrame):
                 data(frame.key, frame.chunk)
             elif isinstance(frame, Heartbeat):  # the link is alive
@@ -213,7 +243,26 @@ class RemoteJob:
                     return NodeResult(self.node, NodeState.RUNNING)
                 else:
                     return self._final(proc, name, ev)
-            frame = frames.next()
+            frame = self._next_frame(frames)
+
+    def _next_frame(self, frames: FrameReader) -> Frame | StepSilent:
+        """The next frame. On Slurm a stream that stalls is no dropped link (there is
+        none to drop): the step fell silent, and Slurm is asked whether the node is gone."""
+        try:
+            return frames.next()
+        except socket.timeout:
+            if not self.node.host.slurm_job:
+                raise
+            return STEP_SILENT
+
+    def _silent_step(self, quiet: float) -> NodeResult | None:
+        """A Slurm node whose step sent nothing for `quiet` seconds: lost if slurmctld
+        says the node is not responding or down; else None (it is slow: wait on)."""
+        gone = node_gone(self.node.host.host)
+        if gone is None:
+            return None
+        return NodeResult(self.node, NodeState.LOST, stopped=self.stopped,
+                          message=f"its srun step fell silent (nothing for {quiet:.0f}s) and {gone}")
 
     def _pass_stop_on(self, proc: Process) -> None:
         """A stop that reached no agent: this one kills the job as soon as it streams."""

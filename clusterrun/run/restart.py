@@ -82,20 +82,24 @@ def next_roster(roster: Roster, results: list[NodeResult], term: Terminal, vet: 
     replaced = dict(roster.replaced)
     timeout = roster.hosts.connect_timeout
 
+    # The results come in the order the nodes ended, not in node_rank order.
+    ended = {r.node.node_rank: r.state for r in results}
+
     def settled(j: int) -> bool:        # a node whose connection this attempt can use as it is
         t = transports[j]
-        return t is not None and results[j].state != NodeState.LOST and t.alive()
+        # On Slurm no connection proves a node is there: each is proved by a step of its own.
+        return t is not None and ended.get(j) != NodeState.LOST and t.alive() and not hosts[j].slurm_job
 
     # Every other node itself, if it answers again: all at once, so that the lost
     # nodes cost one connect timeout together, not one each.
-    again = [i for i in range(len(results)) if not settled(i)]
+    again = [i for i in range(len(hosts)) if not settled(i)]
     for i in again:
         old = transports[i]
         if old is not None:
             old.close()
         transports[i] = None
     missing: dict[int, str] = {}        # node_rank -> why it did not answer
-    for i, o in zip(again, each(again, lambda i: connect_node(hosts[i], timeout))):
+    for i, o in zip(again, each(again, lambda i: connect_node(hosts[i], timeout, prove=True))):
         if isinstance(o.error, UnreachableError):
             missing[i] = str(o.error)
         elif o.error is not None:
@@ -106,7 +110,7 @@ def next_roster(roster: Roster, results: list[NodeResult], term: Terminal, vet: 
         while spares:
             spare = spares.pop(0)
             try:
-                stand_in = connect_node(spare, timeout)
+                stand_in = connect_node(spare, timeout, prove=True)
             except UnreachableError as e:
                 term.message(f"clusterrun: spare {spare.name} is unreachable too: {e}")
                 continue

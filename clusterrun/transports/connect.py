@@ -24,19 +24,24 @@ from .base import Transport
 
 
 def connect_node(host: Host, timeout: float | None, accept_new: bool = False,
-                 scope: str | None = None, visiting: bool = False) -> Transport:
+                 scope: str | None = None, visiting: bool = False, prove: bool = False) -> Transport:
     """One node's transport: local for localhost, else an SSH connection on the
     host's stack. `scope` is the run it serves (None: this command only); on the
     openssh stack a run's ControlMaster outlives the command, so that a detached
     run's collector and later `logs`/`kill` reuse its authentication (`visiting`: and
-    never end the collector's master)."""
+    never end the collector's master). `prove`: on Slurm, where no connection is held,
+    first start a step there (bounded), so that a node that is gone raises
+    UnreachableError (over SSH the connection itself is that proof)."""
     if host.is_local:
         return LocalTransport(host.name)
     if host.transport == "srun":
         from .srun import SrunTransport
         if host.slurm_job is None:
             raise UnreachableError(f"{host.name}: transport srun needs the node's Slurm job")
-        return SrunTransport(host.host, host.slurm_job, addr=host.addr)
+        srun = SrunTransport(host.host, host.slurm_job, addr=host.addr)
+        if prove:
+            srun.prove()
+        return srun
     if host.transport == "openssh":
         from .openssh import connect_openssh
         return connect_openssh(

@@ -64,6 +64,15 @@ FACTS (scripts/slurmcluster, 3 nodes, Slurm 22.05; see tests/test_srun_e2e.py):
   0.1-0.5 s, and the step is gone from `squeue --steps` within 2.4-3.4 s. So
   nothing on a node outlives its session: a run that must outlive the
   controller's sessions runs in an sbatch job.
+- A node that crashes (scripts/slurmcluster crash: slurmd, slurmstepd and the
+  task SIGKILLed, its link down) never ends its srun: the step falls silent and
+  stays RUNNING in `squeue --steps` (srun still waiting after 14 min; the step
+  listed until the job ends, even after `scancel J.S`). slurmctld shows the
+  node ALLOCATED+NOT_RESPONDING ~25 s after the crash, DOWN ~40 s after
+  (SlurmdTimeout=30), and then ends the job unless it has --no-kill. A new step
+  there waits while it is not responding, fails at once once it is DOWN:
+  prove() bounds the wait; remote.py names a silent step's node lost once
+  slurmctld says it does not respond.
 - SIGTERM to srun makes Slurm SIGKILL the step at once ("STEP J.S CANCELLED",
   exit 137 after 1.1 s; the task's TERM trap never ran): this module never
   sends it. close() SIGKILLs the srun client; ending the job's processes
@@ -82,6 +91,10 @@ import weakref
 from ..errors import UnreachableError
 from ..slurm import srun_argv
 from .openssh import OpenSSHProcess
+
+# How long a step on a node may take to start and run `true` (the user's login shell
+# included) before the node counts as unreachable (SrunTransport.prove).
+STEP_CHECK_TIMEOUT = 30.0
 
 # What srun itself says about a task that failed; the exit status says it too.
 _TASK_END = re.compile(r"^srun: error: \S+: tasks? [0-9,-]+: (Exited with exit code \d+|Killed|Terminated"
@@ -162,6 +175,24 @@ class SrunTransport:
             why = (out.stderr.strip().splitlines() or [f"exit code {out.returncode}"])[-1]
             raise UnreachableError(f"{self.name}: no NodeAddr from `{render(argv)}`: {why}")
         return found.group(1)
+
+    def prove(self, timeout: float = STEP_CHECK_TIMEOUT) -> None:
+        """Raise UnreachableError unless a step starts on the node and ends well within
+        `timeout`: a node Slurm holds for DOWN fails at once, one whose slurmd just died
+        makes srun wait (measured: still waiting after 8 s), so the wait is bounded."""
+        proc = self.exec("true")
+        try:
+            code = proc.wait(timeout)
+            if code is None:
+                from ..slurm import node_gone
+                gone = node_gone(self.name)
+                raise UnreachableError(f"{self.name}: no step of Slurm job {self.jobid} started on it within "
+                                       f"{timeout:g}s" + (f" ({gone})" if gone else ""))
+            if code != 0:
+                why = (proc.stderr_text().strip().splitlines() or [f"exit code {code}"])[-1]
+                raise UnreachableError(f"{self.name}: no step of Slurm job {self.jobid} could start on it ({why})")
+        finally:
+            proc.close()
 
     def alive(self) -> bool:
         # No link to lose: each session is a step of its own, and a step whose

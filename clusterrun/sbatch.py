@@ -97,7 +97,10 @@ def batch_job(spec: SlurmSpec, where: str, sbatch_args: tuple[str, ...], *, run_
     for key, value in (("partition", spec.partition), ("time", spec.time), ("account", spec.account)):
         if value is not None:
             options.append((f"--{key}={value}",))
-    options += [("--no-requeue",), ("--export=NONE",), (f"--chdir={workdir}",), (f"--output={output}",)]
+    # --no-kill: a node that goes down ends the run's attempt, not the job, so that the
+    # controller can restart on the nodes left (or tell the loss) instead of dying with it.
+    options += [("--no-kill",), ("--no-requeue",), ("--export=NONE",), (f"--chdir={workdir}",),
+                (f"--output={output}",)]
     options += _grouped(user)
     passed = tuple((k, env[k]) for k in PASSED_ENV if env.get(k))
     argv = (python, "-m", "clusterrun", "up", f"--run-id={run_id}", *up_args)

@@ -73,7 +73,8 @@ def test_the_script_asks_one_task_per_node_with_the_ranks_cpus_and_runs_the_cont
     assert script.startswith("#!/bin/sh\n")
     assert options(script) == [
         ["--job-name=clusterrun"], ["--nodes=2"], ["--ntasks-per-node=1"], ["--cpus-per-task=2"],
-        ["--gpus-per-node=8"], ["--partition=gpu"], ["--time=02:00:00"], ["--account=proj"], ["--no-requeue"],
+        ["--gpus-per-node=8"], ["--partition=gpu"], ["--time=02:00:00"], ["--account=proj"], ["--no-kill"],
+        ["--no-requeue"],
         ["--export=NONE"], ["--chdir=/shared/p"], ["--output=/home/u/.clusterrun/runs/R1/batch.log"]]
     assert exec_argv(script) == ["/venv/bin/python", "-m", "clusterrun", "up", "--run-id=R1", "job.yaml",
                                  "train.py"]

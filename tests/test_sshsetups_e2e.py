@@ -8,12 +8,33 @@ its sshd_config, sshd re-reads it on SIGHUP) and restored after the test.
 from __future__ import annotations
 
 import time
+from pathlib import Path
+from typing import Callable, Iterator
 
 import pytest
 
-from kit import hosts_file
+from conftest import node_user
+from kit import REPORT, check_tags, hosts_file, write
 
 pytestmark = pytest.mark.e2e
+
+SHELLS = ["/bin/bash", "/bin/dash", "/usr/bin/zsh", "/usr/bin/tcsh", "/usr/bin/fish"]
+
+
+@pytest.fixture
+def shell_user(cluster, tmp_path) -> Iterator[Callable[[str], str]]:
+    """Makes a user with the given login shell (named for this cluster, so that another
+    test cluster's users on this machine are never touched); each removed at the end."""
+    made: list = []
+
+    def make(shell: str) -> str:
+        cm = node_user(f"{cluster.prefix}-{Path(shell).name}", shell, tmp_path)
+        made.append(cm)
+        return cm.__enter__()
+
+    yield make
+    for cm in reversed(made):
+        cm.__exit__(None, None, None)
 
 
 def exec_on(ctl, tmp_path, entries: list, *argv: str, **top):
@@ -33,3 +54,63 @@ def test_exec_on_one_node_that_cannot_be_reached_says_it_ran_nowhere(cluster, ct
     r = exec_on(ctl, tmp_path, both, "hostname", connect_timeout=3)
     assert r.returncode == 3, r.stdout + r.stderr
     assert r.stderr.splitlines()[0] == "clusterrun: cannot reach any of the 2 nodes (the command ran nowhere):"
+
+
+# --- item 3: any login shell ------------------------------------------------------------
+
+ODD_ARGS = ["a!b", "!!", "$HOME", "it's", "*", "100%", "x\\y", "tab\there", "{a,b}", "~", "`id`", "ünï"]
+
+
+@pytest.mark.parametrize("shell", SHELLS)
+def test_exec_arguments_arrive_unchanged_whatever_the_login_shell(cluster, ctl, tmp_path, shell_user, shell):
+    user = shell_user(shell)
+    node = cluster.names[0]
+    r = exec_on(ctl, tmp_path, [node], "printf", "%s|", *ODD_ARGS, user=user)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert r.stdout.splitlines() == [f"[{node}] " + "".join(a + "|" for a in ODD_ARGS)]
+    r = exec_on(ctl, tmp_path, [node], "id", "-un", user=user)
+    assert r.stdout.splitlines() == [f"[{node}] {user}"], r.stdout + r.stderr
+
+
+@pytest.mark.parametrize("shell", SHELLS)
+def test_setup_and_every_failure_cause_read_the_same_whatever_the_login_shell(
+        cluster, ctl, tmp_path, shell_user, shell):
+    user = shell_user(shell)
+    node = cluster.names[0]
+    # A setup line in the login shell's own words where it is of the Bourne family (bash's
+    # and zsh's `source`), else in /bin/sh's.
+    env_file = write(tmp_path / "env.sh", "export FROM_SETUP='set up'\n")
+    source = "source" if Path(shell).name in ("bash", "zsh") else "."
+    r = exec_on(ctl, tmp_path, [node], "printenv", "FROM_SETUP", user=user, setup=f"{source} {env_file}")
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert r.stdout.splitlines() == [f"[{node}] set up"]
+
+    r = exec_on(ctl, tmp_path, [node], "true", user=user, workdir="/nonexistent/clusterrun-wd")
+    assert r.returncode == 1, r.stdout + r.stderr
+    assert r.stderr.splitlines() == ["clusterrun: true did not start on 1 of 1 nodes:",
+                                     f"  {node}: workdir /nonexistent/clusterrun-wd: No such file or directory"]
+    r = exec_on(ctl, tmp_path, [node], "true", user=user, setup=["echo getting ready", "sh -c 'exit 3'"])
+    assert r.returncode == 1, r.stdout + r.stderr
+    assert r.stderr.splitlines() == ["clusterrun: true did not start on 1 of 1 nodes:",
+                                     f"  {node}: setup failed with exit code 3: getting ready"]
+
+    script = write(tmp_path / "never.py", "print('never runs')\n")
+    not_a_program = write(tmp_path / "not-a-program", "")
+    not_a_program.chmod(0o644)
+    for python, cause in (("/nonexistent/bin/python3", "python /nonexistent/bin/python3 not found"),
+                          (str(not_a_program), f"python {not_a_program} cannot be run (Permission denied)")):
+        hosts = hosts_file(tmp_path, [node], filename=f"up-{time.monotonic_ns()}.yaml", user=user, python=python)
+        r = ctl.run("up", str(hosts), str(script), timeout=120)
+        assert r.returncode == 2, r.stdout + r.stderr
+        assert f"  {node}: {cause}" in r.stderr.splitlines(), r.stderr
+
+
+@pytest.mark.parametrize("shell", ["/usr/bin/tcsh", "/usr/bin/fish"])
+def test_a_run_as_a_user_whose_login_shell_is_not_posix(cluster, ctl, tmp_path, shell_user, shell):
+    user = shell_user(shell)
+    script = write(tmp_path / "report.py", REPORT)
+    hosts = hosts_file(tmp_path, cluster.names[:2], user=user, nproc_per_node=1, setup="export A=1")
+    r = ctl.run("up", str(hosts), str(script), "a!b", timeout=240)
+    assert r.returncode == 0, r.stdout + r.stderr
+    check_tags(r.stdout, cluster.names[:2], [1, 1])
+    assert "a!b" in r.stdout

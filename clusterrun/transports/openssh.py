@@ -41,6 +41,7 @@ import weakref
 from typing import TYPE_CHECKING, Callable
 
 from ..errors import UnreachableError
+from ..login import for_any_shell
 from .local import LocalProcess
 
 if TYPE_CHECKING:
@@ -234,7 +235,7 @@ class OpenSSHTransport:
     def _learn_peer(self) -> str:
         # A line of our own (after a newline that ends a login line left open), so
         # that nothing a login script prints can be taken for it.
-        proc = self.exec('echo; echo "CLUSTERRUN-PEER $SSH_CONNECTION"')
+        proc = self.exec(for_any_shell('echo; echo "CLUSTERRUN-PEER $SSH_CONNECTION"'))
         try:
             proc.close_stdin()
             proc.set_read_timeout(self._timeout + 30)   # the user's login scripts run first

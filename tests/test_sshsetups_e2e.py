@@ -114,3 +114,43 @@ def test_a_run_as_a_user_whose_login_shell_is_not_posix(cluster, ctl, tmp_path, 
     assert r.returncode == 0, r.stdout + r.stderr
     check_tags(r.stdout, cluster.names[:2], [1, 1])
     assert "a!b" in r.stdout
+
+
+# --- item 4: a changed host key ---------------------------------------------------------
+
+def host_block(alias: str, cluster, hostname: str, *lines: str) -> str:
+    """A Host block for `alias` like the test cluster's own, then `lines` (which win: each
+    is put first)."""
+    ssh = cluster.home / ".ssh"
+    return (f"Host {alias}\n" + "".join(f"    {line}\n" for line in lines)
+            + f"    HostName {hostname}\n    User root\n    IdentityFile {ssh / 'id_ed25519'}\n"
+            f"    IdentitiesOnly yes\n    UserKnownHostsFile {ssh / 'known_hosts'}\n    BatchMode yes\n")
+
+
+def test_a_changed_host_key_is_refused_even_with_strict_checking_off(cluster, ctl, tmp_path, ssh_config):
+    """`StrictHostKeyChecking no` in the user's config: a changed key is still refused, on
+    both transports, with the command that removes the old key; an unknown one is recorded."""
+    node, other = cluster.names[1], cluster.names[2]
+    known = tmp_path / "known_hosts"
+    # node's address recorded with another node's key: node's key has "changed"
+    known.write_text(f"{cluster.addr_of(node)} "
+                     + (cluster.state / "nodes" / other / "ssh_host_ed25519_key.pub").read_text())
+    ssh_config(host_block("changed", cluster, cluster.addr_of(node), "StrictHostKeyChecking no",
+                          f"UserKnownHostsFile {known}")
+               + host_block("unknown", cluster, cluster.addr_of(other), "StrictHostKeyChecking no",
+                            f"UserKnownHostsFile {known}"))
+    r = exec_on(ctl, tmp_path, ["changed"], "hostname")
+    assert r.returncode == 3, r.stdout + r.stderr
+    assert r.stdout == ""
+    line = next(l for l in r.stderr.splitlines() if l.startswith("  changed: "))
+    assert "CHANGED" in line and "ssh-keygen" in line and " -R " in line, line
+    script = write(tmp_path / "report.py", REPORT)
+    hosts = hosts_file(tmp_path, ["changed"], filename="up.yaml")
+    r = ctl.run("up", str(hosts), str(script), timeout=120)
+    assert r.returncode == 3, r.stdout + r.stderr
+    assert "CHANGED" in r.stderr and "nothing was started" in r.stderr
+    # An unknown key under the same setting is taken and recorded, as ssh does.
+    r = exec_on(ctl, tmp_path, ["unknown"], "hostname")
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert r.stdout.splitlines() == [f"[unknown] {other}"]
+    assert cluster.addr_of(other) in known.read_text()

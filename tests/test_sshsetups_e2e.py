@@ -7,6 +7,9 @@ its sshd_config, sshd re-reads it on SIGHUP) and restored after the test.
 
 from __future__ import annotations
 
+import os
+import signal
+import socket
 import time
 from pathlib import Path
 from typing import Callable, Iterator
@@ -35,6 +38,46 @@ def shell_user(cluster, tmp_path) -> Iterator[Callable[[str], str]]:
     yield make
     for cm in reversed(made):
         cm.__exit__(None, None, None)
+
+
+def _sshd_answers(addr: str, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            with socket.create_connection((addr, 22), timeout=1) as s:
+                if s.recv(4).startswith(b"SSH-"):
+                    return
+        except OSError:
+            pass
+        if time.monotonic() > deadline:
+            raise AssertionError(f"sshd on {addr} does not answer after its config changed")
+        time.sleep(0.1)
+
+
+@pytest.fixture
+def sshd_settings(cluster) -> Iterator[Callable[..., None]]:
+    """sshd_settings(node, *lines): add sshd_config lines on a node (sshd re-reads its
+    config on SIGHUP); every node's config is restored at the end."""
+    originals: dict[str, str] = {}
+
+    def hup(name: str) -> None:
+        pid = cluster.sshd_pid(name)
+        assert pid, f"no sshd on {name}"
+        os.kill(pid, signal.SIGHUP)
+        time.sleep(0.2)                 # it closes its listener, then re-executes itself
+        _sshd_answers(cluster.addr_of(name))
+
+    def settings(name: str, *lines: str) -> None:
+        path = cluster.state / "nodes" / name / "sshd_config"
+        originals.setdefault(name, path.read_text())
+        # First match wins in sshd_config: the test's lines go first.
+        path.write_text("".join(f"{line}\n" for line in lines) + originals[name])
+        hup(name)
+
+    yield settings
+    for name, text in originals.items():
+        (cluster.state / "nodes" / name / "sshd_config").write_text(text)
+        hup(name)
 
 
 def exec_on(ctl, tmp_path, entries: list, *argv: str, **top):
@@ -154,3 +197,21 @@ def test_a_changed_host_key_is_refused_even_with_strict_checking_off(cluster, ct
     assert r.returncode == 0, r.stdout + r.stderr
     assert r.stdout.splitlines() == [f"[unknown] {other}"]
     assert cluster.addr_of(other) in known.read_text()
+
+
+# --- item 7: SetEnv and SendEnv ---------------------------------------------------------
+
+def test_set_env_and_send_env_reach_the_node_on_both_transports(cluster, ctl, tmp_path, ssh_config, sshd_settings):
+    """The node gets the same environment through paramiko as through ssh: SendEnv's
+    variables from the controller, SetEnv's, SetEnv's winning a name given by both; what
+    sshd's AcceptEnv does not take is set on neither."""
+    node = cluster.names[1]
+    sshd_settings(node, "AcceptEnv CR_*")
+    ssh_config(host_block("envnode", cluster, cluster.addr_of(node),
+                          'SetEnv CR_SET=from-setenv "CR_BOTH=set env"',
+                          "SendEnv CR_SENT CR_BOTH NOT_ACCEPTED"))
+    ctl.env.update(CR_SENT="from the controller", CR_BOTH="sent", NOT_ACCEPTED="x", CR_NOT_SENT="y")
+    r = exec_on(ctl, tmp_path, ["envnode"], "sh", "-c",
+                'echo "$CR_SET|$CR_SENT|$CR_BOTH|${NOT_ACCEPTED-unset}|${CR_NOT_SENT-unset}"')
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert r.stdout.splitlines() == ["[envnode] from-setenv|from the controller|set env|unset|unset"]

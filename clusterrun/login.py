@@ -4,19 +4,60 @@
 the node agent), then `exec` the program: the node agent for `up` and the commands
 that reach a job, the user's command for `exec`. `--dry-run` prints the same steps
 joined by `&&`. Built here only, and its failures put in words here only.
+
+The node's login shell may be any shell (bash, dash, zsh, ksh, tcsh, fish): sshd
+runs the line with it. So the login shell only ever gets `for_any_shell`'s line,
+which has it exec /bin/sh with the script as data it cannot read (octal escapes);
+the script is POSIX sh, run by /bin/sh. `setup:` lines run in the login shell
+itself where it is one of the Bourne family (`source`, and what its rc files set
+up, work as in a terminal), else in that /bin/sh.
 """
 
 from __future__ import annotations
 
+import shlex
 from dataclasses import dataclass
 
 from .nodeagent import FAILED_MARK, FAILED_SETUP, FAILED_WORKDIR
 from .plan import quote_path, setup_part
 
+# Bytes that mean the same to every shell inside single quotes and to printf's format
+# inside sh's double quotes; every other byte is written as an octal escape. (`\` then a
+# digit is left alone in single quotes by every shell, fish and tcsh included; no `!`
+# for tcsh's history, no `'`, no newline, no `%` or `$`.)
+_PLAIN = frozenset(b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789 _,./:=@+-")
+
+# Login shells of the Bourne family, in which `setup:` lines run as their user wrote
+# them; under any other (tcsh, csh, fish) they run in /bin/sh. SHLVL is unset so that
+# bash reads its .bashrc as sshd's bash did (bash skips it for a nested shell).
+_SETUP_IN_LOGIN_SHELL = 'case ${SHELL##*/} in bash|zsh|ksh|ksh93|mksh) unset SHLVL; exec "$SHELL" -c '
+
+
+def for_any_shell(script: str) -> str:
+    """The line that runs the POSIX sh `script` in /bin/sh whatever the login shell is
+    that reads it: `exec /bin/sh -c 'eval "$(printf "...")"'`, the script in octal
+    escapes, so that no shell expands, splits or rejects any of it (tcsh's `!`, fish's
+    syntax) and every argument arrives as written."""
+    data = script.encode()
+    text = "".join(chr(b) if b in _PLAIN and (i or chr(b).isalnum()) else f"\\{b:03o}"
+                   for i, b in enumerate(data))
+    return f"exec /bin/sh -c 'eval \"$(printf \"{text}\")\"'"
+
+
 # Shells word a failed cd each their own way (bash: "No such file or directory",
 # dash: "can't cd to"), so the reason comes from test(1), which every POSIX shell has.
 _CD_REASONS = {"missing": "No such file or directory", "notdir": "Not a directory",
                "denied": "Permission denied"}
+
+
+# Why a shell could not run a program, in the system's words (strerror), which each shell
+# puts in a sentence of its own: "sh: 1: exec: P: Permission denied", "zsh:1: permission denied: P".
+_EXEC_REASONS = ("Permission denied", "Exec format error", "Is a directory", "Text file busy")
+
+
+def _exec_reason(line: str) -> str:
+    """The reason in a shell's line about a program it could not run, as strerror words it."""
+    return next((r for r in _EXEC_REASONS if r.lower() in line.lower()), line.rsplit(": ", 1)[-1])
 
 
 @dataclass(frozen=True)
@@ -33,26 +74,34 @@ class Login:
             q = quote_path(self.workdir)
             why = f"$([ -d {q} ] && echo denied || {{ [ -e {q} ] && echo notdir || echo missing; }})"
             steps.append((f"cd {q}", f"echo \"{FAILED_MARK}{FAILED_WORKDIR} {why}\" >&2; exit 1"))
-        setup = [setup_part(s) for s in self.setup if s.strip()]
+        setup = self.setup_lines()
         if setup:
             steps.append(("{ " + " && ".join(setup) + "; } </dev/null",
                           f"echo \"{FAILED_MARK}{FAILED_SETUP} $?\" >&2; exit 1"))
         return steps
-
-    def steps(self) -> str:
-        """`cd WORKDIR`, then the setup lines, each stopping the line with its mark if it fails."""
-        return "".join(f"{step} || {{ {fail}; }}; " for step, fail in self._steps())
 
     def shown_steps(self) -> str:
         """The steps as `--dry-run` shows them, for a person to paste: `cd W && { S; } </dev/null && `."""
         return "".join(f"{step} && " for step, _ in self._steps())
 
     def line(self, program: str, make_workdir: bool = False) -> str:
-        """The whole login line: the steps, then `exec PROGRAM` (a shell line, quoted by
-        the caller). make_workdir: create the workdir first (`up --sync` fills it);
-        if that fails, the line ends with mkdir's own words."""
+        """The whole login line, as the node's login shell gets it (`for_any_shell`)."""
+        return for_any_shell(self.script(program, make_workdir))
+
+    def script(self, program: str, make_workdir: bool = False) -> str:
+        """The login line's POSIX sh script: the steps, then `exec PROGRAM` (a shell line,
+        quoted by the caller). make_workdir: create the workdir first (`up --sync` fills
+        it); if that fails, the script ends with mkdir's own words. The setup lines and
+        the program run in the login shell where it is of the Bourne family."""
         made = f"mkdir -p {quote_path(self.workdir)} || exit; " if make_workdir and self.workdir else ""
-        return made + self.steps() + "exec " + program
+        steps = [f"{step} || {{ {fail}; }}; " for step, fail in self._steps()]
+        if not self.setup_lines():
+            return made + "".join(steps) + "exec " + program
+        rest = steps.pop() + "exec " + program
+        return made + "".join(steps) + _SETUP_IN_LOGIN_SHELL + shlex.quote(rest) + ";; esac; " + rest
+
+    def setup_lines(self) -> list[str]:
+        return [setup_part(s) for s in self.setup if s.strip()]
 
     def marked_failure(self, stderr_lines: list[str], output: list[str]) -> str | None:
         """The marked step that stopped the line, in words; None if no step did.
@@ -79,5 +128,5 @@ class Login:
         if code == 127:
             return f"python {python} not found"
         if code == 126:
-            return f"python {python} cannot be run" + (f" ({lines[-1]})" if lines else "")
+            return f"python {python} cannot be run" + (f" ({_exec_reason(lines[-1])})" if lines else "")
         return lines[-1] if lines else f"the login shell exited with code {code} before python started"

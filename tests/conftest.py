@@ -20,6 +20,7 @@ behaves as for a user whose ~/.ssh/config is set up for the cluster.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import itertools
 import os
@@ -28,6 +29,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Iterator
 
 import pytest
 from slurmkit import slurm  # noqa: F401  (the Slurm test cluster fixture)
@@ -450,9 +452,17 @@ def crtuser(cluster, tmp_path):
     afterwards. It may traverse (o+x, not list) the directories on the way to the
     controller's Python, torch and the test's files, as on a machine with a shared
     install; the modes are restored afterwards."""
-    _remove_user("crtuser")
+    with node_user("crtuser", "/bin/bash", tmp_path):
+        yield "crtuser"
+
+
+@contextlib.contextmanager
+def node_user(name: str, shell: str, tmp_path: Path) -> Iterator[str]:
+    """A user `name` with this login shell on the nodes, as `crtuser` (every sshd of the
+    test cluster takes the cluster's key for every user); removed at the end."""
+    _remove_user(name)
     # "*": no password, but not locked (sshd without PAM refuses locked accounts)
-    subprocess.run(["useradd", "-m", "-s", "/bin/bash", "-p", "*", "crtuser"], check=True)
+    subprocess.run(["useradd", "-m", "-s", shell, "-p", "*", name], check=True)
     changed: dict[Path, int] = {}
     for leaf in (Path(os.path.realpath(sys.executable)), Path(sys.executable), tmp_path / "x"):
         for d in leaf.parents:
@@ -462,11 +472,11 @@ def crtuser(cluster, tmp_path):
                 d.chmod(mode | 0o001)
     tmp_path.chmod(0o755)
     try:
-        yield "crtuser"
+        yield name
     finally:
         for d, mode in changed.items():
             d.chmod(mode)
-        _remove_user("crtuser")
+        _remove_user(name)
 
 
 def _remove_user(name: str) -> None:

@@ -23,6 +23,7 @@ from __future__ import annotations
 import io
 import json
 import queue
+import re
 import socket
 import threading
 import weakref
@@ -113,14 +114,24 @@ def reset() -> None:
     _ended.clear()
 
 
+def script_of(line: str) -> str:
+    """The POSIX sh script in a line made by login.for_any_shell (a line that is not one:
+    itself)."""
+    m = re.fullmatch(r"""exec /bin/sh -c 'eval "\$\(printf "(.*)"\)"'""", line, re.S)
+    if m is None:
+        return line
+    return re.sub(rb"\\([0-7]{3})", lambda o: bytes([int(o.group(1), 8)]), m.group(1).encode()).decode()
+
+
 class FakeProcess:
     """One session on a fake node: the Process protocol, scripted and recorded."""
 
     def __init__(self, command: str, transport: "FakeTransport") -> None:
         self.command = command
+        self.script = script_of(command)     # the sh script the line has /bin/sh run
         self.transport = transport
         # An agent command ends with the loader's argument: the session's token.
-        self.token: str | None = command.rsplit(" ", 1)[-1] if " -c " in command else None
+        self.token: str | None = self.script.rsplit(" ", 1)[-1] if " -c " in self.script else None
         self.stdout = FakeStdout()
         self.stdin = bytearray()            # every byte the controller wrote, in order
         self.shipped: bytes | None = None   # stdin's first line: the agent's code

@@ -13,11 +13,13 @@ import pytest
 from click.testing import CliRunner
 
 from clusterrun.cli import main
-from clusterrun.commands.exec import exec_command
+from clusterrun.commands.exec import exec_command, exec_program, login_of
+from clusterrun.login import for_any_shell
 from clusterrun.hostsfile import parse_hosts
 from clusterrun.nodeagent import FAILED_MARK
 
-SHELLS = ["/bin/bash", "/bin/dash"]        # a login shell of each kind
+# A login shell of each kind (scripts/setup --test installs zsh, tcsh and fish)
+SHELLS = ["/bin/bash", "/bin/dash", "/usr/bin/zsh", "/usr/bin/tcsh", "/usr/bin/fish"]
 
 
 def run_exec(hosts: Path, *argv: str):
@@ -80,8 +82,13 @@ def test_a_command_that_fails_after_a_good_setup_is_its_own_failure(tmp_path):
 def test_the_exec_line_is_the_login_line_of_up_then_env_and_argv():
     (host,) = parse_hosts({"hosts": [{"host": "gpu-a", "workdir": "~/my proj", "setup": ["source v/bin/activate"],
                                       "env": {"A": "x y"}}]}).hosts
-    assert exec_command(host, ["echo", "$HOME", "it's"]) == (
+    assert exec_command(host, ["echo", "$HOME", "it's"]) == for_any_shell(login_of(host).script(
+        exec_program(host, ["echo", "$HOME", "it's"])))
+    rest = (f"{{ source v/bin/activate; }} </dev/null || {{ echo \"{FAILED_MARK}setup $?\" >&2; exit 1; }}; "
+            "exec env A='x y' echo '$HOME' 'it'\"'\"'s'")
+    assert login_of(host).script(exec_program(host, ["echo", "$HOME", "it's"])) == (
         f"cd ~/'my proj' || {{ echo \"{FAILED_MARK}workdir $([ -d ~/'my proj' ] && echo denied || "
         "{ [ -e ~/'my proj' ] && echo notdir || echo missing; })\" >&2; exit 1; }; "
-        f"{{ source v/bin/activate; }} </dev/null || {{ echo \"{FAILED_MARK}setup $?\" >&2; exit 1; }}; "
-        "exec env A='x y' echo '$HOME' 'it'\"'\"'s'")
+        # the setup and the command in the login shell if it is of the Bourne family, else here
+        "case ${SHELL##*/} in bash|zsh|ksh|ksh93|mksh) unset SHLVL; exec \"$SHELL\" -c "
+        + shlex.quote(rest) + ";; esac; " + rest)

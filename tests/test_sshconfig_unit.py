@@ -190,6 +190,25 @@ def test_identity_agent(either, home, monkeypatch, line, expected):
     assert resolve("x").identity_agent == expected
 
 
+def test_send_env_and_set_env_as_openssh_reads_them(either, home):
+    """SendEnv adds patterns line after line (`-PATTERN` takes back those before); the
+    first SetEnv line that applies is the one, a name given twice keeps its first value."""
+    config(home, """\
+        Host x
+          SendEnv LANG LC_*
+          SetEnv A=1 "B=two words" A=3
+        Host *
+          SendEnv XYZ -LC_*
+          SetEnv C=ignored
+        """)
+    x = resolve("x")
+    assert x.send_env == ("LANG", "XYZ")
+    assert x.set_env == (("A", "1"), ("B", "two words"))
+    env = {"LANG": "C.UTF-8", "LC_ALL": "C", "XYZ": "x", "HOME": "/h"}
+    assert x.session_env(env) == [("LANG", "C.UTF-8"), ("XYZ", "x"), ("A", "1"), ("B", "two words")]
+    assert resolve("y").session_env(env) == [("XYZ", "x"), ("C", "ignored")]
+
+
 @pytest.mark.parametrize("line, expected", [
     ("", None), ("ConnectTimeout 7", 7.0), ("ConnectTimeout 1m30", 90.0), ("ConnectTimeout 0", None),
 ])

@@ -19,10 +19,16 @@ READ = 65536
 
 
 def exec_command(host: Host, argv: Sequence[str]) -> str:
-    """The shell line for a node: the login line of `up` (its workdir and setup, each
-    failure marked), then its env and argv, quoted once."""
+    """The line for a node's login shell (any shell: login.for_any_shell): the login
+    line of `up` (its workdir and setup, each failure marked), then its env and argv,
+    quoted once."""
+    return login_of(host).line(exec_program(host, argv))
+
+
+def exec_program(host: Host, argv: Sequence[str]) -> str:
+    """The command `exec` runs on a node, as sh words: its env, then argv."""
     env = "".join(f"{k}={shlex.quote(v)} " for k, v in host.env.items())
-    return login_of(host).line(("env " + env if env else "") + shlex.join(argv))
+    return ("env " + env if env else "") + shlex.join(argv)
 
 
 def login_of(host: Host) -> Login:
@@ -85,9 +91,19 @@ def run_exec(hosts_path: str, argv: Sequence[str], color: bool = False, accept_n
         term.message(f"clusterrun: {shlex.join(argv)} failed on {len(failed)} of {len(codes)} nodes: "
                      + ", ".join(f"{n} (exit {c})" for n, c in failed))
     if unreachable:
-        raise UnreachableError(f"cannot reach {len(unreachable)} of {len(hosts.hosts)} nodes "
-                               "(the command ran on the others):\n  " + "\n  ".join(sorted(unreachable)))
+        raise UnreachableError(unreachable_heading(len(unreachable), len(hosts.hosts))
+                               + ":\n  " + "\n  ".join(sorted(unreachable)))
     return EXIT_JOB_FAILED if failed or not_started else 0
+
+
+def unreachable_heading(missing: int, total: int) -> str:
+    """How many nodes did not run the command, in words that fit the count: the others
+    ran it only where there are others."""
+    if missing < total:
+        return f"cannot reach {missing} of {total} nodes (the command ran on the others)"
+    if total == 1:
+        return "cannot reach the node (the command ran nowhere)"
+    return f"cannot reach any of the {total} nodes (the command ran nowhere)"
 
 
 _MARK = FAILED_MARK.encode()

@@ -41,6 +41,7 @@ import weakref
 from typing import TYPE_CHECKING, Callable
 
 from ..errors import UnreachableError
+from ..login import for_any_shell
 from .local import LocalProcess
 
 if TYPE_CHECKING:
@@ -234,7 +235,7 @@ class OpenSSHTransport:
     def _learn_peer(self) -> str:
         # A line of our own (after a newline that ends a login line left open), so
         # that nothing a login script prints can be taken for it.
-        proc = self.exec('echo; echo "CLUSTERRUN-PEER $SSH_CONNECTION"')
+        proc = self.exec(for_any_shell('echo; echo "CLUSTERRUN-PEER $SSH_CONNECTION"'))
         try:
             proc.close_stdin()
             proc.set_read_timeout(self._timeout + 30)   # the user's login scripts run first
@@ -342,13 +343,17 @@ def _start_master(name: str, ssh: str, path: str, common: list[str], target: str
                 p.wait()
             raise UnreachableError(f"{name}: ssh {target} did not connect within {bound:g}s") from None
         err.seek(0)
-        message = _last_lines(err.read().decode("utf-8", "replace"))
+        said = err.read().decode("utf-8", "replace")
+        message = _last_lines(said)
     if code != 0:
         lower = message.lower()
         if "has changed" in lower or "identification has changed" in lower:
+            # ssh's warning names the file and the host: "ssh-keygen -f FILE -R HOST"
+            remove = next((ln.strip() for ln in said.splitlines() if ln.strip().startswith("ssh-keygen ")),
+                          f"ssh-keygen -R {target}")
             message = (f"the host key has CHANGED since it was recorded; refusing to connect (it may "
                        f"be a different machine, or an attack). ssh says: {message} If the change is "
-                       "expected, remove the old key with ssh-keygen -R")
+                       f"expected, remove the old key: {remove}")
         elif ("host key is known" in lower or "verification failed" in lower) and not any(
                 w in lower for w in ("changed", "revoked", "mismatch", "certificate")):
             # ssh says only "Host key verification failed." when it cannot ask
@@ -374,10 +379,14 @@ def connect_openssh(name: str, target: str, *, user: str | None, port: int | Non
     looks in on a run (`stacks`) never ends a master it found (the collector's).
     """
     ssh = _ssh(name)
+    from .sshconfig import resolve
+    resolved = resolve(target, user=user, port=port, identity_file=identity_file, node=name)
     if timeout is None:
-        from .sshconfig import resolve
-        timeout = resolve(target, user=user, port=port, identity_file=identity_file,
-                          node=name).connect_timeout or DEFAULT_TIMEOUT
+        timeout = resolved.connect_timeout or DEFAULT_TIMEOUT
+    # A changed host key is refused whatever the ssh config says, as on paramiko:
+    # `StrictHostKeyChecking no` would let ssh log in with public keys after its
+    # warning. accept-new still records unknown keys, as `no` does.
+    accept_new = accept_new or resolved.strict_host_key_checking == "no"
     try:
         path = control_path(scope, target, user, port)
     except UnreachableError as e:

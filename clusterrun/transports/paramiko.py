@@ -20,7 +20,7 @@ import tempfile
 import threading
 import time
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Sequence
 
 import logging
 
@@ -161,10 +161,12 @@ class SSHProcess:
 class SSHTransport:
     """One authenticated connection to a node (transport.Transport)."""
 
-    def __init__(self, name: str, conn: "_Conn", peer_addr: str) -> None:
+    def __init__(self, name: str, conn: "_Conn", peer_addr: str,
+                 env: Sequence[tuple[str, str]] = ()) -> None:
         self.name = name
         self._conn = conn
         self.peer_addr = peer_addr
+        self._env = env                 # SendEnv's and SetEnv's variables, for every session
 
     def exec(self, command: str, merge_stderr: bool = False) -> SSHProcess:
         t = self._conn.transport
@@ -172,6 +174,8 @@ class SSHTransport:
             raise UnreachableError(f"{self.name}: the SSH connection was lost")
         chan = t.open_session(timeout=30)
         chan.set_combine_stderr(merge_stderr)
+        for key, value in self._env:    # env requests, as ssh sends them (sshd's AcceptEnv decides)
+            chan.set_environment_variable(key, value)
         chan.exec_command(command)
         return SSHProcess(chan, merge_stderr)
 
@@ -261,7 +265,7 @@ def connect(node: str, target: SSHTarget, timeout: float | None, accept_new: boo
         conn, peer = _open(target, None, timeout, accept_new, node)
     except Failed as e:
         raise UnreachableError(f"{node}: {e}") from None
-    return SSHTransport(node, conn, peer)
+    return SSHTransport(node, conn, peer, target.session_env(os.environ))
 
 
 def _open(target: SSHTarget, via: _Conn | None, timeout: float | None, accept_new: bool,

@@ -21,10 +21,10 @@ import shutil
 import socket
 import subprocess
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Mapping, Sequence
 
 from ..errors import UnreachableError
-from .knownhosts import match_pattern_list
+from .knownhosts import match_pattern, match_pattern_list
 from ..parallel import each
 
 SYSTEM_CONFIG = "/etc/ssh/ssh_config"
@@ -68,6 +68,15 @@ class SSHTarget:
     proxy_jump: tuple[Hop, ...]      # () if none (ProxyJump none, or ProxyCommand came first)
     address_family: str              # "any" | "inet" | "inet6"
     source: str                      # "ssh -G" or "parser" (the fallback)
+    send_env: tuple[str, ...] = ()   # SendEnv patterns (`*`, `?`): local variables to pass on
+    set_env: tuple[tuple[str, str], ...] = ()    # SetEnv NAME=VALUE pairs, in order
+
+    def session_env(self, environ: Mapping[str, str]) -> list[tuple[str, str]]:
+        """The variables ssh asks the server to set in each session, in its order: those of
+        `environ` that a SendEnv pattern names, then SetEnv's (sshd takes them only where
+        its AcceptEnv allows, and keeps the last value of a name)."""
+        sent = [(k, v) for k, v in environ.items() if any(match_pattern(k, p) for p in self.send_env)]
+        return sent + list(self.set_env)
 
 
 class _ConfigError(Exception):
@@ -261,6 +270,8 @@ def _target(target: str, o: dict[str, list[str]], source: str, identity_file: st
         connect_timeout=seconds or None,             # 0 is no timeout, as in OpenSSH
         proxy_command=command, proxy_jump=hops,
         address_family=(one("addressfamily") or "any").lower(), source=source,
+        send_env=tuple(o.get("sendenv", [])),
+        set_env=tuple((k, v) for k, _, v in (e.partition("=") for e in o.get("setenv", [])) if k),
     )
 
 
@@ -436,6 +447,20 @@ def _read(path: str, base: str, state: _Pass, depth: int) -> None:
                 pattern = os.path.expanduser(pattern)
                 for included in sorted(glob.glob(os.path.join(base, pattern))):
                     _read(included, base, state, depth + 1)
+        elif keyword == "sendenv":
+            # every line adds its patterns; `-PATTERN` takes back those listed before
+            for pattern in _split(value, where):
+                listed = o.setdefault(keyword, [])
+                if pattern.startswith("-"):
+                    listed[:] = [p for p in listed if not match_pattern(p, pattern[1:])]
+                elif pattern not in listed:
+                    listed.append(pattern)
+        elif keyword == "setenv":
+            if keyword not in o:        # the first SetEnv line that applies is the one
+                first: dict[str, str] = {}      # (a name given twice: its first value)
+                for entry in _split(value, where):
+                    first.setdefault(entry.partition("=")[0], entry)
+                o[keyword] = list(first.values())
         elif keyword in _REPEATED:
             value = _split(value, where)[0]
             o.setdefault(keyword, [])

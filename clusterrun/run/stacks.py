@@ -37,6 +37,15 @@ class Frame:
 Thread = tuple[Frame, ...]          # outermost first, innermost last
 
 
+@dataclass(frozen=True)
+class Usage:
+    """What a rank had used when its stacks were asked for (`before`) and once it had
+    answered (`after`): the hang watch compares one answer with the next question."""
+    pid: int
+    before: tuple[float, float, int]    # (CPU s of the rank and its children, of its main thread,
+    after: tuple[float, float, int]     #  bytes read and written: main thread and children)
+
+
 @dataclass
 class RankStacks:
     node: NodePlan
@@ -46,6 +55,7 @@ class RankStacks:
     threads: tuple[Thread, ...] = ()
     note: str = ""                              # why there are no frames
     children: list[RankStacks] = field(default_factory=list)
+    usage: Usage | None = None                  # None: the node could not read it
 
 
 @dataclass
@@ -94,6 +104,9 @@ def from_agent(node: NodePlan, event: dict) -> list[RankStacks]:
     for r in event.get("ranks", []):
         rs = _one(node, r["rank"], r["local_rank"], r["how"], r["text"])
         rs.children = [_one(node, r["rank"], r["local_rank"], c["how"], c["text"]) for c in r["children"]]
+        used = r.get("usage")
+        if used:
+            rs.usage = Usage(r["pid"], tuple(used["before"]), tuple(used["after"]))  # type: ignore[arg-type]
         out.append(rs)
     return out
 

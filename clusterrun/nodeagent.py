@@ -567,6 +567,23 @@ def _clusterrun_arm():
     if hasattr(threading, "_register_atexit"):      # Python 3.9 and later
         threading._register_atexit(finished)
 
+    # Registered first, this runs after every other atexit handler of the script. Past it,
+    # Python finalizes and faulthandler lets go of the signal, whose default action would
+    # end the process (torch's teardown may take seconds then): from here on the signal is
+    # ignored, and the .exiting file tells `stacks` not to ask.
+    def exiting():
+        if os.getpid() != pid:
+            return
+        try:
+            open(os.path.join(where, "%d.exiting" % pid), "w").close()
+            faulthandler.unregister(signal.SIGRTMIN + OFFSET)
+            signal.signal(signal.SIGRTMIN + OFFSET, signal.SIG_IGN)
+        except (OSError, ValueError, RuntimeError):
+            pass
+
+    import atexit
+    atexit.register(exiting)
+
 
 def _clusterrun_chain():
     # The sitecustomize this one shadows (a conda env's, say) still runs.
@@ -726,6 +743,9 @@ def _dump_all(pids, where, settle=0.05, limit=5.0):
         path = os.path.join(where, "%d.txt" % pid)
         if not os.path.exists(os.path.join(where, "%d.ready" % pid)):
             out[pid] = ("unavailable", "it was started without clusterrun's stack handler\n")
+            continue
+        if os.path.exists(os.path.join(where, "%d.exiting" % pid)):
+            out[pid] = ("unavailable", "its script has ended: Python is shutting down\n")
             continue
         try:
             os.truncate(path, 0)

@@ -256,3 +256,42 @@ def test_the_agent_reads_each_ranks_cpu_time_before_asking_and_after_the_answer(
     finally:
         p.kill()
         p.wait()
+
+
+# Python's finalization, after the script's atexit handlers: a global's __del__ runs late
+# (torch's own teardown can take seconds here). faulthandler lets go of the signal at the
+# end of it; the watch must not ask then, and a signal that comes anyway must not kill.
+TEARDOWN = """\
+import sys, time
+
+class Late:
+    def __del__(self):
+        print("tearing down", flush=True)
+        sys.stdin.readline()
+
+late = Late()
+print("ready", flush=True)
+"""
+
+
+def test_a_worker_shutting_down_is_not_asked_for_its_stacks_and_ignores_the_signal(tmp_path):
+    job = tmp_path / "job"
+    job.mkdir()
+    env = {"PATH": os.environ["PATH"], "RANK": "0", "LOCAL_RANK": "0"}
+    nodeagent.arm_stacks(str(job), env)
+    script = tmp_path / "teardown.py"
+    script.write_text(TEARDOWN)
+    p = subprocess.Popen([sys.executable, "-u", str(script)], env=env, stdin=subprocess.PIPE,
+                         stdout=subprocess.PIPE, text=True)
+    try:
+        assert p.stdout.readline() == "ready\n"
+        assert p.stdout.readline() == "tearing down\n"
+        how, text = nodeagent._dump_all([p.pid], str(job / "stacks"))[p.pid]
+        assert (how, text) == ("unavailable", "its script has ended: Python is shutting down\n")
+        os.kill(p.pid, nodeagent.signal.SIGRTMIN + nodeagent.STACK_SIGNAL_OFFSET)
+        p.stdin.write("go\n")
+        p.stdin.close()
+        assert p.wait(10) == 0
+    finally:
+        p.kill()
+        p.wait()

@@ -447,12 +447,14 @@ def fake_sessions():
 @pytest.fixture
 def crtuser(cluster, tmp_path):
     """A non-root user on the nodes (they share this machine's /etc/passwd), removed
-    afterwards. It may traverse (o+x, not list) the directories on the way to the
+    afterwards: `<prefix>user` (crtuser), so that clusters of other prefixes on this
+    machine have users of their own. It may traverse (o+x, not list) the directories on the way to the
     controller's Python, torch and the test's files, as on a machine with a shared
     install; the modes are restored afterwards."""
-    _remove_user("crtuser")
+    user = f"{cluster.prefix}user"
+    _remove_user(user)
     # "*": no password, but not locked (sshd without PAM refuses locked accounts)
-    subprocess.run(["useradd", "-m", "-s", "/bin/bash", "-p", "*", "crtuser"], check=True)
+    subprocess.run(["useradd", "-m", "-s", "/bin/bash", "-p", "*", user], check=True)
     changed: dict[Path, int] = {}
     for leaf in (Path(os.path.realpath(sys.executable)), Path(sys.executable), tmp_path / "x"):
         for d in leaf.parents:
@@ -462,11 +464,11 @@ def crtuser(cluster, tmp_path):
                 d.chmod(mode | 0o001)
     tmp_path.chmod(0o755)
     try:
-        yield "crtuser"
+        yield user
     finally:
         for d, mode in changed.items():
             d.chmod(mode)
-        _remove_user("crtuser")
+        _remove_user(user)
 
 
 def _remove_user(name: str) -> None:

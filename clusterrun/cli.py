@@ -168,9 +168,10 @@ def main() -> None:
 @click.option("--skip-check", is_flag=True, help="Start without the preflight of every node.")
 @click.option("--no-fail-fast", is_flag=True, help="Keep the other nodes running when one fails.")
 @click.option("--hang-timeout", type=DURATION, metavar="DURATION",
-              help="No line from any rank this long (300, 90s, 5m): take every rank's stacks.")
+              help="No line this long (300, 90s, 5m) and no rank working: a hang; print every "
+                   "rank's stacks (start-up, before a rank's first line or collective: 10x this).")
 @click.option("--on-hang", type=click.Choice(ON_HANG),
-              help="After the stacks: report (default: go on waiting) or kill the run.")
+              help="Once hung: report (default: go on waiting) or kill the run.")
 @click.option("--max-restarts", type=click.IntRange(min=0, max=1000), metavar="N",
               help="Restart the whole job up to N times after a failure (spares replace lost nodes).")
 @click.option("--restart-delay", type=DURATION, metavar="SECONDS", help="Wait before a restart (default 5).")

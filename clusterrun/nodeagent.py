@@ -609,6 +609,23 @@ def _clusterrun_arm():
     if hasattr(threading, "_register_atexit"):      # Python 3.9 and later
         threading._register_atexit(finished)
 
+    # Registered first, this runs after every other atexit handler of the script. Past it,
+    # Python finalizes and faulthandler lets go of the signal, whose default action would
+    # end the process (torch's teardown may take seconds then): from here on the signal is
+    # ignored, and the .exiting file tells `stacks` not to ask.
+    def exiting():
+        if os.getpid() != pid:
+            return
+        try:
+            open(os.path.join(where, "%d.exiting" % pid), "w").close()
+            faulthandler.unregister(signal.SIGRTMIN + OFFSET)
+            signal.signal(signal.SIGRTMIN + OFFSET, signal.SIG_IGN)
+        except (OSError, ValueError, RuntimeError):
+            pass
+
+    import atexit
+    atexit.register(exiting)
+
 
 def _clusterrun_chain():
     # The sitecustomize this one shadows (a conda env's, say) still runs.
@@ -673,16 +690,23 @@ def stacks(job_dir, spec):
                 kids.setdefault(top, []).append(pid)
     spy = _py_spy() if spec.get("native") else None
     every = list(ranks) + [k for pid in ranks for k in kids.get(pid, [])]
+    # What each rank had used before it was asked, and after it answered: the dump
+    # itself costs its main thread CPU time and a write, which the hang watch leaves out
+    # by measuring from one answer to the next question.
+    family = dict((pid, [pid] + _descendants(pid, procs)) for pid in ranks)
+    before = dict((pid, usage(pid, family[pid])) for pid in ranks)
     full = spec.get("full", True)
     read = (dict((pid, _dump(pid, where, spy, full)) for pid in every) if spy
             else _dump_all(every, where, full=full))
+    after = dict((pid, usage(pid, family[pid])) for pid in ranks)
     out = []
     for pid, (rank, local, _) in sorted(ranks.items(), key=lambda kv: kv[1][0]):
         how, text = read[pid]
         children = [dict(pid=k, how=read[k][0], text=read[k][1], main=_main_thread(where, k))
                     for k in sorted(kids.get(pid, []))]
+        used = dict(before=before[pid], after=after[pid]) if before[pid] and after[pid] else None
         out.append(dict(rank=rank, local_rank=local, pid=pid, how=how, text=text,
-                        main=_main_thread(where, pid), children=children))
+                        main=_main_thread(where, pid), children=children, usage=used))
     return out
 
 
@@ -694,6 +718,50 @@ def _main_thread(where, pid):
             return int(f.read().strip())
     except (OSError, ValueError):
         return None
+
+
+def _descendants(pid, procs):
+    """The job's processes below pid (a DataLoader's workers, say)."""
+    out = []
+    for k, p in procs.items():
+        top = p[2]
+        while top in procs and top != pid:
+            top = procs[top][2]
+        if top == pid and k != pid:
+            out.append(k)
+    return out
+
+
+def usage(pid, family):
+    """[CPU seconds of pid and its descendants (every thread), CPU seconds of pid's main
+    thread, bytes its main thread and the descendants read and wrote (rchar + wchar)],
+    from /proc; None if pid is gone. A descendant that is gone counts nothing."""
+    tick = float(os.sysconf("SC_CLK_TCK"))
+    try:
+        main = _stat_fields_at("/proc/%d/task/%d/stat" % (pid, pid))
+        main_cpu = (int(main[11]) + int(main[12])) / tick
+        cpu, io = 0.0, _io_bytes("/proc/%d/task/%d/io" % (pid, pid))
+    except (OSError, ValueError, IndexError):
+        return None
+    for p in family:
+        try:
+            f = _stat_fields(p)
+            cpu += (int(f[11]) + int(f[12])) / tick
+            if p != pid:
+                io += _io_bytes("/proc/%d/io" % p)
+        except (OSError, ValueError, IndexError):
+            continue
+    return [round(cpu, 3), round(main_cpu, 3), io]
+
+
+def _io_bytes(path):
+    """rchar + wchar of a /proc io file (0 where it may not be read)."""
+    try:
+        with open(path) as f:
+            fields = dict(line.split(":", 1) for line in f if ":" in line)
+        return int(fields["rchar"]) + int(fields["wchar"])
+    except (OSError, ValueError, KeyError):
+        return 0
 
 
 def _py_spy():
@@ -730,6 +798,9 @@ def _dump_all(pids, where, settle=0.05, limit=5.0, full=True):
         path = os.path.join(where, "%d.txt" % pid)
         if not os.path.exists(os.path.join(where, "%d.ready" % pid)):
             out[pid] = ("unavailable", "it was started without clusterrun's stack handler\n")
+            continue
+        if os.path.exists(os.path.join(where, "%d.exiting" % pid)):
+            out[pid] = ("unavailable", "its script has ended: Python is shutting down\n")
             continue
         try:
             os.truncate(path, 0)
@@ -833,7 +904,12 @@ def _signal_state(pid, sig):
 
 
 def _stat_fields(pid):
-    with open("/proc/%d/stat" % pid, "rb") as f:
+    return _stat_fields_at("/proc/%d/stat" % pid)
+
+
+def _stat_fields_at(path):
+    """The fields of a /proc stat file after the name: [0] is the state (field 3)."""
+    with open(path, "rb") as f:
         data = f.read()
     return data[data.rfind(b")") + 2:].split()
 

@@ -72,7 +72,7 @@ class WatchOptions:
     accept_new_host_keys: bool = False
     interrupt_stops_run: bool = True     # Ctrl-C stops the run (attached up) or just lets go (logs -f)
     report: bool = True                  # print the summary when the run ends
-    hang_timeout: float | None = None    # no line from any rank this long: take the stacks
+    hang_timeout: float | None = None    # no line this long and no rank working: a hang (hangwatch.py)
     on_hang: str = "report"              # ...and go on waiting, or "kill": end the run
     reconnect_window: float = RECONNECT_WINDOW   # a dropped link: how long until the node is lost
 

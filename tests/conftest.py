@@ -449,11 +449,12 @@ def fake_sessions():
 @pytest.fixture
 def crtuser(cluster, tmp_path):
     """A non-root user on the nodes (they share this machine's /etc/passwd), removed
-    afterwards. It may traverse (o+x, not list) the directories on the way to the
+    afterwards: `<prefix>user` (crtuser), so that clusters of other prefixes on this
+    machine have users of their own. It may traverse (o+x, not list) the directories on the way to the
     controller's Python, torch and the test's files, as on a machine with a shared
     install; the modes are restored afterwards."""
-    with node_user("crtuser", "/bin/bash", tmp_path):
-        yield "crtuser"
+    with node_user(f"{cluster.prefix}user", "/bin/bash", tmp_path) as user:
+        yield user
 
 
 @contextlib.contextmanager

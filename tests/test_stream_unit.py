@@ -142,14 +142,14 @@ def tqdm_like(out: NodeOutput, local: int, steps: int) -> None:
 def test_a_progress_bar_shows_its_last_redraw_once_it_ends_and_its_log_keeps_every_byte(plan, run, screen):
     out = output(plan, run, screen)
     out.data(key(0), b"epoch 1\n")
-    before = out.last_line
+    before = out.line_at["0"]
     tqdm_like(out, 0, 4)
     out.data(key(0), b"loss 0.5\n")
     out.close()
     assert screen.text == b"[nodeX g3 l0] epoch 1\n[nodeX g3 l0] 100%|####|\n[nodeX g3 l0] loss 0.5\n"
     assert run.rank_log(3).read_bytes() == (b"epoch 1\n\r  0%|    |\r 25%|#   |\r 50%|##  |\r 75%|### |"
                                             b"\r100%|####|\nloss 0.5\n")
-    assert out.last_line > before, "a redraw is a sign of life for the hang watch"
+    assert out.line_at["0"] > before, "a redraw is a sign of life for the hang watch"
     assert screen.messages == [], "not a terminal: no progress line"
 
 

@@ -254,7 +254,7 @@ def test_user_certificate_logs_in(cluster):
                           text=True, timeout=10, check=True).stdout
     assert "user certificate" in info
     principals = info.split("Principals:", 1)[1].split("Critical Options:", 1)[0].split()
-    assert principals == ["root", "crtuser"]
+    assert principals == ["root", f"{cluster.prefix}user"]
     n1 = cluster.names[0]
     base = ["-F", "/dev/null", "-o", "BatchMode=yes", "-o", "IdentitiesOnly=yes",
             "-o", "IdentityAgent=none", "-o", f"UserKnownHostsFile={cluster.state / 'known_hosts'}",

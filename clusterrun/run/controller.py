@@ -22,6 +22,7 @@ from ..parallel import each
 from .remote import Detached, RemoteJob, confirm_kills
 from .results import exit_code, summary
 from ..model import FINAL_STATES, NodeResult, NodeState, RankFailure
+from .hangwatch import Sample
 from .records import HangRecord, NodeRecord, has_ended
 from .runs import CollectorLock, RunDir
 from .stream import NodeOutput, Terminal
@@ -141,34 +142,25 @@ class RunController:
     # --- hangs ---------------------------------------------------------------------
 
     def _watch_hang(self) -> None:
-        """No line from any rank for hang_timeout: take every rank's stacks, once per quiet spell."""
+        """The job silent for hang_timeout: is it hung? (hangwatch.py decides, from more than output.)"""
+        from . import stacks
+        from .hangwatch import HangWatch
+
         timeout = self.opts.hang_timeout
         assert timeout is not None
-        reported = None                 # the quiet spell already reported (its last line's time)
-        while not self.finished.wait(min(5.0, timeout / 4)):
-            if self.handed_over:
-                return
-            last = max((job.output.last_line for job in self.jobs), default=time.monotonic())
-            if time.monotonic() - last >= timeout and last != reported:
-                reported = last
-                try:
-                    self._on_hang(time.monotonic() - last)
-                except Exception as e:  # noqa: BLE001 - the watch must not end the run
-                    self.term.message(f"clusterrun: no output for {_duration(timeout)}; "
-                                      f"the stacks could not be taken: {type(e).__name__}: {e}")
+        watch = HangWatch(timeout, [job.output for job in self.jobs],
+                          lambda: stacks.take(self.plan, self.transports()), self.term.message, self._on_hang)
+        watch.run(self.finished.wait, lambda: not self.handed_over)
 
-    def _on_hang(self, quiet: float) -> None:
+    def _on_hang(self, why: str, sample: Sample) -> None:
         from . import stacks
 
-        found, problems = stacks.take(self.plan, self.transports())
-        groups = stacks.group(found)
-        text = stacks.render(groups)
-        why = f"no output for {_duration(quiet)}: {stacks.diagnosis(groups)}"
+        text = stacks.render(stacks.group(list(sample.ranks.values())))
         path = stacks.save(self.run, text)
         self.run.record_hang(HangRecord(time.time(), why, path))
         self.term.message(f"clusterrun: {why}")
         self.term.message(text.rstrip("\n"))
-        for p in problems:
+        for p in sample.problems:
             self.term.message(f"clusterrun: stacks: {p}")
         if self.opts.on_hang == "kill":
             self.hung = why
@@ -331,11 +323,3 @@ def collect_with(run: RunDir, plan: Plan, transports: Sequence[Transport | None]
     finally:
         ctl.close()
 
-
-def _duration(seconds: float) -> str:
-    """90 -> 1m30s, 300 -> 5m, 42 -> 42s."""
-    s = round(seconds)
-    if s < 60:
-        return f"{s}s"
-    m, s = divmod(s, 60)
-    return f"{m}m{s}s" if s else f"{m}m"

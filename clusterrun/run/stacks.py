@@ -45,6 +45,15 @@ CUT = Frame("", 0, "...")
 Thread = tuple[Frame, ...]          # outermost first, innermost last
 
 
+@dataclass(frozen=True)
+class Usage:
+    """What a rank had used when its stacks were asked for (`before`) and once it had
+    answered (`after`): the hang watch compares one answer with the next question."""
+    pid: int
+    before: tuple[float, float, int]    # (CPU s of the rank and its children, of its main thread,
+    after: tuple[float, float, int]     #  bytes read and written: main thread and children)
+
+
 @dataclass
 class RankStacks:
     node: NodePlan
@@ -54,6 +63,7 @@ class RankStacks:
     threads: tuple[Thread, ...] = ()            # the main thread first
     note: str = ""                              # why there are no frames
     children: list[RankStacks] = field(default_factory=list)
+    usage: Usage | None = None                  # None: the node could not read it
 
     @property
     def main(self) -> Thread:
@@ -144,6 +154,9 @@ def from_agent(node: NodePlan, event: dict) -> list[RankStacks]:
         rs = _one(node, r["rank"], r["local_rank"], r["how"], r["text"], r.get("main"))
         rs.children = [_one(node, r["rank"], r["local_rank"], c["how"], c["text"], c.get("main"))
                        for c in r["children"]]
+        used = r.get("usage")
+        if used:
+            rs.usage = Usage(r["pid"], tuple(used["before"]), tuple(used["after"]))  # type: ignore[arg-type]
         out.append(rs)
     return out
 

@@ -128,7 +128,7 @@ class NodeOutput:
         self._color = _COLORS[node.node_rank % len(_COLORS)] if color else 0
         self._launcher = LauncherFilter(self._held_back)
         self._open: dict[str, bytes] = {}   # per file: the last redraw of a line not ended yet
-        self.last_line = monotonic()        # when a rank's line last came (the hang watch)
+        self.line_at: dict[str, float] = {}  # local rank -> when its last line came (the hang watch)
         self.received: dict[str, int] = {}
         starts = run.attempt_starts()       # after a restart: this attempt's bytes only
         for key, path in self._paths():
@@ -152,7 +152,7 @@ class NodeOutput:
         log.write(chunk)
         self.received[key] = self.received.get(key, 0) + len(chunk)
         if key != "L":
-            self.last_line = monotonic()
+            self.line_at[key] = monotonic()
         term = self.term
         if tag is None or term is None:     # (a tag means a terminal: see _route)
             return

@@ -149,7 +149,7 @@ class RunController:
         timeout = self.opts.hang_timeout
         assert timeout is not None
         watch = HangWatch(timeout, [job.output for job in self.jobs],
-                          lambda: stacks.take(self.plan, self.transports()), self.term.message, self._on_hang)
+                          lambda: stacks.take(self.plan, self.transports(), full=False), self.term.message, self._on_hang)
         watch.run(self.finished.wait, lambda: not self.handed_over)
 
     def _on_hang(self, why: str, sample: Sample) -> None:

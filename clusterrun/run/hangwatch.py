@@ -83,15 +83,6 @@ class Verdict:
 
 # --- judging ---------------------------------------------------------------------
 
-def main_thread(rs: RankStacks) -> Thread:
-    """The thread running the script: its outermost frame is the script's <module>, or
-    runpy's for `-m`; else the first thread."""
-    for t in rs.threads:
-        if t and (t[0].func == "<module>" or t[0].file.endswith("runpy.py")):
-            return t
-    return rs.threads[0] if rs.threads else ()
-
-
 def collective(thread: Thread) -> str | None:
     """The collective a main thread waits in (its innermost frame is torch.distributed's),
     by name; None if it is elsewhere."""
@@ -117,7 +108,7 @@ def judge(before: RankStacks | None, after: RankStacks | None, window: float) ->
     if before is None or after is None or before.usage is None or after.usage is None:
         return None
     ub, ua = before.usage, after.usage
-    main = main_thread(after)
+    main = after.main
     where, node = place(main), after.node.name
 
     def working(why: str, cpu: float = 0.0) -> Seen:
@@ -128,7 +119,7 @@ def judge(before: RankStacks | None, after: RankStacks | None, window: float) ->
     # from the end of one answer to the next question: the dumps' own cost left out
     cpu, main_cpu, io = (ua.before[0] - ub.after[0], ua.before[1] - ub.after[1],
                          ua.before[2] - ub.after[2])
-    if main_thread(before) != main:
+    if before.main != main:
         return working("main thread moved", cpu)
     if io > 0:
         return working("I/O", cpu)
@@ -284,7 +275,7 @@ class HangWatch:
             if max(self.line_times().values(), default=self.origin) != spell:
                 continue                # a line came meanwhile: a new spell
             after = Sample(now, {rs.rank: rs for rs in found}, problems)
-            self.started.update(r for r, rs in after.ranks.items() if collective(main_thread(rs)))
+            self.started.update(r for r, rs in after.ranks.items() if collective(rs.main))
             if before is not None and now - last >= self.timeout:
                 self._tell(decide(before, after, self.started, now - self.origin >= self.startup),
                            after, now - last, said)

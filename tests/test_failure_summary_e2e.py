@@ -58,3 +58,56 @@ def test_ranks_that_raise_their_own_error_are_never_called_stopped(cluster, ctl,
     result = json.loads((tmp_path / "crhome" / "runs" / run_id / "result.json").read_text())
     assert {f["rank"]: f["stopped"] for n in result for f in n["failures"]} == {g: False for g in range(4)}
     assert_nothing_left(cluster)
+
+
+# torchrun gets one more SIGTERM as it exits (as the second of the two a stop sends it can
+# come late): its handler raises SignalException inside an atexit callback, which Python
+# prints under "Exception ignored in atexit callback:", after the report it already printed.
+# The workers' site chains to this one (PYTHONPATH), so it runs in torchrun only.
+LATE_SIGTERM_SITE = """\
+    import atexit, os, signal
+
+    if "RANK" not in os.environ:        # torchrun itself, not its workers
+        def _late_sigterm():
+            os.kill(os.getpid(), signal.SIGTERM)
+
+        atexit.register(_late_sigterm)
+"""
+
+ONE_RANK_FAILS = """\
+    import sys, time
+    import torch.distributed as dist
+    dist.init_process_group("gloo")
+    dist.barrier()
+    if dist.get_rank() == 1:
+        print("rank 1: bad shard", flush=True)
+        sys.exit(7)
+    time.sleep(600)
+"""
+
+
+def test_torchruns_report_in_any_shape_is_one_line_per_node(cluster, ctl, tmp_path):
+    site = tmp_path / "site"
+    site.mkdir()
+    write(site / "sitecustomize.py", LATE_SIGTERM_SITE)
+    script = write(tmp_path / "fails.py", ONE_RANK_FAILS)
+    n1, n2 = cluster.names[:2]
+    hosts = hosts_file(tmp_path, [n1, n2], nproc_per_node=1, env={"PYTHONPATH": str(site)})
+    r = ctl.run("up", str(hosts), str(script))
+    assert r.returncode == 1, r.stdout + r.stderr
+    assert f"clusterrun: rank 1 ({n2}, local rank 0) exited with code 7" in r.stderr.splitlines(), r.stderr
+    run_id = next(l.split()[2].rstrip(":") for l in r.stderr.splitlines() if l.startswith("clusterrun: run "))
+    # Nothing of torchrun's report shows raw on either node: the failed node's (its box,
+    # then the late SignalException in its atexit callback) is one line, and so is what the
+    # stopped node printed, if its torchrun printed anything before it was ended.
+    for name in (n1, n2):
+        torchruns = [l for l in r.stdout.splitlines() if l.startswith(f"[{name}] ")]
+        for noise in ("Exception ignored", "SignalException", "got signal", "ChildFailedError", "Traceback",
+                      "File \"", "closing signal"):
+            assert not [l for l in torchruns if noise in l], r.stdout
+        pointer = [l for l in torchruns if l.startswith(f"[{name}] (torchrun's own report")]
+        assert len(pointer) == 1 if name == n2 else len(pointer) <= 1, r.stdout
+    # The node's log keeps every line of it.
+    node_log = ctl.run("logs", run_id, "--node", n2).stdout
+    assert "Exception ignored in atexit callback" in node_log and "Root Cause" in node_log, node_log
+    assert_nothing_left(cluster)

@@ -59,6 +59,7 @@ class RankFailure:
     stopped: bool = False           # clusterrun's stop had reached the node by then
     oom: bool = False               # SIGKILLed by the node kernel's OOM killer
     finished: bool = False          # its script was over: it died while Python shut down
+    raised: str = ""                # the exception its script raised and did not catch (its type's name)
 
 
 @dataclass

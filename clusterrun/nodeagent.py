@@ -509,7 +509,7 @@ def supervise(job_dir, argv, env):
     stop_time = read_text(os.path.join(job_dir, STOPPED))
     stacks_dir = os.path.join(job_dir, "stacks")
     failures = rank_outcomes(watch.ranks if watch else {}, reported, float(stop_time) if stop_time else None,
-                             lambda pid: script_finished(stacks_dir, pid))
+                             lambda pid: script_finished(stacks_dir, pid), lambda pid: script_raised(stacks_dir, pid))
     write_atomic(os.path.join(job_dir, "exit.json"), json.dumps({"code": code, "failures": failures,
                                                                 "stop_time": float(stop_time) if stop_time else None}))
     os._exit(0)
@@ -625,6 +625,22 @@ def _clusterrun_arm():
 
     import atexit
     atexit.register(exiting)
+    # An exception the script did not catch: say when, and which, before Python prints
+    # its traceback. A rank that a signal ends after this (its node's torchrun stopping
+    # the other workers, say) had failed by itself first.
+    hook = sys.excepthook
+
+    def raised(kind, value, tb):
+        if os.getpid() == pid:
+            try:
+                import time
+                with open(os.path.join(where, "%d.raised" % pid), "w") as f:
+                    f.write("%r %s" % (time.time(), getattr(kind, "__name__", "an exception")))
+            except Exception:
+                pass
+        hook(kind, value, tb)
+
+    sys.excepthook = raised
 
 
 def _clusterrun_chain():
@@ -984,6 +1000,7 @@ class RankWatch(threading.Thread):
                 self._oom(r)
             if script_finished(self.stacks_dir, pid):
                 r["finished"] = True
+            r["raised"] = script_raised(self.stacks_dir, pid)
 
     def _oom(self, r):
         """A worker ended by SIGKILL while the kernel's OOM kill count went up: its OOM
@@ -997,6 +1014,17 @@ class RankWatch(threading.Thread):
 def script_finished(stacks_dir, pid):
     """Whether worker `pid` marked that its script was over (see STACKS_SITE)."""
     return bool(stacks_dir) and os.path.exists(os.path.join(stacks_dir, "%d.finished" % pid))
+
+
+def script_raised(stacks_dir, pid):
+    """(when, the exception's type name) if worker `pid` raised an exception its script did
+    not catch (see STACKS_SITE), else None."""
+    text = read_text(os.path.join(stacks_dir, "%d.raised" % pid)) if stacks_dir else ""
+    try:
+        when, name = text.split(" ", 1)
+        return float(when), name
+    except ValueError:
+        return None
 
 
 VMSTAT = "/proc/vmstat"
@@ -1054,29 +1082,41 @@ def _wait_status(pid):
     return -(status & 0x7F) if status & 0x7F else status >> 8
 
 
-def rank_outcomes(watched, reported, stop_time, finished=None):
+def rank_outcomes(watched, reported, stop_time, finished=None, raised=None):
     """Every rank that did not exit 0: its code (or None if unknown), when it ended,
-    whether clusterrun's stop had reached the node by then, and whether its script was
-    over (`finished(pid)`, for a rank the watch never saw). In order of exit time."""
+    whether clusterrun's stop had reached the node by then, whether its script was
+    over (`finished(pid)`, for a rank the watch never saw), and the exception its script
+    raised (`raised(pid)`: (when, type name) or None). A rank that raised before the stop
+    reached the node failed by itself, whatever ended it then. In order of exit time."""
     codes = dict((f["rank"], f["exitcode"]) for f in reported)
     finished = finished or (lambda pid: False)
+    raised = raised or (lambda pid: None)
+
+    def own(exc):               # raised before any stop: its own failure
+        return exc is not None and (stop_time is None or exc[0] < stop_time)
+
     out = []
     seen = set()
     for r in watched.values():
         seen.add(r["rank"])
         code = r["status"] if r["status"] is not None else codes.get(r["rank"])
-        stopped = stop_time is not None and (r["exit_time"] is None or r["exit_time"] >= stop_time)
+        exc = r.get("raised")
+        stopped = (stop_time is not None and (r["exit_time"] is None or r["exit_time"] >= stop_time)
+                   and not own(exc))
         if code == 0 or (code is None and not stopped and r["rank"] not in codes):
             continue
         out.append({"rank": r["rank"], "local_rank": r["local_rank"], "exitcode": code,
                     "exit_time": r["exit_time"], "stopped": stopped, "oom": r.get("oom", False),
-                    "finished": r.get("finished", False)})
+                    "finished": r.get("finished", False), "raised": exc[1] if exc else ""})
     for f in reported:              # a rank torchrun reports that was never seen running (it
         if f["rank"] not in seen:   # ended before the watch looked): stopped only if a signal did it
-            stopped = stop_time is not None and f["exitcode"] in (-signal.SIGTERM, -signal.SIGKILL)
             f = dict(f)
             pid = f.pop("pid", None)
-            out.append(dict(f, exit_time=None, stopped=stopped, oom=False, finished=bool(pid and finished(pid))))
+            exc = raised(pid) if pid else None
+            stopped = (stop_time is not None and f["exitcode"] in (-signal.SIGTERM, -signal.SIGKILL)
+                       and not own(exc))
+            out.append(dict(f, exit_time=None, stopped=stopped, oom=False, finished=bool(pid and finished(pid)),
+                            raised=exc[1] if exc else ""))
     out.sort(key=lambda f: (f["exit_time"] is None, f["exit_time"] or 0))
     return out
 

@@ -149,3 +149,102 @@ def test_lines_that_only_mention_the_words_pass_untouched():
     f = LauncherFilter(hint)
     assert f.feed(text.encode()) == text.encode()
     assert f.flush() == b""
+
+
+# The shapes below are torchrun 2.13's own, on a node whose worker had failed when
+# clusterrun's stop reached it: torchrun got SIGTERM twice (the group's, then its own), and
+# its handler raised wherever Python was as it exited.
+
+# In a finalizer at exit: a frame whose source line is `def ...:` is followed by a blank line.
+IN_A_FINALIZER = """\
+Traceback (most recent call last):
+  File "/usr/lib/python3.11/weakref.py", line 666, in _exitfunc
+    f()
+  File "/usr/lib/python3.11/weakref.py", line 590, in __call__
+    return info.func(*info.args, **(info.kwargs or {}))
+           ^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^
+  File "/venv/lib/python3.11/site-packages/torch/library.py", line 662, in _del_library
+    handle.destroy()
+  File "/venv/lib/python3.11/site-packages/torch/_library/utils.py", line 32, in destroy
+    def destroy(self) -> None:
+
+  File "/venv/lib/python3.11/site-packages/torch/distributed/elastic/multiprocessing/api.py", line 86, in _terminate_process_handler
+    raise SignalException(f"Process {os.getpid()} got signal: {sigval}", sigval=sigval)
+torch.distributed.elastic.multiprocessing.api.SignalException: Process 14693 got signal: 15
+"""
+
+# In an atexit callback: Python's own header first, and a whitespace-only line.
+IN_AN_ATEXIT_CALLBACK = """\
+Exception ignored in atexit callback: <function dump_cache_stats at 0x7f7591d865c0>
+Traceback (most recent call last):
+  File "/venv/lib/python3.11/site-packages/torch/_subclasses/fake_tensor.py", line 3628, in dump_cache_stats
+    log.info("FakeTensor cache stats:")
+  File "/usr/lib/python3.11/logging/__init__.py", line 1753, in isEnabledFor
+    _releaseLock()
+  File "/usr/lib/python3.11/logging/__init__.py", line 237, in _releaseLock
+    def _releaseLock():
+    
+  File "/venv/lib/python3.11/site-packages/torch/distributed/elastic/multiprocessing/api.py", line 86, in _terminate_process_handler
+    raise SignalException(f"Process {os.getpid()} got signal: {sigval}", sigval=sigval)
+torch.distributed.elastic.multiprocessing.api.SignalException: Process 22800 got signal: 15
+"""
+
+# While the traceback itself was printed: Python gives up on it and dumps the exception object.
+WHILE_PRINTED = """\
+Traceback (most recent call last):
+  File "<frozen runpy>", line 198, in _run_module_as_main
+  File "/venv/lib/python3.11/site-packages/torch/distributed/elastic/multiprocessing/errors/__init__.py", line 367, in wrapper
+    return f(*args, **kwargs)
+object address  : 0x7fa37b17ea40
+object refcount : 2
+object type     : 0x55feb7f4b950
+object type name: ChildFailedError
+object repr     : ChildFailedError('\\n=====================\\nworker.py FAILED\\n')
+lost sys.stderr
+"""
+
+# The second SIGTERM ran the handler again inside the first one's `signal.Signals(signum)`,
+# while torchrun handled an error of another kind: the chain ends in torchrun's exception.
+INSIDE_SIGNALS_NEW = """\
+Traceback (most recent call last):
+  File "/usr/lib/python3.11/selectors.py", line 415, in select
+    fd_event_list = self._selector.poll(timeout)
+                    ^^^^^^^^^^^^^^^^^^^^^^^^^^^^
+InterruptedError: [Errno 4] Interrupted system call
+
+During handling of the above exception, another exception occurred:
+
+Traceback (most recent call last):
+  File "/venv/lib/python3.11/site-packages/torch/distributed/elastic/multiprocessing/api.py", line 85, in _terminate_process_handler
+    sigval = signal.Signals(signum)
+             ^^^^^^^^^^^^^^^^^^^^^^
+  File "/usr/lib/python3.11/enum.py", line 714, in __call__
+    return cls.__new__(cls, value)
+           ^^^^^^^^^^^^^^^^^^^^^^^
+  File "/usr/lib/python3.11/enum.py", line 1104, in __new__
+    def __new__(cls, value):
+
+  File "/venv/lib/python3.11/site-packages/torch/distributed/elastic/multiprocessing/api.py", line 86, in _terminate_process_handler
+    raise SignalException(f"Process {os.getpid()} got signal: {sigval}", sigval=sigval)
+torch.distributed.elastic.multiprocessing.api.SignalException: Process 30331 got signal: 15
+"""
+
+
+@pytest.mark.parametrize("seed", [None, 10, 11, 12])
+@pytest.mark.parametrize("shape", [IN_A_FINALIZER, IN_AN_ATEXIT_CALLBACK, WHILE_PRINTED, INSIDE_SIGNALS_NEW],
+                         ids=["finalizer", "atexit", "while-printed", "inside-signals-new"])
+def test_every_shape_of_torchruns_report_on_a_stopped_node_becomes_one_line(shape, seed):
+    """After the failed node's report (its box), or alone: nothing of it is shown raw."""
+    for before in (FAILED, STOPPED, ""):
+        text = before + shape
+        assert shown("banner\n" + text + "after\n", seed) == (
+            f"banner\n<{len(text.splitlines())} held back>\nafter\n"), before[:40]
+
+
+@pytest.mark.parametrize("seed", [None, 13, 14])
+def test_a_chain_of_other_tracebacks_is_shown_whole_and_in_order(seed):
+    """A chain that does not end in torchrun's report is someone else's: every line of it shows,
+    also after a report held back (its hint first)."""
+    foreign = OTHER + "\nDuring handling of the above exception, another exception occurred:\n\n" + OTHER
+    assert shown("a\n" + foreign + "b\n", seed) == "a\n" + foreign + "b\n"
+    assert shown(STOPPED + foreign, seed) == f"<{len(STOPPED.splitlines())} held back>\n" + foreign

@@ -1019,3 +1019,144 @@ def test_lint_command_missing_file_is_usage_error(tmp_path):
     with pytest.raises(UsageError, match=re.escape(f"no such file: {missing}")) as e:
         lint_command([missing])
     assert e.value.exit_code == EXIT_USAGE
+
+
+# -- CR001: the frameworks' global ranks as a device ---------------------------------
+
+FRAMEWORKS = """\
+import os
+import torch
+import lightning as L
+import pytorch_lightning as pl
+from lightning.pytorch import LightningModule, Callback
+from transformers import HfArgumentParser, Trainer, TrainingArguments
+from accelerate import Accelerator
+from torch.utils.data import DataLoader, DistributedSampler
+"""
+
+
+def test_cr001_the_frameworks_global_ranks_used_as_a_device():
+    findings = check("""
+        class Model(L.LightningModule):
+            def setup(self, stage):
+                torch.cuda.set_device(self.global_rank)  # expect: CR001
+
+            def on_fit_start(self):
+                self.buf = torch.zeros(3).to(f"cuda:{self.trainer.global_rank}")  # expect: CR001
+
+            def train_dataloader(self):  # the local rank as the sampler's: CR002, as for torch's own
+                return DataLoader(self.ds, sampler=DistributedSampler(self.ds, rank=self.local_rank))  # expect: CR002
+
+
+        class Old(pl.LightningModule):
+            def configure_model(self):
+                self.to(self.global_rank)  # expect: CR001
+
+
+        class Pin(Callback):
+            def on_train_start(self, trainer, pl_module):
+                torch.cuda.set_device(trainer.global_rank)  # expect: CR001
+
+
+        args = TrainingArguments(output_dir="out")
+        torch.cuda.set_device(args.process_index)  # expect: CR001
+
+        trainer = L.Trainer(devices=2, num_nodes=2)
+        x = torch.zeros(1, device=trainer.global_rank)  # expect: CR001
+
+        accelerator = Accelerator()
+        torch.cuda.set_device(accelerator.process_index)  # expect: CR001
+
+
+        class MyTrainer(Trainer):
+            def create_optimizer(self):
+                torch.cuda.set_device(self.args.process_index)  # expect: CR001
+                return super().create_optimizer()
+    """, FRAMEWORKS)
+    # The fix is the framework's own local rank.
+    fixes = [f.fix for f in findings]
+    assert "use the local rank: torch.cuda.set_device(self.local_rank)" in fixes
+    assert "use the local rank: torch.zeros(3).to(f'cuda:{self.trainer.local_rank}')" in fixes
+    assert "use the local rank: torch.cuda.set_device(args.local_process_index)" in fixes
+    assert "use the local rank: torch.cuda.set_device(self.args.local_process_index)" in fixes
+
+
+def test_correct_framework_code_is_silent():
+    """Lightning, Hugging Face and accelerate code as their docs write it: the local rank
+    for the device, the global rank for logging, seeding, sampling and rank-0 work."""
+    check('''
+        class LitModel(LightningModule):
+            def __init__(self):
+                super().__init__()
+                self.layer = torch.nn.Linear(4, 4)
+
+            def setup(self, stage):
+                torch.cuda.set_device(self.local_rank)
+                torch.manual_seed(1234 + self.global_rank)
+
+            def on_fit_start(self):
+                self.buf = torch.zeros(3).to(f"cuda:{self.trainer.local_rank}")
+                if self.global_rank == 0:
+                    print(f"rank {self.global_rank} of {self.trainer.world_size} on cuda:{self.local_rank}")
+
+            def train_dataloader(self):
+                sampler = DistributedSampler(self.ds, num_replicas=self.trainer.world_size,
+                                             rank=self.trainer.global_rank)
+                return DataLoader(self.ds, sampler=sampler)
+
+            def training_step(self, batch, batch_idx):
+                self.log("rank", float(self.global_rank))
+                return self.layer(batch.to(self.device)).sum()
+
+
+        class Report(Callback):
+            def on_train_end(self, trainer, pl_module):
+                if trainer.global_rank == 0:
+                    torch.save(pl_module.state_dict(), f"model-{trainer.global_rank}.pt")
+                torch.cuda.set_device(trainer.local_rank)
+
+
+        trainer = L.Trainer(accelerator="gpu", devices=2, num_nodes=2)
+        trainer.fit(LitModel())
+        if trainer.global_rank == 0:
+            print("done")
+
+        parser = HfArgumentParser(TrainingArguments)
+        (args,) = parser.parse_args_into_dataclasses()
+        training_args = TrainingArguments(output_dir="out")
+        torch.cuda.set_device(training_args.local_process_index)
+        device = torch.device("cuda", training_args.local_process_index)
+        if training_args.process_index == 0:
+            print(f"process {training_args.process_index} writes the checkpoints")
+        sampler = DistributedSampler(ds, rank=training_args.process_index, num_replicas=training_args.world_size)
+
+
+        class QuietTrainer(Trainer):
+            def log(self, logs, *a, **k):
+                if self.args.process_index == 0:
+                    super().log(logs, *a, **k)
+
+
+        accelerator = Accelerator()
+        model = model.to(accelerator.device)
+        torch.cuda.set_device(accelerator.local_process_index)
+        if accelerator.process_index == 0:
+            accelerator.print(f"on cuda:{accelerator.local_process_index}")
+    ''', FRAMEWORKS)
+
+
+def test_a_class_of_the_same_name_from_elsewhere_is_not_a_framework():
+    check("""
+        class LightningModule:
+            global_rank = 3
+
+        class Mine(LightningModule):
+            def setup(self):
+                torch.cuda.set_device(self.global_rank)
+
+        class TrainingArguments:
+            process_index = 1
+
+        args = TrainingArguments()
+        torch.cuda.set_device(args.process_index)
+    """, "import torch\n")

@@ -13,6 +13,7 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 import uuid
 from pathlib import Path
 
@@ -686,3 +687,37 @@ def test_a_rank_killed_after_its_script_finished_is_told_so():
     out = nodeagent.rank_outcomes({}, reported, stop_time=None, finished=lambda pid: pid == 77)
     assert [(f["rank"], f["finished"]) for f in out] == [(3, True), (4, False)]
     assert "pid" not in out[0] and reported[0]["pid"] == 77
+
+
+# --- a rank that raised its own exception ---------------------------------------------
+
+@pytest.mark.parametrize("script, raised", [
+    ("raise ValueError('bad config')", "ValueError"),
+    ("import atexit, time; atexit.register(time.sleep, 0.1); raise KeyError(3)", "KeyError"),
+    ("import sys; sys.exit(3)", None),                          # an exit code, not an exception
+    ("try:\n    raise ValueError(1)\nexcept ValueError:\n    pass", None),    # caught: nothing raised
+])
+def test_a_worker_marks_an_exception_its_script_did_not_catch(tmp_path, script, raised):
+    where, env = _site(tmp_path)
+    before = time.time()
+    proc = subprocess.Popen([sys.executable, "-c", script], env=env, stderr=subprocess.PIPE)
+    err = proc.communicate(timeout=60)[1]
+    got = nodeagent.script_raised(str(where), proc.pid)
+    assert (got[1] if got else None) == raised, err
+    if got:
+        assert before <= got[0] <= time.time()
+        assert err.decode().rstrip().splitlines()[-1].startswith(raised), "the traceback still prints"
+
+
+def test_a_rank_that_raised_before_the_stop_failed_by_itself_whatever_ended_it():
+    """Rank 1 raised at 11.0 and was ended by SIGTERM at 12.5, after the stop (12.0): its own
+    failure. Rank 2 raised after the stop (a SIGTERM handler's exception): stopped."""
+    ranks = {1: watched(0, 0, 11.5, 1), 2: dict(watched(1, 1, 12.5, -15), raised=(11.0, "ValueError")),
+             3: dict(watched(2, 2, 12.6, -15), raised=(12.1, "RuntimeError")), 4: watched(3, 3, 12.7, -15)}
+    out = nodeagent.rank_outcomes(ranks, [], stop_time=12.0)
+    assert [(f["rank"], f["exitcode"], f["stopped"], f["raised"]) for f in out] == [
+        (0, 1, False, ""), (1, -15, False, "ValueError"), (2, -15, True, "RuntimeError"), (3, -15, True, "")]
+    # Seen only in torchrun's report, by its pid: the same.
+    reported = [{"rank": 5, "local_rank": 1, "exitcode": -15, "pid": 77}]
+    out = nodeagent.rank_outcomes({}, reported, stop_time=12.0, raised=lambda pid: (11.0, "ValueError"))
+    assert [(f["rank"], f["stopped"], f["raised"]) for f in out] == [(5, False, "ValueError")]

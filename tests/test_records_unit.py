@@ -180,7 +180,9 @@ def test_status_json_keeps_every_key_and_value():
     assert data["nodes"][1] == {
         "node": "nodeB", "host": "gpu-nodeB", "node_rank": 1, "ranks": [2, 3], "state": "exited", "code": 1,
         "message": "", "stopped": False, "quiet": {"2": None, "3": None},
-        "failures": [F, {**F, "rank": 3, "local_rank": 1, "exitcode": -15, "exit_time": 100.6}]}
+        # A fact the record does not hold takes its default ("raised": none recorded).
+        "failures": [{**F, "raised": ""}, {**F, "rank": 3, "local_rank": 1, "exitcode": -15, "exit_time": 100.6,
+                                           "raised": ""}]}
     assert (data["run"], data["state"], data["world_size"], data["attempt"], data["max_restarts"],
             data["replaced"]) == ("20260101-000000-aaaaaa", "failed", 8, 0, 0, {})
     # The exact bytes: the keys in their order, indent=1, as status --json has always printed.
@@ -322,3 +324,22 @@ def test_kill_records_a_lost_node_it_cleaned_through_the_registry(monkeypatch):
     assert states[0] == NodeRecord("nodeA", NodeState.EXITED, time=69.0, code=0)
     assert "nodeB          1  2-3        killed: lost, then its job was killed by clusterrun kill\n" in cli(
         "status", run.run_id)
+
+
+def test_status_of_a_stopped_node_whose_ranks_had_failed_by_themselves_says_so():
+    """Both ranks exited 1 on their own; the stop then ended torchrun (-15): status says what
+    the summary says, not "was killed by SIGTERM" (and which ranks the stop ended, if any)."""
+    from clusterrun.commands.status import NodeStatus, describe_node
+    from clusterrun.model import NodeState, RankFailure
+
+    own = [RankFailure(2, 0, 1, 10.0), RankFailure(3, 1, 1, 10.1)]
+    node = NodeStatus("nodeB", "gpu-nodeB", 1, 2, 3, NodeState.EXITED, -15, stopped=True, failures=own)
+    assert describe_node(node) == "ranks 2-3 exited with code 1"
+    raised = [RankFailure(2, 0, 1, 10.0), RankFailure(3, 1, -15, 10.1, raised="ValueError")]
+    node = NodeStatus("nodeB", "gpu-nodeB", 1, 2, 3, NodeState.EXITED, -15, stopped=True, failures=raised)
+    assert describe_node(node) == "rank 2 exited with code 1; rank 3 raised ValueError"
+    node = NodeStatus("nodeB", "gpu-nodeB", 1, 2, 3, NodeState.EXITED, -15, stopped=True, failures=own[:1])
+    assert describe_node(node) == "rank 2 exited with code 1; rank 3 stopped"
+    stopped = [RankFailure(2, 0, -15, 10.0, stopped=True)]
+    node = NodeStatus("nodeB", "gpu-nodeB", 1, 2, 3, NodeState.EXITED, -15, stopped=True, failures=stopped)
+    assert describe_node(node) == "stopped"

@@ -461,3 +461,18 @@ def test_summary_says_rank_not_ranks_for_one_process(run):
     lines = summary([NodeResult(b, "exited", 1, [RankFailure(1, 0, 2, exit_time=1.0)]),
                      NodeResult(a, "exited", -15, stopped=True)], run)
     assert lines[-1] == "clusterrun: node a (rank 0) was stopped after rank 1 failed"
+
+
+def test_summary_names_a_rank_that_raised_its_own_error_as_failed_not_stopped(plan, run):
+    """Both ranks of a node raised their own error; torchrun's SIGTERM (sent once rank 3 had
+    exited) ended rank 4 while it exited. Rank 4 was not stopped: it had failed by itself."""
+    x = plan.nodes[1]
+    run.rank_log(4).write_text("Traceback (most recent call last):\nValueError: rank 4: bad config\n")
+    results = [NodeResult(x, "exited", 1, [RankFailure(3, 0, 1, exit_time=10.0, raised="ValueError"),
+                                           RankFailure(4, 1, -15, exit_time=10.1, raised="ValueError")])]
+    assert summary(results, run) == [
+        "clusterrun: rank 3 (nodeX, local rank 0) exited with code 1",
+        "clusterrun: rank 4 (nodeX, local rank 1) raised ValueError, then was killed by SIGTERM while it exited",
+        "  | Traceback (most recent call last):",
+        "  | ValueError: rank 4: bad config",
+    ]

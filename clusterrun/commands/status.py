@@ -133,6 +133,19 @@ def describe_node(n: NodeStatus) -> str:
     if n.state == NodeState.EXITED:
         if n.stopped and n.code != 0 and all(f.stopped for f in n.failures):
             return "stopped"        # by clusterrun, after another node failed: as the summary says
+        own = [f for f in n.failures if not f.stopped]
+        if n.stopped and n.code != 0 and own:
+            # Ranks failed by themselves before the stop, which then ended torchrun (its
+            # code is the stop's): say what they did, and which ranks the stop ended, as
+            # the summary does.
+            by_what: dict[str, list[int]] = {}
+            for f in own:
+                what = describe_code(f.exitcode) if f.exitcode is not None else "failed"
+                by_what.setdefault(f"raised {f.raised}" if f.raised and what.startswith("was killed") else what,
+                                   []).append(f.rank)
+            rest = [g for g in range(n.first_rank, n.last_rank + 1) if g not in {f.rank for f in own}]
+            return "; ".join([f"{describe_ranks(ranks)} {what}" for what, ranks in by_what.items()]
+                             + ([f"{describe_ranks(rest)} stopped"] if rest else []))
         oom = [f.rank for f in n.failures if f.oom]
         what = describe_code(n.code) if n.code is not None else "exited (its code was not recorded)"
         return what + (f" ({describe_ranks(oom)} out of memory)" if oom else "")

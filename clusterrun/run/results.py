@@ -47,11 +47,17 @@ def describe_ranks(ranks: Sequence[int]) -> str:
 _STOP_SIGNALS = (-signal.SIGTERM, -signal.SIGKILL)
 
 
+def _by_itself(f: RankFailure) -> bool:
+    """Failed on its own, whatever signal ended it: OOM-killed, or its script had raised an
+    exception (its traceback is in its log) before anything stopped it."""
+    return f.oom or bool(f.raised) or f.exitcode not in _STOP_SIGNALS
+
+
 def _by_torchrun(f: RankFailure, node_failures: Sequence[RankFailure]) -> bool:
     """Ended by its own node's torchrun, which stops the other local workers when one
-    fails (an OOM-killed worker failed on its own, whatever its signal)."""
-    return f.exitcode in _STOP_SIGNALS and not f.oom and any(
-        o is not f and not o.stopped and (o.oom or o.exitcode not in _STOP_SIGNALS)
+    fails (a rank that failed by itself first is not one of those)."""
+    return not _by_itself(f) and any(
+        o is not f and not o.stopped and _by_itself(o)
         and (o.exit_time or 0) <= (f.exit_time or 0) for o in node_failures)
 
 
@@ -79,6 +85,8 @@ def summary(results: Sequence[NodeResult], run: RunDir, tail: int = TAIL) -> lis
         what = describe_code(f.exitcode) if f.exitcode is not None else "exited (its code was not recorded)"
         if f.oom:
             what += ": out of memory (the node's kernel OOM killer ended it)"
+        elif f.raised and f.exitcode is not None and f.exitcode < 0:
+            what = f"raised {f.raised}, then {what} while it exited"
         elif f.finished and f.exitcode is not None and f.exitcode < 0:
             what += " after its script had finished, while Python shut down: its work was done"
         lines.append(f"clusterrun: rank {f.rank} ({node.name}, local rank {f.local_rank}) {what}")

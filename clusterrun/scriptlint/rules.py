@@ -239,7 +239,7 @@ def report_device_use(s: Script, call: ast.Call, bad: list[DeviceUse], bad_index
     even for ``device_ids=[rank], output_device=rank``)."""
     scope = s.names.scope_at(call)
     indexes = [n for n in ast.walk(call) if id(n) in bad_indexes]
-    shown, fixed = _show_replaced(s, call, indexes, bad[0].keyword, scope)
+    shown, fixed = _show_replaced(s, call, indexes, bad[0].keyword, scope, bad[0].origin)
     s.add(bad[0].keyword or call, "CR001", ERROR,
           f"{shown} uses the global rank{_via(bad[0].origin)} as a CUDA device index; "
           f"on every node but the first it names a GPU past the node's own",
@@ -261,7 +261,7 @@ def check_device_strings(s: Script, reported: set[int], argv_devices: list[ast.e
             argv_devices.append(node)
         if o is None or o.kind != GLOBAL:
             continue
-        fixed = show(_replaced(node, [index], s.values.local_rank_name(scope, node.lineno)))
+        fixed = show(_replaced(node, [index], o.local or s.values.local_rank_name(scope, node.lineno)))
         s.add(node, "CR001", ERROR,
               f"{show(node)} names a CUDA device after the global rank{_via(o)}; "
               f"on every node but the first it names a GPU past the node's own",
@@ -301,9 +301,10 @@ def _replaced(root: ast.AST, targets: list[ast.AST], replacement: str,
 
 
 def _show_replaced(s: Script, call: ast.Call, indexes: list[ast.AST], keyword: ast.keyword | None,
-                   scope: Scope) -> tuple[str, str]:
-    """The offending call as the message shows it, and the same with the local rank."""
-    local = s.values.local_rank_name(scope, call.lineno)
+                   scope: Scope, origin: Origin | None = None) -> tuple[str, str]:
+    """The offending call as the message shows it, and the same with the local rank (the
+    framework's own, where the global rank was the framework's)."""
+    local = origin.local if origin is not None and origin.local else s.values.local_rank_name(scope, call.lineno)
     fixed_call = _replaced(call, indexes, local)
     shown, fixed = show(call), show(fixed_call)
     if len(shown) <= SHOW_LIMIT:

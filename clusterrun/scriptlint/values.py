@@ -32,6 +32,27 @@ SLURM_TASK_VARS = frozenset({
 DIST = "torch.distributed."
 LOCAL_RANK_EXPR = "int(os.environ['LOCAL_RANK'])"
 
+# The frameworks' own ranks: attributes of their objects, known by what the object is.
+# (package roots, class names) -> what an instance of one is, for _framework_kind.
+_FRAMEWORK_CLASSES = (
+    (("lightning", "pytorch_lightning"), ("LightningModule",), "lightning module"),
+    (("lightning", "pytorch_lightning"), ("Trainer",), "lightning"),
+    (("lightning", "pytorch_lightning"), ("Callback",), "lightning callback"),
+    (("transformers",), ("TrainingArguments", "Seq2SeqTrainingArguments"), "transformers"),
+    (("transformers",), ("Trainer", "Seq2SeqTrainer"), "transformers trainer"),
+    (("accelerate",), ("Accelerator", "PartialState", "AcceleratorState"), "accelerate"),
+)
+# What each framework object's attributes hold, and the local rank to suggest instead.
+_FRAMEWORK_RANKS = {
+    "lightning": ({"global_rank": GLOBAL, "local_rank": LOCAL}, "local_rank"),
+    "lightning module": ({"global_rank": GLOBAL, "local_rank": LOCAL}, "local_rank"),
+    "transformers": ({"process_index": GLOBAL, "local_process_index": LOCAL}, "local_process_index"),
+    "accelerate": ({"process_index": GLOBAL, "local_process_index": LOCAL}, "local_process_index"),
+}
+# An attribute of a framework object that is another one: a LightningModule's trainer,
+# a Hugging Face Trainer's args.
+_FRAMEWORK_MEMBERS = {("lightning module", "trainer"): "lightning", ("transformers trainer", "args"): "transformers"}
+
 
 @dataclass(frozen=True)
 class Origin:
@@ -44,6 +65,7 @@ class Origin:
     value: int | None = None   # for INT
     argv: str | None = None    # read from a --local_rank argument: "args.local_rank"
     read: ast.AST | None = None    # a Slurm variable's read (SLURM_TASK_VARS kinds)
+    local: str | None = None       # a framework's own local rank, to suggest: "self.local_rank"
 
 
 def launch_local_rank(names: Names) -> ast.Call | None:
@@ -176,6 +198,8 @@ class Values:
                     and self.argparse_local_rank is not None:
                 a = self.argparse_local_rank
                 return Origin(LOCAL, f"{show(a)}, line {a.lineno}", a.lineno, True, argv=show(node))
+            if isinstance(node, ast.Attribute):
+                return self._framework_rank(node, scope)
             return None
         # `rank = None` is a placeholder until the real assignment: not a value.
         placeholders = [b for b in bindings if isinstance(b.value, ast.Constant) and b.value.value is None]
@@ -197,6 +221,60 @@ class Values:
             f"{name} = {show(first.value)}, line {first.line}"
         argv = kinds[0].argv if all(o.argv for o in kinds) else None
         return Origin(kinds[0].kind, source, first.line, True, kinds[0].value, argv, kinds[0].read)
+
+    def _framework_rank(self, node: ast.Attribute, scope: Scope) -> Origin | None:
+        """A framework's rank: ``self.global_rank`` in a LightningModule,
+        ``self.trainer.global_rank``, ``trainer.local_rank`` of a Lightning Trainer,
+        ``args.process_index`` of TrainingArguments, ``accelerator.local_process_index``."""
+        kind = self._framework_kind(node.value, scope, 0)
+        if kind not in _FRAMEWORK_RANKS:
+            return None
+        attrs, local = _FRAMEWORK_RANKS[kind]
+        if node.attr not in attrs:
+            return None
+        return Origin(attrs[node.attr], show(node), getattr(node, "lineno", 0), False,
+                      local=f"{show(node.value)}.{local}")
+
+    def _framework_kind(self, node: ast.AST, scope: Scope, depth: int) -> str | None:
+        """What framework object `node` is (a _FRAMEWORK_CLASSES kind), or None: an
+        instance made here (``Trainer(...)``), a method's first parameter in a subclass
+        (``self``), a Lightning callback hook's ``trainer``, or a member of one of those."""
+        if depth > 4:
+            return None
+        if isinstance(node, ast.Attribute):
+            return _FRAMEWORK_MEMBERS.get((self._framework_kind(node.value, scope, depth + 1) or "", node.attr))
+        if not isinstance(node, ast.Name):
+            return None
+        bindings = self.names.lookup(node.id, self.names.scope_at(node))
+        kinds = {self._binding_kind(b, node.id, depth) for b in bindings}
+        return kinds.pop() if len(kinds) == 1 else None
+
+    def _binding_kind(self, b: Binding, name: str, depth: int) -> str | None:
+        if b.value is not None:
+            if isinstance(b.value, ast.Call):
+                return self._class_kind(b.value.func)
+            return self._framework_kind(b.value, b.scope, depth + 1)
+        func = b.param_of
+        cls = self.names.parent.get(id(func)) if func is not None else None
+        if not isinstance(func, (ast.FunctionDef, ast.AsyncFunctionDef)) or not isinstance(cls, ast.ClassDef):
+            return None
+        if any(self.names.qual(d) in ("staticmethod", "classmethod") for d in func.decorator_list):
+            return None
+        bases = {self._class_kind(base) for base in cls.bases}
+        params = [a.arg for a in func.args.posonlyargs + func.args.args]
+        if params and params[0] == name:
+            return next((k for k in bases if k in ("lightning module", "transformers trainer")), None)
+        if name == "trainer" and "lightning callback" in bases:
+            return "lightning"                  # Callback hooks: on_fit_start(self, trainer, pl_module)
+        return None
+
+    def _class_kind(self, node: ast.AST) -> str | None:
+        q = self.names.qual(node) or ""
+        root, last = q.partition(".")[0], q.rpartition(".")[2]
+        for roots, classes, kind in _FRAMEWORK_CLASSES:
+            if "." in q and root in roots and last in classes:
+                return kind
+        return None
 
     def _param_origin(self, b: Binding, name: str) -> Origin | None:
         """A parameter's value, when every call of its function is in this file and

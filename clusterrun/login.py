@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .nodeagent import FAILED_MARK, FAILED_SETUP, FAILED_WORKDIR
+from .nodeagent import FAILED_MARK, FAILED_SETUP, FAILED_WORKDIR, SETUP_VAR
 from .plan import quote_path, setup_part
 
 # Shells word a failed cd each their own way (bash: "No such file or directory",
@@ -47,12 +47,18 @@ class Login:
         """The steps as `--dry-run` shows them, for a person to paste: `cd W && { S; } </dev/null && `."""
         return "".join(f"{step} && " for step, _ in self._steps())
 
-    def line(self, program: str, make_workdir: bool = False) -> str:
+    def line(self, program: str, make_workdir: bool = False, tag: str = "") -> str:
         """The whole login line: the steps, then `exec PROGRAM` (a shell line, quoted by
         the caller). make_workdir: create the workdir first (`up --sync` fills it);
-        if that fails, the line ends with mkdir's own words."""
+        if that fails, the line ends with mkdir's own words. tag (letters and digits):
+        the setup's processes carry it in SETUP_VAR, so that a setup still running
+        when clusterrun gives up can be found and ended (the program does not get it)."""
         made = f"mkdir -p {quote_path(self.workdir)} || exit; " if make_workdir and self.workdir else ""
-        return made + self.steps() + "exec " + program
+        steps = self.steps()
+        if tag and any(s.strip() for s in self.setup):
+            assert tag.isalnum(), tag
+            steps = f"{SETUP_VAR}={tag}; export {SETUP_VAR}; {steps}unset {SETUP_VAR}; "
+        return made + steps + "exec " + program
 
     def marked_failure(self, stderr_lines: list[str], output: list[str]) -> str | None:
         """The marked step that stopped the line, in words; None if no step did.

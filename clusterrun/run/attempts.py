@@ -24,6 +24,7 @@ from ..plan import Facts, Plan, asked_master_port, build_plan, needs_probe
 from ..transports.base import Transport
 from .controller import Continue, RunController
 from .preflight import PreflightError, find_facts, judge, probe_all, probe_spec
+from .startlimit import StartTimeout
 from .restart import Roster, Vet, first_failure, next_roster, should_restart, wait_delay
 from .runs import clusterrun_home
 from .stream import Terminal
@@ -154,7 +155,7 @@ def _next_attempt(ctl: RunController, results: list[NodeResult], roster: Roster,
     try:
         plan = plan_attempt(roster.hosts, opts, transports, term, run_id=run.run_id, attempt=attempt,
                             checks=False)
-    except PreflightError as e:
+    except (PreflightError, StartTimeout) as e:    # a node's setup hung this time: the run ends here
         term.message(f"clusterrun: no further attempt: {e}")
         return None
     run.write_plan(plan)

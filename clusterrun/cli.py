@@ -175,6 +175,8 @@ def main() -> None:
 @click.option("--max-restarts", type=click.IntRange(min=0, max=1000), metavar="N",
               help="Restart the whole job up to N times after a failure (spares replace lost nodes).")
 @click.option("--restart-delay", type=DURATION, metavar="SECONDS", help="Wait before a restart (default 5).")
+@click.option("--start-timeout", type=DURATION, metavar="DURATION",
+              help="Give up if a node has not logged in, run its setup and been checked by then (default 10m).")
 @click.option("--accept-new-host-keys", is_flag=True, help="Trust hosts not yet in known_hosts.")
 @transport_option
 @click.option("--sbatch-arg", "sbatch_args", multiple=True, metavar="OPTION",
@@ -185,8 +187,8 @@ def main() -> None:
 @click.argument("script")
 @click.argument("script_args", nargs=-1, type=click.UNPROCESSED)
 def up_cmd(module, nproc_per_node, master_port, env, detach, dry_run, sync, skip_check, no_fail_fast, hang_timeout,
-           on_hang, max_restarts, restart_delay, accept_new_host_keys, transport, sbatch_args, run_id, no_color,
-           hosts, script, script_args) -> None:
+           on_hang, max_restarts, restart_delay, start_timeout, accept_new_host_keys, transport, sbatch_args, run_id,
+           no_color, hosts, script, script_args) -> None:
     """Start SCRIPT with torchrun on every node of HOSTS and stream every rank's lines.
 
     Options go before HOSTS; everything after SCRIPT is passed to the script.
@@ -201,7 +203,7 @@ def up_cmd(module, nproc_per_node, master_port, env, detach, dry_run, sync, skip
     up_opts = UpOptions(fail_fast=not no_fail_fast, accept_new_host_keys=accept_new_host_keys,
                         color=use_color(no_color=no_color), detach=detach, skip_check=skip_check,
                         sync=sync, transport=transport, hang_timeout=hang_timeout, on_hang=on_hang,
-                        max_restarts=max_restarts, restart_delay=restart_delay,
+                        max_restarts=max_restarts, restart_delay=restart_delay, start_timeout=start_timeout,
                         reconnect_window=_reconnect_window(), sbatch_args=tuple(sbatch_args),
                         batch_args=_batch_args(click.get_current_context()), run_id=run_id)
     if dry_run:
@@ -304,11 +306,13 @@ def kill_cmd(run, all_runs, grace) -> None:
 @click.option("--accept-new-host-keys", is_flag=True, help="Trust hosts not yet in known_hosts.")
 @transport_option
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
-def check_cmd(hosts, accept_new_host_keys, transport, as_json) -> None:
+@click.option("--timeout", type=DURATION, metavar="DURATION",
+              help="A node not done logging in, with its setup and probe by then is reported (default 2m).")
+def check_cmd(hosts, accept_new_host_keys, transport, as_json, timeout) -> None:
     """Preflight and inventory of every node of HOSTS, one row each."""
     from .commands import check
 
-    _run(check.check, hosts, accept_new_host_keys, transport, as_json)
+    _run(check.check, hosts, accept_new_host_keys, transport, as_json, timeout)
 
 
 @main.command("exec", context_settings={"ignore_unknown_options": True, "allow_interspersed_args": False})

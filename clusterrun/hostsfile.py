@@ -18,6 +18,11 @@ from typing import Any, Mapping
 from .errors import HostsFileError
 from .gpus import GPU, VISIBLE_VAR, describe, parse_devices
 
+# How long `up` waits for every node to log in, run its `setup:` and answer the
+# preflight before it gives up (start_timeout:, --start-timeout): generous, since a
+# first `setup:` may install packages.
+START_TIMEOUT = 600.0
+
 LOCALHOST = "localhost"
 
 # Keys valid at the top level (as defaults) and per host.
@@ -25,7 +30,7 @@ _SHARED_KEYS = (
     "nproc_per_node", "user", "port", "identity_file", "python", "workdir", "setup", "env", "transport",
     "gpus",
 )
-TOP_KEYS = frozenset(_SHARED_KEYS + ("master_port", "master_addr", "connect_timeout", "hang_timeout",
+TOP_KEYS = frozenset(_SHARED_KEYS + ("master_port", "master_addr", "connect_timeout", "hang_timeout", "start_timeout",
                                      "on_hang", "max_restarts", "restart_delay", "spares", "hosts",
                                      "slurm"))
 SLURM_KEYS = frozenset(("nodes", "partition", "time", "gpus_per_node", "account", "sbatch_args"))
@@ -89,6 +94,7 @@ class HostsFile:
     restart_delay: float = 5.0             # seconds between a failed attempt and the next
     spares: tuple[Host, ...] = ()          # take the place of a node that is lost or unreachable
     slurm: "SlurmSpec | None" = None       # `slurm:` instead of `hosts:`: the nodes come from Slurm
+    start_timeout: float = START_TIMEOUT   # seconds every node gets to log in, run `setup:` and be checked
 
 
 @dataclass(frozen=True)
@@ -215,6 +221,11 @@ def parse_hosts(data: Any, path: str = "<hosts>") -> HostsFile:
         hang = None if hang is None else parse_duration(hang)
     except ValueError as e:
         raise HostsFileError(path, "hang_timeout", str(e)) from None
+    start = data.get("start_timeout")
+    try:
+        start = START_TIMEOUT if start is None else parse_duration(start)
+    except ValueError as e:
+        raise HostsFileError(path, "start_timeout", str(e)) from None
     on_hang = data.get("on_hang", "report")
     if on_hang not in ON_HANG:
         raise HostsFileError(path, "on_hang", f"must be one of {', '.join(ON_HANG)}, got {on_hang!r}")
@@ -228,7 +239,7 @@ def parse_hosts(data: Any, path: str = "<hosts>") -> HostsFile:
         raise HostsFileError(path, "restart_delay", str(e)) from None
     return HostsFile(path, tuple(hosts), master_port, master_addr,
                      None if timeout is None else float(timeout), hang, on_hang, restarts, delay,
-                     tuple(spares))
+                     tuple(spares), start_timeout=start)
 
 
 def allocation_hosts(hosts: HostsFile) -> HostsFile:

@@ -18,7 +18,7 @@ from __future__ import annotations
 import shlex
 from dataclasses import dataclass
 
-from .nodeagent import FAILED_MARK, FAILED_SETUP, FAILED_WORKDIR
+from .nodeagent import FAILED_MARK, FAILED_SETUP, FAILED_WORKDIR, SETUP_VAR
 from .plan import quote_path, setup_part
 
 # Bytes that mean the same to every shell inside single quotes and to printf's format
@@ -84,20 +84,26 @@ class Login:
         """The steps as `--dry-run` shows them, for a person to paste: `cd W && { S; } </dev/null && `."""
         return "".join(f"{step} && " for step, _ in self._steps())
 
-    def line(self, program: str, make_workdir: bool = False) -> str:
+    def line(self, program: str, make_workdir: bool = False, tag: str = "") -> str:
         """The whole login line, as the node's login shell gets it (`for_any_shell`)."""
-        return for_any_shell(self.script(program, make_workdir))
+        return for_any_shell(self.script(program, make_workdir, tag))
 
-    def script(self, program: str, make_workdir: bool = False) -> str:
+    def script(self, program: str, make_workdir: bool = False, tag: str = "") -> str:
         """The login line's POSIX sh script: the steps, then `exec PROGRAM` (a shell line,
         quoted by the caller). make_workdir: create the workdir first (`up --sync` fills
         it); if that fails, the script ends with mkdir's own words. The setup lines and
-        the program run in the login shell where it is of the Bourne family."""
+        the program run in the login shell where it is of the Bourne family. tag (letters
+        and digits): the setup's processes carry it in SETUP_VAR, so that a setup still
+        running when clusterrun gives up can be found and ended (the program does not get it)."""
         made = f"mkdir -p {quote_path(self.workdir)} || exit; " if make_workdir and self.workdir else ""
         steps = [f"{step} || {{ {fail}; }}; " for step, fail in self._steps()]
         if not self.setup_lines():
             return made + "".join(steps) + "exec " + program
-        rest = steps.pop() + "exec " + program
+        setup = steps.pop()             # the last step
+        if tag:
+            assert tag.isalnum(), tag
+            setup = f"{SETUP_VAR}={tag}; export {SETUP_VAR}; {setup}unset {SETUP_VAR}; "
+        rest = setup + "exec " + program
         return made + "".join(steps) + _SETUP_IN_LOGIN_SHELL + shlex.quote(rest) + ";; esac; " + rest
 
     def setup_lines(self) -> list[str]:

@@ -52,6 +52,9 @@ import time
 AGENT_MARK = b"CLUSTERRUN-AGENT "
 FAILED_MARK = "CLUSTERRUN-FAILED "
 FAILED_WORKDIR = "workdir"          # ... and missing, notdir or denied (test(1)'s answer)
+# The login line exports this, with the session's token, while `setup:` runs: a setup
+# clusterrun gave up on is found by it (kill mode, "setup": true) and ended.
+SETUP_VAR = "CLUSTERRUN_SETUP"
 FAILED_SETUP = "setup"              # ... and the setup's exit status
 
 DATA = b"D"
@@ -153,9 +156,12 @@ if __name__ != "__main__":
         follow: bool
         marker: str
 
-    class KillSpec(_Spec):
+    class _KillFields(_Spec):
         marker: str
         grace: float
+
+    class KillSpec(_KillFields, total=False):
+        setup: bool                 # marker is a login's SETUP_VAR tag: end that setup
 
     class StacksSpec(_Spec):
         marker: str
@@ -203,6 +209,8 @@ def main(argv):
             event(Event.LOST, reason="no job directory on the node")
             return 0
         stream(job_dir, spec.get("offsets", {}), commands, spec.get("marker"), spec.get("follow", True))
+    elif mode == Mode.KILL and spec.get("setup"):
+        end_setup(spec["marker"], float(spec.get("grace", 5)))
     elif mode == Mode.KILL:
         kill(job_dir, spec["marker"], float(spec.get("grace", 5)))
     elif mode == Mode.STACKS:
@@ -1477,13 +1485,30 @@ def event(name, **fields):
 
 # --- kill ----------------------------------------------------------------------
 
-def job_pids(marker):
+def end_setup(tag, grace):
+    """TERM, then KILL after grace, every process of a `setup:` that still runs (those
+    whose SETUP_VAR is tag); the event says how many there were and how many are left."""
+    found = left = job_pids(tag, SETUP_VAR)
+    signal_all(0, left, signal.SIGTERM)
+    deadline = time.monotonic() + grace
+    while left and time.monotonic() < deadline:
+        time.sleep(0.05)
+        left = job_pids(tag, SETUP_VAR)
+    deadline = time.monotonic() + 10
+    while left and time.monotonic() < deadline:
+        signal_all(0, left, signal.SIGKILL)
+        time.sleep(0.05)
+        left = job_pids(tag, SETUP_VAR)
+    event(Event.KILLED, forced=False, found=len(found), left=len(left))
+
+
+def job_pids(marker, var="CLUSTERRUN_JOB"):
     """Every process whose environment carries this job's CLUSTERRUN_JOB marker.
 
     torchrun puts each worker in a session of its own, so the process group
     alone misses workers; the marker is inherited by every descendant.
     """
-    needle = b"\0CLUSTERRUN_JOB=" + marker.encode() + b"\0"
+    needle = b"\0" + var.encode() + b"=" + marker.encode() + b"\0"
     me = os.getpid()
     pids = []
     for name in os.listdir("/proc"):

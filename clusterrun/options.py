@@ -52,6 +52,7 @@ class UpOptions:
     on_hang: str | None = None          # --on-hang (None: the hosts file's)
     max_restarts: int | None = None     # --max-restarts (None: the hosts file's)
     restart_delay: float | None = None  # --restart-delay (None: the hosts file's)
+    start_timeout: float | None = None  # --start-timeout (None: the hosts file's)
     reconnect_window: float = RECONNECT_WINDOW
     # Submitting to Slurm (outside an allocation; run/submit.py):
     sbatch_args: tuple[str, ...] = ()   # --sbatch-arg, after the hosts file's sbatch_args

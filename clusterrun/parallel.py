@@ -5,6 +5,7 @@ GroupResult)."""
 from __future__ import annotations
 
 import threading
+import time
 from dataclasses import dataclass
 from typing import Callable, Generic, Sequence, TypeVar
 
@@ -22,13 +23,22 @@ class Outcome(Generic[T]):
     error: Exception | None = None
 
 
-def each(items: Sequence[I], fn: Callable[[I], T], window: int = WINDOW) -> list[Outcome[T]]:
+class TimedOut(Exception):
+    """The call had not returned when `each`'s time limit was reached (it may still run)."""
+
+
+def each(items: Sequence[I], fn: Callable[[I], T], window: int = WINDOW, timeout: float | None = None,
+         tick: Callable[[list[int], float], None] | None = None) -> list[Outcome[T]]:
     """fn(item) for every item, at most `window` at a time; an Outcome per item, in order.
 
     The threads are daemons: a Ctrl-C in the caller is not held up by a node that
-    does not answer (the caller then tears things down its own way)."""
+    does not answer (the caller then tears things down its own way). timeout: after
+    this many seconds the calls not yet returned get TimedOut as their outcome (they
+    go on in their threads: the caller ends them its own way). tick(pending indices,
+    seconds so far): called about every second while calls are pending."""
     out: list[Outcome[T]] = [Outcome() for _ in items]
     gate = threading.BoundedSemaphore(max(1, window))
+    began = time.monotonic()
 
     def run(i: int, item: I) -> None:
         try:
@@ -44,6 +54,23 @@ def each(items: Sequence[I], fn: Callable[[I], T], window: int = WINDOW) -> list
         t = threading.Thread(target=run, args=(i, item), daemon=True)
         t.start()
         threads.append(t)
-    for t in threads:
-        t.join()
-    return out
+    if timeout is None and tick is None:
+        for t in threads:
+            t.join()
+        return out
+    while True:
+        pending = [i for i, t in enumerate(threads) if t.is_alive()]
+        elapsed = time.monotonic() - began
+        if not pending:
+            return out
+        if timeout is not None and elapsed >= timeout:
+            break
+        if tick is not None:
+            tick(pending, elapsed)
+        threads[pending[0]].join(min(1.0, timeout - elapsed) if timeout is not None else 1.0)
+    snapshot = list(out)
+    for i in pending:
+        if not threads[i].is_alive():       # it returned just now
+            continue
+        snapshot[i] = Outcome(error=TimedOut(f"not done after {elapsed:.0f}s"))
+    return snapshot

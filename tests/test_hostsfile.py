@@ -555,6 +555,25 @@ def test_a_bad_hang_setting_is_named(tmp_path, text):
     assert text.split(":")[0] in str(e)
 
 
+# --- start_timeout ----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("value, seconds", [(30, 30.0), ("90s", 90.0), ("15m", 900.0), ("1h", 3600.0)])
+def test_start_timeout_accepts_seconds_and_units(value, seconds):
+    assert parse_hosts({"start_timeout": value, "hosts": ["a"]}).start_timeout == seconds
+
+
+def test_start_timeout_defaults_to_ten_minutes():
+    assert parse_hosts({"hosts": ["a"]}).start_timeout == 600.0
+
+
+@pytest.mark.parametrize("text", ["start_timeout: 0", "start_timeout: -1", "start_timeout: soon",
+                                  "start_timeout: true", "start_timeout: 10 min"])
+def test_a_bad_start_timeout_is_named(tmp_path, text):
+    e = load_error(tmp_path, text + "\nhosts: [a]\n")
+    assert "start_timeout" in str(e) and "duration" in str(e)
+
+
 # --- restarts and spares ----------------------------------------------------------------
 
 

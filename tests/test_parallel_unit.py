@@ -5,7 +5,7 @@ from __future__ import annotations
 import threading
 import time
 
-from clusterrun.parallel import each
+from clusterrun.parallel import TimedOut, each
 
 
 def test_results_and_errors_come_back_per_item_in_order():
@@ -42,3 +42,19 @@ def test_no_more_than_the_window_run_at_once():
     go.set()
     t.join(30)
     assert peak[0] == 5 and running[0] == 0
+
+
+def test_a_call_not_done_by_the_timeout_is_timed_out_and_the_others_come_back():
+    release = threading.Event()
+    ticks: list[list[int]] = []
+
+    def fn(i: int) -> int:
+        if i == 1:
+            release.wait()          # a node whose setup never ends
+        return i
+
+    out = each(range(3), fn, timeout=0.3, tick=lambda pending, _: ticks.append(pending))
+    release.set()
+    assert [o.value for o in out] == [0, None, 2]
+    assert isinstance(out[1].error, TimedOut)
+    assert ticks and all(p == [1] for p in ticks[1:])   # the progress names the one still pending

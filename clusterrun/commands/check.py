@@ -20,6 +20,8 @@ from ..options import LaunchOptions
 from ..plan import Facts, NodePlan, build_plan
 from ..run.preflight import probe_all, probe_spec, step_cpus_problem
 from ..run.runs import clusterrun_home
+from ..run.startlimit import CHECK_TIMEOUT
+from ..run.stream import Terminal
 
 
 @dataclass
@@ -40,8 +42,10 @@ class NodeCheck:
 
 
 def check(hosts_path: str, accept_new: bool = False, transport: str | None = None,
-          as_json: bool = False) -> int:
-    """`clusterrun check HOSTS`: every node in parallel, one row each (or JSON)."""
+          as_json: bool = False, timeout: float | None = None) -> int:
+    """`clusterrun check HOSTS`: every node in parallel, one row each (or JSON). A node
+    that has not answered within `timeout` (default CHECK_TIMEOUT) is a problem of its
+    row ("in setup for 2m"), its setup ended; the others are shown as usual."""
     hosts = with_transport(load_hosts(hosts_path), transport)
     conns = connect_each(hosts.hosts, hosts.connect_timeout, accept_new)
     try:
@@ -50,7 +54,9 @@ def check(hosts_path: str, accept_new: bool = False, transport: str | None = Non
                           run_id="check", local_home=str(clusterrun_home()), provisional=True)
         port = hosts.master_port
         specs = [probe_spec(plan, n, None, False, port, torch=True) for n in plan.nodes]
-        results = probe_all(plan, [t for t, _, _ in conns], specs)
+        term = Terminal()
+        results, late = probe_all(plan, [t for t, _, _ in conns], specs, timeout or CHECK_TIMEOUT, term.progress)
+        term.clear_progress()
     finally:
         for t, _, _ in conns:
             if t is not None:
@@ -75,7 +81,7 @@ def check(hosts_path: str, accept_new: bool = False, transport: str | None = Non
         for c in checks:
             if c.problems:
                 print(f"clusterrun: {c.node.name}: " + "; ".join(c.problems))
-    if any(c.connect_s is None for c in checks):
+    if late or any(c.connect_s is None for c in checks):
         return EXIT_UNREACHABLE
     return EXIT_JOB_FAILED if any(c.problems for c in checks) else 0
 

@@ -6,10 +6,13 @@ run/attempts.py plans, starts again after a failure (--max-restarts) and watches
 
 from __future__ import annotations
 
+import dataclasses
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 from ..run.attempts import Restarts, plan_attempt, run_attempts
@@ -19,7 +22,9 @@ from ..hostsfile import HostsFile, load_hosts, with_transport
 from ..options import LaunchOptions, UpOptions, WatchOptions
 from ..dryrun import PLACEHOLDER_RUN_ID, render_plan
 from ..plan import Facts, asked_master_port, build_plan, needs_probe
+from ..parallel import each
 from ..run.preflight import Gate, preflight_error
+from ..run.startlimit import start_timeout_error, waiting_text
 from ..run.results import plural
 from ..run.runs import CollectorLock, RunDir, clusterrun_home, new_run_id
 from ..run.stream import Terminal
@@ -81,6 +86,8 @@ def _up(hosts_path: str, opts: LaunchOptions, up_opts: UpOptions, submitted: Run
         raise UsageError("up --detach inside a Slurm allocation: the run's steps end with this command. "
                          "Run it attached here, or detached from outside the allocation, where "
                          "`clusterrun up -d slurm ...` submits a job with sbatch")
+    if up_opts.start_timeout is not None:
+        hosts = dataclasses.replace(hosts, start_timeout=up_opts.start_timeout)
     term = Terminal()
     if submitted is None:               # the submitting `up` showed them
         lint_warnings(opts, term)
@@ -116,7 +123,7 @@ def _up(hosts_path: str, opts: LaunchOptions, up_opts: UpOptions, submitted: Run
         checked_in_start = not up_opts.skip_check and not needs_probe(hosts, opts)  # else the probe checked
         gate = Gate(plan, opts, plan.master_port) if checked_in_start else None
         ctl.launch(start=True, gate=gate)
-        if gate is not None and not _gate_passed(gate, ctl, run, term):
+        if gate is not None and not _gate_passed(gate, ctl, run, term, hosts.start_timeout):
             ctl.wait()                  # every node has answered "stop" and ended
             run.discard()
             raise preflight_error(gate.problems or [])
@@ -144,19 +151,43 @@ def _interrupt(signum: int, frame: object) -> None:
     raise KeyboardInterrupt
 
 
-def _gate_passed(gate: Gate, ctl: RunController, run: RunDir, term: Terminal) -> bool:
-    """Whether every node passed the preflight inside the start. Ctrl-C meanwhile: no node
-    starts and the run is not kept. The sessions are ended, so that a node whose
-    `setup:` still runs is not waited for (that setup ends there by itself; its agent
-    then finds no "go" and exits)."""
+def _gate_passed(gate: Gate, ctl: RunController, run: RunDir, term: Terminal, limit: float) -> bool:
+    """Whether every node passed the preflight inside the start. Ctrl-C meanwhile, or a
+    node not done by the start limit: no node starts and the run is not kept. The
+    sessions are ended, so that a node whose `setup:` still runs is not waited for
+    (on a Ctrl-C that setup ends there by itself, its agent then finds no "go" and
+    exits; at the start limit it is ended: StartTimeout names the nodes)."""
+    began = time.monotonic()
     try:
-        return gate.wait()
+        while True:
+            passed = gate.wait(min(1.0, max(0.0, limit - (time.monotonic() - began))))
+            if passed is not None:
+                return passed
+            waited = time.monotonic() - began
+            late = gate.pending()
+            if waited >= limit:
+                break
+            if waited >= 2:
+                term.progress(waiting_text([n.name for n in late], waited))
     except KeyboardInterrupt:
         if gate.abort("interrupted"):
             ctl.abandon()       # every node's thread is done with the run's files
             run.discard()
             term.message("clusterrun: interrupted while the nodes were checked: nothing was started")
         raise
+    if not gate.abort("the start limit was reached"):
+        return gate.wait() or False     # every node answered just now
+    ranks = {n.node_rank for n in late}
+    late_jobs = [job for job in ctl.jobs if job.node.node_rank in ranks]
+    for job in late_jobs:
+        job.abandon(close=False)        # no reconnect once its session is ended here
+    ended = each(late_jobs, lambda job: job.session.end() if job.session is not None else "logging in",
+                 timeout=30)
+    ctl.abandon()
+    run.discard()
+    term.clear_progress()
+    raise start_timeout_error([(job.node.name, o.value or "logging in") for job, o in zip(late_jobs, ended)],
+                              limit)
 
 
 def lint_warnings(opts: LaunchOptions, term: Terminal) -> None:

@@ -24,6 +24,7 @@ from ..plan import Facts, Plan, asked_master_port, build_plan, needs_probe
 from ..transports.base import Transport
 from .controller import Continue, RunController
 from .preflight import PreflightError, find_facts, judge, probe_all, probe_spec
+from .startlimit import StartTimeout
 from .restart import Roster, Vet, attempt_of, first_failure, next_roster, should_restart, wait_delay
 from .runs import clusterrun_home
 from .stream import Terminal
@@ -67,7 +68,8 @@ def plan_attempt(hosts: HostsFile, opts: LaunchOptions, transports: Sequence[Tra
     (`up`'s start) first syncs `sync` to every node, and says what it checks and warns of;
     a later one is quiet (its spares were vetted by then). Before the probe, each node's
     agent is started through a provisional plan: what the facts change (the port, the
-    GPU counts and so the ranks) is none of what starts an agent. Raises PreflightError."""
+    GPU counts and so the ranks) is none of what starts an agent. Raises PreflightError,
+    or StartTimeout if a node has not answered within the hosts file's start_timeout."""
     known = Facts(node0_addr=transports[0].peer_addr)
     make = functools.partial(build_plan, hosts, opts, run_id=run_id, local_home=str(clusterrun_home()),
                              attempt=attempt)
@@ -81,7 +83,8 @@ def plan_attempt(hosts: HostsFile, opts: LaunchOptions, transports: Sequence[Tra
         return reach        # it waited for no fact: it is the plan (checked inside the start: Gate)
     if attempt == 0:
         term.progress(f"checking {len(hosts.hosts)} nodes")
-    facts, warnings = find_facts(reach, transports, opts, asked_master_port(hosts, opts), known, checks)
+    facts, warnings = find_facts(reach, transports, opts, asked_master_port(hosts, opts), known, checks,
+                                 hosts.start_timeout, term.progress)
     for warning in warnings if attempt == 0 else ():
         term.message(f"clusterrun: warning: {warning}")
     return make(facts)
@@ -97,8 +100,8 @@ def spare_vet(opts: LaunchOptions, run_id: str, attempt: int) -> Vet:
                           local_home=str(clusterrun_home()), attempt=attempt, provisional=True)
         specs = [probe_spec(plan, n, opts.script, opts.module, None, torch=False) for n in plan.nodes]
         mine = plan.nodes[i].name + ": "
-        return [p.removeprefix(mine) for p in judge(plan, probe_all(plan, transports, specs), opts, 0).problems
-                if p.startswith(mine)]
+        results, _ = probe_all(plan, transports, specs, hosts.start_timeout)   # a late node: its problem
+        return [p.removeprefix(mine) for p in judge(plan, results, opts, 0).problems if p.startswith(mine)]
     return vet
 
 
@@ -167,7 +170,7 @@ def _next_attempt(ctl: RunController, results: list[NodeResult], roster: Roster,
     try:
         plan = plan_attempt(roster.hosts, opts, transports, term, run_id=run.run_id, attempt=attempt,
                             checks=False)
-    except PreflightError as e:
+    except (PreflightError, StartTimeout) as e:    # a node's setup hung this time: the run ends here
         term.message(f"clusterrun: no further attempt: {e}")
         return None
     run.write_plan(plan)

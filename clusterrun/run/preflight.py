@@ -11,17 +11,18 @@ from __future__ import annotations
 import dataclasses
 import threading
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 from ..errors import ClusterrunError
 from .inventory import Inventory, count_problem, gpu_count, held, held_text, mismatches
 from .inventory import node_problems as inventory_problems
 from ..options import LaunchOptions
 from ..plan import Facts, NodePlan, Plan
-from ..parallel import each
+from ..parallel import TimedOut, each
 from ..nodeagent import ProbeCheck
 from . import agentspec
-from .remote import AgentError, run_agent
+from .remote import AgentError, Session, run_agent
+from .startlimit import late_text, start_timeout_error, waiting_text
 from ..transports.base import Transport
 
 
@@ -37,21 +38,42 @@ def probe_spec(plan: Plan, node: NodePlan, script: str | None, module: bool, por
                                  script=script, module=module, port=port if node.node_rank == 0 else None)
 
 
-def probe_all(plan: Plan, transports: Sequence[Transport | None], specs: Sequence[ProbeCheck]
-              ) -> list[dict[str, Any] | str]:
-    """Each node's probe result, or the reason it could not run."""
+def probe_all(plan: Plan, transports: Sequence[Transport | None], specs: Sequence[ProbeCheck],
+              limit: float | None = None, progress: Callable[[str], None] | None = None
+              ) -> tuple[list[dict[str, Any] | str], list[tuple[str, str]]]:
+    """Each node's probe result, or the reason it could not run; and the nodes that had not
+    answered within `limit` seconds, with what they were doing (their setup is ended, their
+    result says so). progress: told which nodes are still awaited, about every second."""
+    sessions: list[Session | None] = [None] * len(plan.nodes)
+
     def one(i: int) -> dict[str, Any] | str:
         t = transports[i]
         if t is None:
             return "unreachable"
+        sessions[i] = Session(plan.nodes[i], t)
         try:
-            return run_agent(plan.nodes[i], t, agentspec.probe_spec(plan.nodes[i], specs[i]))
+            return run_agent(plan.nodes[i], t, agentspec.probe_spec(plan.nodes[i], specs[i]), sessions[i])
         except AgentError as e:
             return str(e)
 
+    def tick(pending: list[int], seconds: float) -> None:
+        if progress is not None and seconds >= 2:
+            progress(waiting_text([plan.nodes[i].name for i in pending], seconds))
+
+    outcomes = each(range(len(plan.nodes)), one, timeout=limit, tick=tick)
+    late_ranks = [i for i, o in enumerate(outcomes) if isinstance(o.error, TimedOut)]
+
+    def end(i: int) -> str:
+        s = sessions[i]
+        return s.end() if s is not None else "logging in"
+
+    ended = each(late_ranks, end, timeout=30)
+    late = [(plan.nodes[i].name, e.value or "logging in") for i, e in zip(late_ranks, ended)]
+    doing = dict(zip(late_ranks, (d for _, d in late)))
     # An error other than the agent's: the connection broke; report it for this node.
-    return [o.value if o.error is None else f"{type(o.error).__name__}: {o.error}"  # type: ignore[misc]
-            for o in each(range(len(plan.nodes)), one)]
+    return [late_text(doing[i], limit or 0) if i in doing
+            else o.value if o.error is None else f"{type(o.error).__name__}: {o.error}"  # type: ignore[misc]
+            for i, o in enumerate(outcomes)], late
 
 
 def node_problems(node: NodePlan, r: dict[str, Any] | str, opts: LaunchOptions, port: int | str) -> list[str]:
@@ -137,16 +159,21 @@ def judge(plan: Plan, results: Sequence[dict[str, Any] | str], opts: LaunchOptio
 
 
 def preflight(plan: Plan, transports: Sequence[Transport], opts: LaunchOptions, port: int | str,
-              checks: bool = True) -> Verdict:
+              checks: bool = True, limit: float | None = None,
+              progress: Callable[[str], None] | None = None) -> Verdict:
     """Before anything starts, in a session of its own: python runs, the script is
     there, torch is installed, the master port is free, the GPUs are there and the
     nodes agree (versions). Raises PreflightError naming every node at fault. Returns
     the free port node 0 picked for "auto" and the GPU counts of `gpu` nodes.
     (Without "auto" or `gpu`, `up` runs the same checks inside the start: see Gate.)
-    checks=False (--skip-check): only the port and the GPU counts."""
+    checks=False (--skip-check): only the port and the GPU counts. A node that has not
+    answered within `limit` seconds (the start limit) ends it: StartTimeout."""
     specs = [probe_spec(plan, n, opts.script if checks else None, opts.module, port, torch=False)
              for n in plan.nodes]
-    verdict = judge(plan, probe_all(plan, transports, specs), opts, port, checks)
+    results, late = probe_all(plan, transports, specs, limit, progress)
+    if late:
+        raise start_timeout_error(late, limit or 0)
+    verdict = judge(plan, results, opts, port, checks)
     if verdict.problems:
         raise preflight_error(verdict.problems, skippable=checks)
     return verdict
@@ -179,10 +206,17 @@ class Gate:
                 self.problems = verdict.problems
             return not self.problems
 
-    def wait(self) -> bool:
+    def wait(self, timeout: float | None = None) -> bool | None:
+        """Whether every node passed; None: not decided within timeout seconds."""
         with self._cv:
-            self._cv.wait_for(lambda: self.problems is not None)
+            if not self._cv.wait_for(lambda: self.problems is not None, timeout):
+                return None
             return not self.problems
+
+    def pending(self) -> list[NodePlan]:
+        """The nodes that have not answered yet (logging in, in setup, or probing)."""
+        with self._cv:
+            return [n for n in self.plan.nodes if n.node_rank not in self._answers]
 
     def abort(self, why: str) -> bool:
         """No node starts (Ctrl-C while the nodes are checked); False if it is too late:
@@ -195,7 +229,8 @@ class Gate:
 
 
 def find_facts(reach: Plan, transports: Sequence[Transport], opts: LaunchOptions, port: int | str,
-               known: Facts, checks: bool = True) -> tuple[Facts, list[str]]:
+               known: Facts, checks: bool = True, limit: float | None = None,
+               progress: Callable[[str], None] | None = None) -> tuple[Facts, list[str]]:
     """What the plan needs that only the nodes can tell (node 0's free port for "auto",
     the GPU counts of `gpu` nodes), added to what is `known`, and the warnings. `reach`
     is the provisional plan that starts each node's agent: its nodes' python, workdir,
@@ -208,7 +243,7 @@ def find_facts(reach: Plan, transports: Sequence[Transport], opts: LaunchOptions
         return known, []
     if not checks and not counts:
         return dataclasses.replace(known, master_port=auto_port(reach, transports)), []
-    verdict = preflight(reach, transports, opts, port, checks)
+    verdict = preflight(reach, transports, opts, port, checks, limit, progress)
     found = dataclasses.replace(known, master_port=verdict.free_port if auto else known.master_port,
                                 gpu_counts=verdict.gpu_counts)
     return found, verdict.warnings

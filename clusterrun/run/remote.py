@@ -16,12 +16,13 @@ import socket
 import threading
 import time
 import zlib
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from ..errors import UnreachableError
 from ..login import Login
-from ..nodeagent import Command, Event, Mode, Spec, kill_command
+from ..nodeagent import Command, Event, KillSpec, Mode, Spec, kill_command
 from ..plan import NodePlan, quote_path
 from ..model import NodeResult, NodeState, RankFailure
 from ..options import RECONNECT_WINDOW
@@ -60,13 +61,16 @@ AGENT_LOADER = "import base64,sys,zlib;exec(zlib.decompress(base64.b64decode(sys
 _NO_LOGIN_MODES = (Mode.ATTACH, Mode.KILL)
 
 
-def agent_command(node: NodePlan, token: str = "", mode: str = Mode.START, make_workdir: bool = False) -> str:
-    """The login line that runs the node agent in this mode: cd, setup, then exec python
-    (the loader, with the session's token)."""
-    login = Login(node.workdir, node.setup)
+def agent_command(node: NodePlan, token: str = "", mode: str = Mode.START, make_workdir: bool = False,
+                  setup: bool = True) -> str:
+    """The login line that runs the node agent in this mode: cd, setup (its processes
+    tagged with the token: see end_setup), then exec python (the loader, with the token).
+    setup=False: without the setup (ending one that hangs must not wait for another)."""
+    login = Login(node.workdir, node.setup if setup else ())
     if mode in _NO_LOGIN_MODES and node.python.startswith(("/", "~")):
         login = Login(None, ())
-    return login.line(f"{quote_path(node.python)} -c {shlex.quote(AGENT_LOADER)} {token}", make_workdir)
+    return login.line(f"{quote_path(node.python)} -c {shlex.quote(AGENT_LOADER)} {token}", make_workdir,
+                      tag=token)
 
 
 def login_failure(node: NodePlan, code: int | None, stderr: str, login: bytes = b"") -> str:
@@ -75,17 +79,52 @@ def login_failure(node: NodePlan, code: int | None, stderr: str, login: bytes = 
     return Login(node.workdir, node.setup).why_failed(node.python, code, stderr, login)
 
 
+@dataclass
+class Session:
+    """One agent session while it starts: its login's tag (see end_setup) and whether
+    the agent has spoken yet (before that the node is logging in or in its setup)."""
+
+    node: NodePlan
+    transport: Transport
+    tag: str = field(default_factory=lambda: secrets.token_hex(8))
+    proc: Process | None = None
+    spoke: bool = False
+
+    def end(self) -> str:
+        """Give up on this session: end the setup it may still run, then the session.
+        Returns what it was doing: "logging in", "in setup" or "being checked"."""
+        doing = "being checked" if self.spoke else "logging in"
+        if not self.spoke and self.node.setup:
+            try:
+                if end_setup(self.node, self.transport, self.tag):
+                    doing = "in setup"
+            except Exception:   # noqa: BLE001 - AgentError or a broken link: the session's end is what is left
+                pass
+        if self.proc is not None:
+            self.proc.close()
+        return doing
+
+
 def start_agent(node: NodePlan, transport: Transport, spec: Spec,
-                make_workdir: bool = False) -> tuple[Process, bytes]:
+                make_workdir: bool = False, session: Session | None = None) -> tuple[Process, bytes]:
     """Run the node agent in one mode; its stdin is then the mode's to use.
 
     Returns the process and the line the agent starts its output with: what
     comes before that line is the login's (a .bashrc banner, conda, setup), never
-    a frame (see frames.read_preamble)."""
-    token = secrets.token_hex(8)
-    proc = transport.exec(agent_command(node, token, spec["mode"], make_workdir))
+    a frame (see frames.read_preamble). session: filled in with the process."""
+    session = session or Session(node, transport)
+    setup = not (spec["mode"] == Mode.KILL and spec.get("setup"))
+    proc = transport.exec(agent_command(node, session.tag, spec["mode"], make_workdir, setup))
+    session.proc = proc
     proc.send(_AGENT_LINE + json.dumps(spec).encode() + b"\n")
-    return proc, agent_mark(token)
+    return proc, agent_mark(session.tag)
+
+
+def end_setup(node: NodePlan, transport: Transport, tag: str, grace: float = 2.0) -> int:
+    """End the `setup:` of the login tagged `tag` if it still runs (a session of its own,
+    with no setup); returns how many of its processes there were."""
+    spec = KillSpec(mode=Mode.KILL, job_dir=node.job_dir, marker=tag, grace=grace, setup=True)
+    return int(run_agent(node, transport, spec).get("found", 0))
 
 
 class Detached(Exception):
@@ -118,6 +157,7 @@ class RemoteJob:
         self.attaching = False          # this run() follows a job started earlier (a collector's)
         self.gate: Any = None           # preflight.Gate: probe, then start only if all nodes can
         self._agent: Process | None = None      # the streaming agent, while there is one
+        self.session: Session | None = None     # the latest agent session (what it waits for)
         self._kill_reports: queue.Queue[dict[str, Any] | None] = queue.Queue()
         self._stop_lock = threading.Lock()
         self._stop_report: tuple[float, dict[str, Any]] | None = None   # (when, report)
@@ -136,7 +176,8 @@ class RemoteJob:
         delay = 0.25
         while True:
             try:
-                proc, mark = start_agent(self.node, self.transport, spec)
+                self.session = Session(self.node, self.transport)
+                proc, mark = start_agent(self.node, self.transport, spec, session=self.session)
                 self._agent = proc
                 if self._abandoned:
                     proc.close()
@@ -185,7 +226,9 @@ class RemoteJob:
 
     def _read(self, proc: Process, mark: bytes, starting: bool) -> NodeResult | None:
         """Frames until the agent's final event; None if the connection broke."""
-        spoke, login = read_preamble(proc, mark)   # setup may take a while: no limit until the agent speaks
+        spoke, login = read_preamble(proc, mark)   # setup may take a while: up's start limit (Gate)
+        if self.session is not None:
+            self.session.spoke = spoke
         if not spoke:
             return self._broken(proc, login)
         if not starting:                    # an attach streams at once: it can take a stop now
@@ -320,13 +363,14 @@ class RemoteJob:
         if self.output.term is not None:
             self.output.term.message("clusterrun: " + text)
 
-    def abandon(self) -> None:
+    def abandon(self, close: bool = True) -> None:
         """Ctrl-C before anything started: end this node's session now, not once its
-        `setup:` is done (that setup ends on the node by itself), and reconnect to nothing."""
+        `setup:` is done (that setup ends on the node by itself), and reconnect to nothing.
+        close=False: only reconnect to nothing (the caller ends the session: Session.end)."""
         self._abandoned = True
         self.reconnect = None
         agent = self._agent
-        if agent is not None:
+        if agent is not None and close:
             agent.close()
 
     def detach(self) -> None:
@@ -406,11 +450,14 @@ class AgentError(Exception):
     """The node agent could not run (no python, no workdir) or said nothing."""
 
 
-def run_agent(node: NodePlan, transport: Transport, spec: Spec) -> dict[str, Any]:
-    """Run a one-shot agent mode (kill, probe, stacks) and return its event (with "event")."""
-    proc, mark = start_agent(node, transport, spec)
+def run_agent(node: NodePlan, transport: Transport, spec: Spec, session: Session | None = None) -> dict[str, Any]:
+    """Run a one-shot agent mode (kill, probe, stacks) and return its event (with "event").
+    session: kept up to date, so that another thread can tell what it waits for and end it."""
+    proc, mark = start_agent(node, transport, spec, session=session)
     try:
         spoke, login = read_preamble(proc, mark)
+        if session is not None:
+            session.spoke = spoke
         answer = FrameReader(proc).next_event() if spoke else None
         code = proc.wait(timeout=30)
         if answer is not None:

@@ -17,10 +17,11 @@ from dataclasses import dataclass, field
 from typing import Iterator, Sequence
 
 from ..errors import UsageError
-from ..parallel import each
+from ..parallel import TimedOut, each
 from ..plan import NodePlan, Plan
 from .agentspec import stacks_spec
-from .remote import AgentError, run_agent
+from .remote import AgentError, Session, run_agent
+from .startlimit import STACKS_TIMEOUT, duration
 from .results import describe_ranks
 from .runs import RunDir
 from ..transports.base import Transport
@@ -281,14 +282,27 @@ def take(plan: Plan, transports: Sequence[Transport | None], ranks: Sequence[int
     wanted = {n.node_rank: [g - n.rank_start for g in n.ranks if not ranks or g in ranks] for n in chosen}
     asked = [n for n in chosen if wanted[n.node_rank] and transports[n.node_rank] is not None]
 
+    sessions: dict[int, Session] = {}
+
     def one(n: NodePlan) -> dict:
         spec = stacks_spec(n, wanted[n.node_rank], native=native, children=children, full=full)
-        return run_agent(n, transports[n.node_rank], spec)   # type: ignore[arg-type]
+        t = transports[n.node_rank]
+        assert t is not None
+        sessions[n.node_rank] = Session(n, t)
+        return run_agent(n, t, spec, sessions[n.node_rank])
 
     found: list[RankStacks] = []
     problems: list[str] = []
-    for n, o in zip(asked, each(asked, one)):
-        if o.error is not None:
+    outcomes = each(asked, one, timeout=STACKS_TIMEOUT)
+    late = [n for n, o in zip(asked, outcomes) if isinstance(o.error, TimedOut)]
+    ended = {n.node_rank: e.value for n, e in zip(late, each(late, lambda n: sessions[n.node_rank].end()
+                                                             if n.node_rank in sessions else None, timeout=30))}
+    for n, o in zip(asked, outcomes):
+        if isinstance(o.error, TimedOut):
+            doing = ended.get(n.node_rank) or "logging in"
+            why = "its node agent did not answer" if doing == "being checked" else f"still {doing}"
+            problems.append(f"{n.name}: no stacks within {duration(STACKS_TIMEOUT)} ({why})")
+        elif o.error is not None:
             why = str(o.error) if isinstance(o.error, AgentError) else f"{type(o.error).__name__}: {o.error}"
             problems.append(f"{n.name}: {why}")
         else:

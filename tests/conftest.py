@@ -25,6 +25,7 @@ import dataclasses
 import itertools
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -33,6 +34,13 @@ from typing import Iterator
 
 import pytest
 from slurmkit import slurm  # noqa: F401  (the Slurm test cluster fixture)
+
+# A suite started in the background by a non-interactive shell (`bash .ci/run &`) inherits
+# SIGINT ignored, and so would every clusterrun it starts: the Ctrl-C tests would then test
+# nothing a user can do. Catching it here resets it to the default in every child (exec
+# keeps an ignored signal ignored, a caught one not).
+if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 REPO = Path(__file__).resolve().parent.parent
 TESTCLUSTER = REPO / "scripts" / "testcluster"

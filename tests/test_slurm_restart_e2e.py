@@ -133,7 +133,7 @@ def test_a_failing_rank_is_restarted_on_the_same_allocation(slurm, tmp_path):
         code = up.finish()
         assert code == 0, "\n".join(up.lines) + up.err
         n2 = nodes[1]
-        assert (f"clusterrun: attempt 1 of 3 failed: rank 3 ({n2}, local rank 1) exited with code 7; "
+        assert (f"clusterrun: attempt 0 of 0-2 failed: rank 3 ({n2}, local rank 1) exited with code 7; "
                 "restarting in 1s") in up.err.splitlines(), up.err
         assert f"[{n2} g3 l1] rank 3 done in attempt 1" in up.lines
         assert f"[{nodes[0]} g0 l0] rank 0 done in attempt 1" in up.lines
@@ -167,8 +167,8 @@ def test_a_spare_takes_the_place_of_a_node_whose_slurmd_died(slurm, tmp_path):
         code = up.finish()
         err = up.err.splitlines()
         assert code == 0, "\n".join(up.lines) + up.err
-        failed = next(l for l in err if l.startswith("clusterrun: attempt 1 of 2 failed: "))
-        assert failed.startswith(f"clusterrun: attempt 1 of 2 failed: node {n2} (node_rank 1) was lost: "
+        failed = next(l for l in err if l.startswith("clusterrun: attempt 0 of 0-1 failed: "))
+        assert failed.startswith(f"clusterrun: attempt 0 of 0-1 failed: node {n2} (node_rank 1) was lost: "
                                  "its srun step fell silent (nothing for "), up.err
         assert "and Slurm says the node is " in failed and "NOT_RESPONDING" in failed, failed
         assert f"clusterrun: {n2} was lost; {n3} takes node_rank 1" in err, up.err
@@ -194,7 +194,7 @@ def test_with_no_spare_the_lost_node_is_named_and_nothing_is_left(slurm, tmp_pat
         code = up.finish()
         err = up.err.splitlines()
         assert code == 1, "\n".join(up.lines) + up.err
-        assert any(l.startswith(f"clusterrun: attempt 1 of 2 failed: node {n2} (node_rank 1) was lost: its srun "
+        assert any(l.startswith(f"clusterrun: attempt 0 of 0-1 failed: node {n2} (node_rank 1) was lost: its srun "
                                 "step fell silent") for l in err), up.err
         assert any(l.startswith(f"clusterrun: no further attempt: {n2} (node_rank 1) is missing and no spare "
                                 f"is left: {n2}: no step of Slurm job {job} ") for l in err), up.err
@@ -229,7 +229,7 @@ def test_without_no_kill_slurm_ends_the_allocation_and_the_run_says_why(slurm, t
         code = up.finish()
         err = up.err.splitlines()
         assert code == 1, "\n".join(up.lines) + up.err
-        assert any(l.startswith(f"clusterrun: attempt 1 of 2 failed: node {n2} (node_rank 1) was lost: its srun "
+        assert any(l.startswith(f"clusterrun: attempt 0 of 0-1 failed: node {n2} (node_rank 1) was lost: its srun "
                                 "step fell silent") for l in err), up.err
         assert any(l.startswith("clusterrun: no further attempt: ") for l in err), up.err
         ended = [l for l in err if l.startswith(f"clusterrun: slurm job {job}: ")]

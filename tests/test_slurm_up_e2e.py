@@ -117,7 +117,8 @@ def test_a_failing_rank_is_named_with_its_code(slurm, two, tmp_path):
     for rank, line in others.items():
         node, local = two[rank // 2], rank % 2
         assert line.startswith(f"clusterrun: rank {rank} ({node}, local rank {local}) "), line
-        assert line.endswith("was stopped (SIGTERM) after rank 3 failed") or " exited with code " in line, line
+        assert (line.endswith("was stopped (SIGTERM) after rank 3 failed") or " exited with code " in line
+                or ") raised RuntimeError, then was killed by " in line), line
     assert "[" + two[1] + " g3 l1] rank 3 gives up" in r.stdout.splitlines()
     st = subprocess.run([*CLUSTERRUN, "status", "--json", run_id_of(r.stderr)], env=_env(tmp_path),
                         capture_output=True, text=True, timeout=60)
